@@ -1,0 +1,292 @@
+"""The front door: ``camelid <subcommand>``. One subcommand per stage, nothing else here.
+
+Errors a user can cause end in one line on stderr and exit status 1, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from camelid import __version__
+from camelid.config import PRESETS, ModelConfig
+from camelid.errors import CamelidError
+from camelid.io import format_bytes
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args) or 0
+    except CamelidError as e:
+        print(f"camelid: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("camelid: interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="camelid",
+        description="camelid: define, train, evaluate and serve Llama-family models.",
+        epilog="Run 'camelid <command> --help' for a command's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"camelid {__version__}")
+    sub = parser.add_subparsers(title="commands", metavar="<command>")
+
+    p = sub.add_parser(
+        "inspect",
+        help="describe a preset or checkpoint: architecture, parameters, FLOPs, memory",
+        description="Describe a model preset or a Hugging Face Llama checkpoint directory "
+        "without loading its weights: architecture, parameter counts, training FLOPs per "
+        "token and memory needs. Presets: " + ", ".join(PRESETS) + ".",
+    )
+    p.add_argument("model", metavar="PRESET_OR_PATH", help="a preset name or a checkpoint dir")
+    p.add_argument(
+        "--seq-len",
+        type=int,
+        default=None,
+        help="context length for the FLOPs figures (default: min(max_seq_len, 8192))",
+    )
+    p.add_argument(
+        "--forward",
+        action="store_true",
+        help="also build the model with random weights (or load the checkpoint) and time one "
+        "forward pass",
+    )
+    p.add_argument("--batch", type=int, default=1, help="batch size for --forward (default: 1)")
+    p.add_argument("--device", default="cpu", help="device for --forward (default: cpu)")
+    p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser(
+        "convert",
+        help="re-save and validate a checkpoint (Hugging Face safetensors)",
+        description="Load a Hugging Face Llama checkpoint, check every tensor, and write it to "
+        "DST as a Hugging Face directory (optionally in another dtype or shard size).",
+    )
+    p.add_argument("src", metavar="SRC", help="source checkpoint directory")
+    p.add_argument("dst", metavar="DST", help="destination directory (created if needed)")
+    p.add_argument("--dtype", choices=_DTYPES, default=None, help="cast weights (default: keep)")
+    p.add_argument(
+        "--max-shard-size",
+        default="5GB",
+        help="split weights into shards of at most this size (default: 5GB)",
+    )
+    p.set_defaults(func=cmd_convert)
+    return parser
+
+
+# ----------------------------------------------------------------------------------- inspect
+def _resolve(model: str) -> tuple[ModelConfig, Any]:
+    """A preset name or a checkpoint path → (config, checkpoint info or None)."""
+    if model in PRESETS:
+        return ModelConfig.from_preset(model), None
+    looks_like_path = "/" in model or model.startswith(".") or Path(model).exists()
+    if not looks_like_path:
+        raise CamelidError(
+            f"{model!r} is neither a known preset nor an existing path; "
+            f"known presets: {', '.join(PRESETS)}"
+        )
+    from camelid.weights.hf import inspect_checkpoint
+
+    info = inspect_checkpoint(model)
+    return info.config, info
+
+
+def describe(config: ModelConfig, seq_len: int) -> dict[str, Any]:
+    """The figures ``camelid inspect`` prints, as a dict."""
+    counts = config.param_counts()
+    total = config.num_params()
+    return {
+        "config": config.to_dict(),
+        "params": {"total": total, **counts},
+        "seq_len": seq_len,
+        "flops_per_token": {
+            "training": config.flops_per_token(seq_len),
+            "forward": config.flops_per_token(seq_len, training=False),
+        },
+        "memory_bytes": {
+            "weights_fp32": config.weight_bytes(4),
+            "weights_bf16": config.weight_bytes(2),
+            "adamw_training": config.adamw_training_bytes(),
+        },
+    }
+
+
+def _count(n: float) -> str:
+    for div, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= div:
+            return f"{n / div:.3g}{unit}"
+    return str(int(n))
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    config, info = _resolve(args.model)
+    seq_len = args.seq_len or min(config.max_seq_len, 8192)
+    if seq_len <= 0:
+        raise CamelidError(f"--seq-len must be positive, got {seq_len}")
+    figures = describe(config, seq_len)
+    if info is not None:
+        figures["checkpoint"] = {
+            "files": [str(f) for f in info.files],
+            "dtype": str(info.dtype).removeprefix("torch."),
+            "bytes": info.nbytes,
+        }
+    if args.forward:
+        figures["forward"] = _forward(config, args, info)
+    if args.json:
+        print(json.dumps(figures, indent=2))
+        return 0
+
+    c, p = config, figures["params"]
+    name = c.name or args.model
+    gqa = f"GQA {c.n_heads // c.n_kv_heads}:1" if c.n_kv_heads != c.n_heads else "MHA"
+    rope = f"theta {c.rope_theta:g}"
+    if c.rope_scaling:
+        s = c.rope_scaling
+        rope += (
+            f", llama3 scaling (factor {s.factor:g}, low {s.low_freq_factor:g}, "
+            f"high {s.high_freq_factor:g}, original context {s.original_max_position_embeddings})"
+        )
+    bias = [b for b, on in (("attention", c.attention_bias), ("mlp", c.mlp_bias)) if on]
+    rows = [
+        ("model", name),
+        ("layers", f"{c.n_layers} x [RMSNorm > attention > RMSNorm > SwiGLU]"),
+        ("dim", f"{c.dim}"),
+        ("attention", f"{c.n_heads} heads, {c.n_kv_heads} kv heads ({gqa}), head_dim {c.head_dim}"),
+        ("ffn hidden", f"{c.ffn_hidden_dim}"),
+        ("vocab", f"{c.vocab_size} ({'tied' if c.tie_embeddings else 'untied'} output head)"),
+        ("rope", rope),
+        ("context", f"{c.max_seq_len}"),
+        ("norm eps", f"{c.norm_eps:g}"),
+        ("biases", ", ".join(bias) or "none"),
+    ]
+    print("\n".join(f"{k:<12} {v}" for k, v in rows))
+    print(f"\nparameters   {_count(p['total'])} ({p['total']:,})")
+    for key in ("embedding", "attention", "mlp", "norm", "output"):
+        share = 100 * p[key] / p["total"]
+        note = " (tied: shares the embedding)" if key == "output" and c.tie_embeddings else ""
+        print(f"  {key:<10} {_count(p[key]):>8}  {share:5.1f}%{note}")
+    f = figures["flops_per_token"]
+    print(f"\nFLOPs/token  at context {seq_len}")
+    print(f"  training   {f['training']:.3e}  (6N + 12·L·H·hd·T)")
+    print(f"  forward    {f['forward']:.3e}")
+    m = figures["memory_bytes"]
+    print("\nmemory")
+    print(f"  weights fp32     {format_bytes(m['weights_fp32'])}")
+    print(f"  weights bf16     {format_bytes(m['weights_bf16'])}")
+    print(
+        f"  AdamW training   {format_bytes(m['adamw_training'])}  "
+        "(fp32 weights + grads + 2 moments; activations extra)"
+    )
+    if info is not None:
+        ck = figures["checkpoint"]
+        print(
+            f"\ncheckpoint   {len(ck['files'])} file(s), {ck['dtype']}, {format_bytes(ck['bytes'])}"
+        )
+    if args.forward:
+        fw = figures["forward"]
+        print(
+            f"\nforward      batch {fw['batch']} x {fw['seq_len']} on {fw['device']}: logits "
+            f"{tuple(fw['logits_shape'])} in {fw['seconds'] * 1e3:.1f} ms "
+            f"({fw['tokens_per_s']:,.0f} tokens/s), all finite"
+        )
+    return 0
+
+
+def _forward(config: ModelConfig, args: argparse.Namespace, info: Any) -> dict[str, Any]:
+    """Run one forward pass: a smoke test that the model runs on this machine."""
+    import torch
+
+    from camelid.model import Transformer
+
+    device = torch.device(args.device)
+    need = config.weight_bytes(4)
+    avail = _available_memory(device)
+    if avail is not None and need > 0.8 * avail:
+        raise CamelidError(
+            f"--forward needs about {format_bytes(need)} for fp32 weights but {device} has "
+            f"{format_bytes(avail)} available; try a smaller preset such as 'tiny'"
+        )
+    if args.batch <= 0:
+        raise CamelidError(f"--batch must be positive, got {args.batch}")
+    torch.manual_seed(0)
+    if info is not None:
+        from camelid.weights.hf import load
+
+        model = load(args.model, device=device)
+    else:
+        with device:
+            model = Transformer(config)
+    seq_len = min(128, config.max_seq_len)
+    tokens = torch.randint(0, config.vocab_size, (args.batch, seq_len), device=device)
+    with torch.inference_mode():
+        model(tokens)  # warm-up
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        logits = model(tokens)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+    if not torch.isfinite(logits).all():
+        raise CamelidError("the forward pass produced non-finite logits")
+    return {
+        "device": str(device),
+        "batch": args.batch,
+        "seq_len": seq_len,
+        "logits_shape": list(logits.shape),
+        "seconds": seconds,
+        "tokens_per_s": args.batch * seq_len / seconds,
+    }
+
+
+def _available_memory(device: Any) -> int | None:
+    if device.type == "cuda":
+        import torch
+
+        free, _ = torch.cuda.mem_get_info(device)
+        return free
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+# ----------------------------------------------------------------------------------- convert
+def cmd_convert(args: argparse.Namespace) -> int:
+    import torch
+
+    from camelid.weights.hf import inspect_checkpoint, load, save
+
+    t0 = time.perf_counter()
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    src = inspect_checkpoint(args.src)
+    model = load(args.src, dtype=dtype or src.dtype)
+    save(model, args.dst, max_shard_size=args.max_shard_size)
+    out = inspect_checkpoint(args.dst)  # read back what was written
+    print(
+        f"converted {args.src} -> {args.dst}: {_count(out.config.num_params())} parameters, "
+        f"{out.dtype}, {len(out.files)} file(s), {format_bytes(out.nbytes)} "
+        f"in {time.perf_counter() - t0:.1f}s"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,378 @@
+"""Model configuration: every hyper-parameter of the dense Llama family, presets, HF mapping.
+
+This module is the single home of the facts derived from a config: the FFN width rule, the
+parameter count, the training FLOPs per token and the memory estimates. It imports nothing
+heavier than the standard library so that ``camelid inspect`` answers instantly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from camelid.errors import ConfigError
+
+# Bytes per parameter for full AdamW training with fp32 master weights: weights (4) + gradients
+# (4) + first and second moments (4 + 4). Activations come on top and depend on the batch.
+ADAMW_BYTES_PER_PARAM = 16
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3.1 "llama3" RoPE frequency scaling.
+
+    Wavelengths shorter than ``original_max_position_embeddings / high_freq_factor`` are kept,
+    those longer than ``original_max_position_embeddings / low_freq_factor`` are divided by
+    ``factor``, and the band in between is interpolated smoothly.
+    """
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+    rope_type: str = "llama3"
+
+    def __post_init__(self) -> None:
+        if self.rope_type != "llama3":
+            raise ConfigError(
+                f"rope_scaling.rope_type: unsupported type {self.rope_type!r} (supported: 'llama3')"
+            )
+        if not self.factor > 0:
+            raise ConfigError(f"rope_scaling.factor must be > 0, got {self.factor}")
+        if not 0 < self.low_freq_factor <= self.high_freq_factor:
+            raise ConfigError(
+                "rope_scaling: need 0 < low_freq_factor <= high_freq_factor, got "
+                f"{self.low_freq_factor} and {self.high_freq_factor}"
+            )
+        if self.original_max_position_embeddings <= 0:
+            raise ConfigError("rope_scaling.original_max_position_embeddings must be > 0")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Hyper-parameters of a dense Llama model (Llama 1, 2, 3, 3.1, 3.2, 3.3).
+
+    ``n_kv_heads``, ``head_dim`` and ``ffn_hidden_dim`` may be left ``None`` and are then derived:
+    MHA, ``dim // n_heads`` and Meta's FFN rule (see :func:`ffn_hidden_dim_for`). Use
+    :func:`dataclasses.replace` to change a field; the result is validated again.
+    """
+
+    vocab_size: int = 32000
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None
+    head_dim: int | None = None
+    ffn_hidden_dim: int | None = None
+    multiple_of: int = 256
+    ffn_dim_multiplier: float | None = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    max_seq_len: int = 2048
+    tie_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    name: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        for key in ("vocab_size", "dim", "n_layers", "n_heads", "multiple_of", "max_seq_len"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+        if isinstance(self.rope_scaling, dict):
+            object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+        if self.n_kv_heads is None:
+            object.__setattr__(self, "n_kv_heads", self.n_heads)
+        if self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads:
+            raise ConfigError(
+                f"n_heads ({self.n_heads}) must be a positive multiple of n_kv_heads "
+                f"({self.n_kv_heads})"
+            )
+        if self.head_dim is None:
+            if self.dim % self.n_heads:
+                raise ConfigError(
+                    f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads}) "
+                    "unless head_dim is given"
+                )
+            object.__setattr__(self, "head_dim", self.dim // self.n_heads)
+        if self.head_dim <= 0 or self.head_dim % 2:
+            raise ConfigError(f"head_dim must be a positive even number, got {self.head_dim}")
+        if self.ffn_dim_multiplier is not None and not self.ffn_dim_multiplier > 0:
+            raise ConfigError(f"ffn_dim_multiplier must be > 0, got {self.ffn_dim_multiplier}")
+        if self.ffn_hidden_dim is None:
+            object.__setattr__(
+                self,
+                "ffn_hidden_dim",
+                ffn_hidden_dim_for(self.dim, self.multiple_of, self.ffn_dim_multiplier),
+            )
+        if self.ffn_hidden_dim <= 0:
+            raise ConfigError(f"ffn_hidden_dim must be > 0, got {self.ffn_hidden_dim}")
+        if not self.norm_eps > 0:
+            raise ConfigError(f"norm_eps must be > 0, got {self.norm_eps}")
+        if not self.rope_theta > 0:
+            raise ConfigError(f"rope_theta must be > 0, got {self.rope_theta}")
+
+    # ----------------------------------------------------------------------------- presets
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> ModelConfig:
+        """A named preset (see :data:`PRESETS`), optionally with some fields overridden."""
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides, "name": name})
+
+    # ------------------------------------------------------------------------------- sizes
+    def param_counts(self) -> dict[str, int]:
+        """Parameters by group: embedding, attention, mlp, norm and the output head.
+
+        ``output`` is 0 when the head is tied to the embedding (the weight is shared).
+        """
+        d, hd, L = self.dim, self.head_dim, self.n_layers
+        q, kv = self.n_heads * hd, self.n_kv_heads * hd
+        attn = d * (q + 2 * kv) + q * d
+        if self.attention_bias:
+            attn += q + 2 * kv + d
+        mlp = 3 * d * self.ffn_hidden_dim
+        if self.mlp_bias:
+            mlp += 2 * self.ffn_hidden_dim + d
+        embedding = self.vocab_size * d
+        return {
+            "embedding": embedding,
+            "attention": L * attn,
+            "mlp": L * mlp,
+            "norm": (2 * L + 1) * d,
+            "output": 0 if self.tie_embeddings else embedding,
+        }
+
+    def num_params(self, exclude_embedding: bool = False) -> int:
+        """Total parameter count (shared weights counted once), computed without any tensors."""
+        counts = self.param_counts()
+        return sum(counts.values()) - (counts["embedding"] if exclude_embedding else 0)
+
+    def flops_per_token(self, seq_len: int | None = None, training: bool = True) -> int:
+        """Matmul FLOPs per token: ``6·N + 12·L·H·hd·T`` for training (forward: a third).
+
+        ``N`` counts the parameters that take part in a matmul (attention, MLP and the output
+        head, which does its matmul even when tied); the embedding lookup does none. The second
+        term is the attention score and value products at context length ``T`` (default
+        ``max_seq_len``), counted without the causal discount, as PaLM and torchtitan do, so
+        MFU figures stay comparable with theirs.
+        """
+        t = self.max_seq_len if seq_len is None else seq_len
+        counts = self.param_counts()
+        n = counts["attention"] + counts["mlp"] + self.vocab_size * self.dim
+        total = 6 * n + 12 * self.n_layers * self.n_heads * self.head_dim * t
+        return total if training else total // 3
+
+    def weight_bytes(self, bytes_per_param: int) -> int:
+        return self.num_params() * bytes_per_param
+
+    def adamw_training_bytes(self) -> int:
+        """Memory for weights, gradients and AdamW moments in fp32 (activations not included)."""
+        return self.num_params() * ADAMW_BYTES_PER_PARAM
+
+    # --------------------------------------------------------------------- Hugging Face
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any], source: str = "config.json") -> ModelConfig:
+        """Read a Hugging Face ``LlamaConfig`` dict, in the transformers 4.x or 5.x style.
+
+        4.x (what the published Llama checkpoints carry) has top-level ``rope_theta`` and
+        ``rope_scaling``; 5.x writes ``rope_parameters`` and an explicit ``head_dim``.
+        """
+        model_type = hf.get("model_type")
+        if model_type != "llama":
+            raise ConfigError(
+                f"{source}: unsupported model_type {model_type!r} (supported: 'llama')"
+            )
+        required = [
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+        ]
+        missing = [k for k in required if k not in hf]
+        if missing:
+            raise ConfigError(f"{source}: missing required key(s): {', '.join(missing)}")
+        act = hf.get("hidden_act", "silu")
+        if act != "silu":
+            raise ConfigError(f"{source}: hidden_act {act!r} is not supported (Llama uses 'silu')")
+
+        if isinstance(hf.get("rope_parameters"), dict):
+            rope = dict(hf["rope_parameters"])
+            key = "rope_parameters"
+        else:
+            rope = dict(hf.get("rope_scaling") or {})
+            rope.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
+            key = "rope_scaling"
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        scaling = None
+        if rope_type == "llama3":
+            try:
+                scaling = RopeScaling(
+                    factor=float(rope["factor"]),
+                    low_freq_factor=float(rope["low_freq_factor"]),
+                    high_freq_factor=float(rope["high_freq_factor"]),
+                    original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
+                )
+            except KeyError as e:
+                raise ConfigError(f"{source}: {key} of type 'llama3' lacks {e.args[0]!r}") from None
+        elif rope_type != "default":
+            raise ConfigError(
+                f"{source}: {key}.rope_type {rope_type!r} is not supported "
+                "(supported: 'default', 'llama3')"
+            )
+        try:
+            return cls(
+                vocab_size=int(hf["vocab_size"]),
+                dim=int(hf["hidden_size"]),
+                n_layers=int(hf["num_hidden_layers"]),
+                n_heads=int(hf["num_attention_heads"]),
+                n_kv_heads=_opt_int(hf.get("num_key_value_heads")),
+                head_dim=_opt_int(hf.get("head_dim")),
+                ffn_hidden_dim=int(hf["intermediate_size"]),
+                norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+                rope_theta=float(rope["rope_theta"]),
+                rope_scaling=scaling,
+                max_seq_len=int(hf.get("max_position_embeddings", 2048)),
+                tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                attention_bias=bool(hf.get("attention_bias", False)),
+                mlp_bias=bool(hf.get("mlp_bias", False)),
+            )
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{source}: bad value: {e}") from None
+
+    def to_hf(self, dtype: str = "float32") -> dict[str, Any]:
+        """A ``LlamaConfig`` dict in the 4.x style, which transformers 4.x and 5.x both read."""
+        rope_scaling = None
+        if self.rope_scaling is not None:
+            s = self.rope_scaling
+            rope_scaling = {
+                "rope_type": s.rope_type,
+                "factor": s.factor,
+                "low_freq_factor": s.low_freq_factor,
+                "high_freq_factor": s.high_freq_factor,
+                "original_max_position_embeddings": s.original_max_position_embeddings,
+            }
+        return {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.dim,
+            "num_hidden_layers": self.n_layers,
+            "num_attention_heads": self.n_heads,
+            "num_key_value_heads": self.n_kv_heads,
+            "head_dim": self.head_dim,
+            "intermediate_size": self.ffn_hidden_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": rope_scaling,
+            "max_position_embeddings": self.max_seq_len,
+            "tie_word_embeddings": self.tie_embeddings,
+            "attention_bias": self.attention_bias,
+            "mlp_bias": self.mlp_bias,
+            "torch_dtype": dtype,
+        }
+
+    @classmethod
+    def from_hf_file(cls, path: str | Path) -> ModelConfig:
+        path = Path(path)
+        try:
+            hf = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: file not found") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(hf, dict):
+            raise ConfigError(f"{path}: expected a JSON object")
+        return cls.from_hf(hf, source=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def ffn_hidden_dim_for(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
+    """Meta's SwiGLU width: 2/3 of 4·dim, times the multiplier, rounded up to ``multiple_of``."""
+    hidden = int(2 * 4 * dim / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * math.ceil(hidden / multiple_of)
+
+
+def _opt_int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+_LLAMA3_ROPE = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+_LLAMA31 = {
+    "vocab_size": 128256,
+    "n_kv_heads": 8,
+    "rope_theta": 500000.0,
+    "max_seq_len": 131072,
+    "rope_scaling": RopeScaling(**_LLAMA3_ROPE),
+}
+_LLAMA32 = {**_LLAMA31, "rope_scaling": RopeScaling(**{**_LLAMA3_ROPE, "factor": 32.0})}
+
+#: Named configurations. The published ones follow Meta's reference ``params.json`` files;
+#: the small ones are for CPU work and tests.
+PRESETS: dict[str, dict[str, Any]] = {
+    # ---- small, for CPU work and tests
+    "tiny": dict(
+        vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32, max_seq_len=256
+    ),
+    "llama-16m": dict(
+        vocab_size=8192, dim=384, n_layers=6, n_heads=6, n_kv_heads=2, max_seq_len=1024
+    ),
+    "llama-125m": dict(
+        vocab_size=32000, dim=768, n_layers=12, n_heads=12, n_kv_heads=4, max_seq_len=2048
+    ),
+    # ---- Llama 1 and 2 (SentencePiece vocab of 32000, theta 1e4)
+    "llama-1-7b": dict(norm_eps=1e-6, max_seq_len=2048),
+    "llama-2-7b": dict(max_seq_len=4096),
+    "llama-2-13b": dict(dim=5120, n_layers=40, n_heads=40, max_seq_len=4096),
+    "llama-2-70b": dict(
+        dim=8192,
+        n_layers=80,
+        n_heads=64,
+        n_kv_heads=8,
+        multiple_of=4096,
+        ffn_dim_multiplier=1.3,
+        max_seq_len=4096,
+    ),
+    # ---- Llama 3, 3.1, 3.2 (tiktoken vocab of 128256, theta 5e5)
+    "llama-3-8b": dict(
+        **{**_LLAMA31, "max_seq_len": 8192, "rope_scaling": None},
+        multiple_of=1024,
+        ffn_dim_multiplier=1.3,
+    ),
+    "llama-3.1-8b": dict(**_LLAMA31, multiple_of=1024, ffn_dim_multiplier=1.3),
+    "llama-3.1-70b": dict(
+        **_LLAMA31, dim=8192, n_layers=80, n_heads=64, multiple_of=4096, ffn_dim_multiplier=1.3
+    ),
+    "llama-3.1-405b": dict(
+        **_LLAMA31, dim=16384, n_layers=126, n_heads=128, multiple_of=4096, ffn_dim_multiplier=1.2
+    ),
+    "llama-3.2-1b": dict(
+        **_LLAMA32,
+        dim=2048,
+        n_layers=16,
+        n_heads=32,
+        ffn_dim_multiplier=1.5,
+        tie_embeddings=True,
+    ),
+    "llama-3.2-3b": dict(
+        **_LLAMA32,
+        dim=3072,
+        n_layers=28,
+        n_heads=24,
+        ffn_dim_multiplier=1.0,
+        tie_embeddings=True,
+    ),
+}

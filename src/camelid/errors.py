@@ -1,0 +1,19 @@
+"""Errors a user can cause.
+
+Anything raised as a :class:`CamelidError` is shown by the CLI as one clear line and a non-zero
+exit, never as a traceback: the message must name the file, key or field at fault.
+"""
+
+from __future__ import annotations
+
+
+class CamelidError(Exception):
+    """A problem with the user's input (path, config, checkpoint, request), not a bug."""
+
+
+class ConfigError(CamelidError, ValueError):
+    """An invalid or unsupported model configuration."""
+
+
+class CheckpointError(CamelidError):
+    """A checkpoint that is missing, incomplete, corrupt or does not fit the model."""

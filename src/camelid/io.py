@@ -1,0 +1,58 @@
+"""Small file helpers shared by every stage: atomic writes and human-readable sizes."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+from camelid.errors import CamelidError
+
+
+@contextlib.contextmanager
+def atomic_path(dst: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``dst``; on success it is synced and renamed over ``dst``.
+
+    A job killed mid-write leaves at most a ``.tmp`` file behind, never a half-written file under
+    the final name.
+    """
+    dst = Path(dst)
+    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dst)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def write_text_atomic(dst: str | Path, text: str) -> None:
+    with atomic_path(dst) as tmp:
+        tmp.write_text(text)
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+_UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
+
+
+def parse_size(text: str | int) -> int:
+    """Parse a byte count such as ``5GB``, ``500MiB`` or ``1048576``."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
+    if not m or m.group(2).upper() not in _UNITS:
+        raise CamelidError(f"cannot read {text!r} as a size (examples: 5GB, 500MiB, 1048576)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def format_bytes(n: float) -> str:
+    """Binary units (GiB), as memory is sized."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")

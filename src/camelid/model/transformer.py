@@ -1,0 +1,156 @@
+"""The dense Llama transformer: plain PyTorch, no I/O.
+
+Block: ``h = x + attn(norm(x)); out = h + ffn(norm(h))``. Attention is grouped-query with RoPE
+through ``scaled_dot_product_attention``; the FFN is SwiGLU. The q/k/v projections are fused into
+one ``wqkv`` matrix, so one matmul and one RoPE pass serve all three; the mapping to the
+separate Hugging Face tensors lives in ``camelid.weights.hf``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from camelid.config import ModelConfig
+from camelid.model.rope import apply_rope, inv_frequencies, rope_cos_sin
+
+
+class RMSNorm(nn.Module):
+    """RMS norm computed in fp32, cast back to the input dtype, then scaled (as HF and Meta do)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = (
+            config.n_heads,
+            config.n_kv_heads,
+            config.head_dim,
+        )
+        q, kv = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
+        self.wqkv = nn.Linear(config.dim, q + 2 * kv, bias=config.attention_bias)
+        self.wo = nn.Linear(q, config.dim, bias=config.attention_bias)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        H, K = self.n_heads, self.n_kv_heads
+        qkv = self.wqkv(x).view(B, T, H + 2 * K, self.head_dim)
+        q, k = apply_rope(qkv[:, :, : H + K], cos, sin).split((H, K), dim=2)  # one pass for q, k
+        v = qkv[:, :, H + K :]
+        # (B, heads, T, head_dim); query head h reads kv head h // (n_heads // n_kv_heads).
+        y = F.scaled_dot_product_attention(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            is_causal=T > 1,
+            enable_gqa=K != H,
+        )
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: ``w2(silu(w1(x)) * w3(x))`` (w1 is HF's gate_proj, w3 its up_proj)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        # Kept as two matmuls: on CPU a fused gate/up matmul measured slower (wider outputs).
+        self.w1 = nn.Linear(config.dim, config.ffn_hidden_dim, bias=config.mlp_bias)
+        self.w3 = nn.Linear(config.dim, config.ffn_hidden_dim, bias=config.mlp_bias)
+        self.w2 = nn.Linear(config.ffn_hidden_dim, config.dim, bias=config.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        # Inference: work in place in w1's output instead of allocating two more buffers
+        # (measurably faster on CPU); autograd forbids it in training, where silu needs its input.
+        return self.w2(F.silu(self.w1(x), inplace=True).mul_(self.w3(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attention = Attention(config)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.feed_forward = FeedForward(config)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """A dense Llama model. ``model(tokens)`` maps ids (B, T) to logits (B, T, vocab).
+
+    Build it on the meta device (``with torch.device("meta"):``) to get shapes and counts without
+    allocating weights; ``to_empty(device=...)`` then ``init_weights()`` or a checkpoint load
+    makes it real.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        # RoPE frequencies stay fp32 whatever dtype the model is cast to, so they are kept out
+        # of the module's buffers and moved to the input's device on first use.
+        self._inv_freq = inv_frequencies(config)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02) -> None:
+        """Initialise for training from scratch.
+
+        Embedding and every linear weight ~ N(0, std); the two projections that write into the
+        residual stream (``wo`` and ``w2``) use std / sqrt(2 · n_layers) so the residual's
+        variance does not grow with depth (GPT-2's scheme); biases 0, norm weights 1.
+        """
+        residual_std = std / math.sqrt(2 * self.config.n_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                s = residual_std if name.endswith(("wo", "w2")) else std
+                nn.init.normal_(module.weight, mean=0.0, std=s)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits for ``tokens`` (B, T).
+
+        ``input_pos`` gives each token's absolute position, (T,) or (B, T); by default 0..T-1.
+        Attention is causal within the given tokens; a KV cache for decoding attaches here.
+        """
+        T = tokens.shape[1]
+        if input_pos is None:
+            input_pos = torch.arange(T, device=tokens.device)
+        if self._inv_freq.device != tokens.device:
+            self._inv_freq = self._inv_freq.to(tokens.device)
+        h = self.tok_embeddings(tokens)
+        cos, sin = rope_cos_sin(self._inv_freq, input_pos, h.dtype)
+        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
+        for layer in self.layers:
+            h = layer(h, cos, sin)
+        return self.output(self.norm(h))
+
+    def num_params(self) -> int:
+        """Parameters actually held (a tied head is counted once)."""
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,360 @@
+"""Hugging Face Llama checkpoints in and out (config.json + safetensors, single or sharded).
+
+The one place that knows how camelid's parameter names and layout map to Hugging Face's:
+:func:`hf_layout`. Loading streams tensors through safetensors' memory mapping straight into
+the model's parameters, re-opening the mapping every few dozen MiB so the pages already copied
+stop counting against the process: peak memory stays near the size of the model itself.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from camelid.config import ModelConfig
+from camelid.errors import CheckpointError
+from camelid.io import atomic_path, parse_size, write_text_atomic
+from camelid.model import Transformer
+
+CONFIG_NAME = "config.json"
+SINGLE_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+_SHARD_RE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+# Tensors some published checkpoints carry that hold no learned weights.
+_IGNORED_RE = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+# Bytes copied out of one memory mapping before it is re-opened (see module docstring).
+_REMAP_BYTES = 64 * 2**20
+
+_SAFETENSORS_FLOATS = {
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F64": torch.float64,
+}
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One HF tensor that fills rows ``[start, start + shape[0])`` of a camelid parameter."""
+
+    hf_name: str
+    start: int
+    shape: tuple[int, ...]
+
+
+def hf_layout(config: ModelConfig) -> dict[str, list[Piece]]:
+    """camelid parameter name → the HF tensors stacked (along dim 0) to form it, in HF order.
+
+    The tied output head is absent: it is the embedding. The fused ``wqkv`` is the
+    row-wise concatenation of HF's q, k and v projections.
+    """
+    d, hd, ffn = config.dim, config.head_dim, config.ffn_hidden_dim
+    q, kv = config.n_heads * hd, config.n_kv_heads * hd
+
+    def stack(hf_names: list[str], rows: list[int], cols: int | None) -> list[Piece]:
+        pieces, start = [], 0
+        for name, r in zip(hf_names, rows, strict=True):
+            pieces.append(Piece(name, start, (r,) if cols is None else (r, cols)))
+            start += r
+        return pieces
+
+    layout: dict[str, list[Piece]] = {
+        "tok_embeddings.weight": stack(["model.embed_tokens.weight"], [config.vocab_size], d)
+    }
+    for i in range(config.n_layers):
+        ours, hf = f"layers.{i}.", f"model.layers.{i}."
+        # (camelid module, HF modules stacked into it, their output rows, input columns, bias?)
+        modules = [
+            ("attention.wqkv", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+             [q, kv, kv], d, config.attention_bias),
+            ("attention.wo", ["self_attn.o_proj"], [d], q, config.attention_bias),
+            ("feed_forward.w1", ["mlp.gate_proj"], [ffn], d, config.mlp_bias),
+            ("feed_forward.w3", ["mlp.up_proj"], [ffn], d, config.mlp_bias),
+            ("feed_forward.w2", ["mlp.down_proj"], [d], ffn, config.mlp_bias),
+        ]  # fmt: skip
+        layout[ours + "attention_norm.weight"] = stack([hf + "input_layernorm.weight"], [d], None)
+        for name, hf_names, rows, cols, bias in modules:
+            layout[f"{ours}{name}.weight"] = stack([hf + n + ".weight" for n in hf_names], rows, cols)
+            if bias:
+                layout[f"{ours}{name}.bias"] = stack([hf + n + ".bias" for n in hf_names], rows, None)
+            if name == "attention.wo":
+                layout[ours + "ffn_norm.weight"] = stack(
+                    [hf + "post_attention_layernorm.weight"], [d], None
+                )
+    layout["norm.weight"] = stack(["model.norm.weight"], [d], None)
+    if not config.tie_embeddings:
+        layout["output.weight"] = stack(["lm_head.weight"], [config.vocab_size], d)
+    return layout
+
+
+# ------------------------------------------------------------------------------------- load
+def load(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    progress: bool | None = None,
+) -> Transformer:
+    """Load a Hugging Face Llama directory into a :class:`Transformer`.
+
+    ``dtype=None`` keeps the checkpoint's dtype, except that half-precision weights are upcast
+    to float32 on the CPU, where bf16/fp16 matmuls are emulated and slow. ``progress=None``
+    shows a progress bar when stderr is a terminal.
+    """
+    path = Path(path)
+    config, layout, by_file, stored = _plan(path)
+    targets = {p.hf_name: (name, p) for name, pieces in layout.items() for p in pieces}
+    device = torch.device(device)
+    if dtype is None:
+        dtype = stored
+        if device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
+            dtype = torch.float32
+    with torch.device("meta"):
+        model = Transformer(config)
+    model = model.to(dtype).to_empty(device=device)
+    if config.tie_embeddings:  # to_empty re-creates parameters, which undoes the tie
+        model.output.weight = model.tok_embeddings.weight
+    params = dict(model.named_parameters())
+    bar = _progress(len(targets), f"loading {path.name}", progress)
+    with torch.no_grad():
+        for file, names in by_file.items():
+            for hf_name, tensor in _stream(file, names):
+                name, piece = targets[hf_name]
+                params[name][piece.start : piece.start + piece.shape[0]].copy_(tensor)
+                bar.update(1)
+    bar.close()
+    return model
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What :func:`inspect_checkpoint` learns from config.json and the safetensors headers."""
+
+    config: ModelConfig
+    files: list[Path]
+    dtype: torch.dtype
+    nbytes: int
+
+
+def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
+    """Validate a checkpoint directory from its headers alone (no tensor data is read)."""
+    path = Path(path)
+    config, _, by_file, dtype = _plan(path)
+    files = sorted(by_file)
+    return CheckpointInfo(config, files, dtype, sum(f.stat().st_size for f in files))
+
+
+def _plan(path: Path) -> tuple[ModelConfig, dict[str, list[Piece]], dict[Path, list[str]], torch.dtype]:
+    """Read and check everything but the tensor data: config, names, shapes and dtypes.
+
+    Returns the config, the layout, the HF tensor names to read from each file, and the
+    checkpoint's dtype.
+    """
+    config = read_config(path)
+    layout = hf_layout(config)
+    where = _check_names(_tensor_files(path), layout, config)
+    targets = {p.hf_name: p for pieces in layout.values() for p in pieces}
+    by_file: dict[Path, list[str]] = {}
+    for hf_name in targets:
+        by_file.setdefault(where[hf_name], []).append(hf_name)
+    return config, layout, by_file, _check_headers(by_file, targets)
+
+
+def read_config(path: Path) -> ModelConfig:
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such directory")
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: expected a checkpoint directory, found a file")
+    return ModelConfig.from_hf_file(path / CONFIG_NAME)
+
+
+def _tensor_files(path: Path) -> dict[str, Path]:
+    """HF tensor name → the safetensors file that holds it."""
+    index = path / INDEX_NAME
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = {name: path / file for name, file in weight_map.items()}
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e!r})") from None
+        for file in sorted(set(files.values())):
+            if not file.exists():
+                raise CheckpointError(f"{index}: lists {file.name}, which does not exist")
+            names = set(_header_names(file))
+            listed = {n for n, f in files.items() if f == file}
+            if listed - names:
+                raise CheckpointError(
+                    f"{file}: lacks tensor {sorted(listed - names)[0]} that {INDEX_NAME} lists"
+                )
+        return files
+    single = path / SINGLE_NAME
+    if single.exists():
+        return {name: single for name in _header_names(single)}
+    other = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pth"))
+    hint = f" (found {', '.join(other)}: only safetensors is supported)" if other else ""
+    raise CheckpointError(f"{path}: no {SINGLE_NAME} or {INDEX_NAME}{hint}")
+
+
+def _header_names(file: Path) -> list[str]:
+    try:
+        with safe_open(file, framework="pt") as f:
+            return list(f.keys())
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+
+
+def _check_headers(by_file: dict[Path, list[str]], targets: dict[str, Piece]) -> torch.dtype:
+    """Check every tensor's shape and dtype from the headers, before any memory is allocated.
+
+    Returns the dtype of the embedding, taken as the checkpoint's dtype.
+    """
+    dtype = torch.float32
+    for file, names in by_file.items():
+        try:
+            with safe_open(file, framework="pt") as f:
+                for name in names:
+                    info = f.get_slice(name)
+                    shape, stored = tuple(info.get_shape()), info.get_dtype()
+                    expected = targets[name].shape
+                    if shape != expected:
+                        raise CheckpointError(
+                            f"{file}: tensor {name} has shape {shape}, "
+                            f"expected {expected} for this config.json"
+                        )
+                    if stored not in _SAFETENSORS_FLOATS:
+                        raise CheckpointError(
+                            f"{file}: tensor {name} has dtype {stored}, "
+                            "expected a floating-point dtype (F32, F16, BF16)"
+                        )
+                    if name == "model.embed_tokens.weight":
+                        dtype = _SAFETENSORS_FLOATS[stored]
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+    return dtype
+
+
+def _check_names(files: dict[str, Path], layout: dict[str, list[Piece]], config: ModelConfig):
+    """Every expected tensor present, nothing unknown: name the first culprit otherwise."""
+    expected = {p.hf_name for pieces in layout.values() for p in pieces}
+    missing = sorted(expected - files.keys())
+    if missing:
+        where = next(iter(files.values())).parent if files else "checkpoint"
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"{where}: missing tensor {missing[0]}{more}")
+    extra = {n for n in files if n not in expected and not _IGNORED_RE.fullmatch(n)}
+    if config.tie_embeddings:
+        extra.discard("lm_head.weight")  # some tied checkpoints store the head anyway
+    if extra:
+        first = sorted(extra)[0]
+        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+        raise CheckpointError(
+            f"{files[first]}: unexpected tensor {first}{more} for this config.json"
+        )
+    return files
+
+
+def _stream(file: Path, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield tensors from ``file``, re-opening the mapping every ``_REMAP_BYTES`` copied."""
+    i = 0
+    while i < len(names):
+        try:
+            with safe_open(file, framework="pt") as f:
+                copied = 0
+                while i < len(names) and copied < _REMAP_BYTES:
+                    tensor = f.get_tensor(names[i])
+                    yield names[i], tensor
+                    copied += tensor.numel() * tensor.element_size()
+                    del tensor
+                    i += 1
+        except SafetensorError as e:
+            raise CheckpointError(f"{file}: cannot read tensor {names[i]} ({e})") from None
+
+
+# ------------------------------------------------------------------------------------- save
+def save(model: Transformer, path: str | Path, max_shard_size: int | str = "5GB") -> None:
+    """Write ``model`` as a Hugging Face Llama directory that ``transformers`` loads.
+
+    Above ``max_shard_size`` the weights are split into ``model-0000k-of-0000n.safetensors``
+    with a ``model.safetensors.index.json``. Each file is written atomically, and weight files
+    left by an earlier save into the same directory are removed.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"{path}: exists and is not a directory")
+    path.mkdir(parents=True, exist_ok=True)
+    limit = parse_size(max_shard_size)
+    config = model.config
+    params = dict(model.named_parameters(remove_duplicate=False))
+    dtypes = {p.dtype for p in params.values()}
+    dtype = next(iter(dtypes)) if len(dtypes) == 1 else torch.float32
+    layout = hf_layout(config)
+
+    # Group the HF tensors into shards in HF order, each shard at most `limit` bytes.
+    shards: list[list[tuple[str, str, Piece]]] = [[]]
+    size = 0
+    for name, pieces in layout.items():
+        for piece in pieces:
+            nbytes = _numel(piece.shape) * params[name].element_size()
+            if shards[-1] and size + nbytes > limit:
+                shards.append([])
+                size = 0
+            shards[-1].append((name, piece.hf_name, piece))
+            size += nbytes
+    n = len(shards)
+    names = [SINGLE_NAME] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+    weight_map, total = {}, 0
+    for shard, file in zip(shards, names, strict=True):
+        tensors = {}
+        for name, hf_name, piece in shard:
+            rows = params[name].detach()[piece.start : piece.start + piece.shape[0]]
+            tensors[hf_name] = rows.to(device="cpu", dtype=dtype).contiguous()
+            weight_map[hf_name] = file
+            total += tensors[hf_name].numel() * tensors[hf_name].element_size()
+        with atomic_path(path / file) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
+        del tensors
+    dtype_name = str(dtype).removeprefix("torch.")
+    write_text_atomic(path / CONFIG_NAME, json.dumps(config.to_hf(dtype_name), indent=2) + "\n")
+    index = path / INDEX_NAME
+    if n > 1:
+        body = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        write_text_atomic(index, json.dumps(body, indent=2) + "\n")
+    stale = [p for p in path.iterdir() if _SHARD_RE.fullmatch(p.name) and p.name not in names]
+    if n > 1 and (path / SINGLE_NAME).exists():
+        stale.append(path / SINGLE_NAME)
+    if n == 1 and index.exists():
+        stale.append(index)
+    for p in stale:
+        p.unlink()
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    out = 1
+    for s in shape:
+        out *= s
+    return out
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, desc: str, show: bool | None):
+    if show is None:
+        show = sys.stderr.isatty()
+    if not show:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="tensor", leave=False)

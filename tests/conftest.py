@@ -1,0 +1,72 @@
+"""Shared helpers: tiny random Llama checkpoints written by `transformers` itself."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+# A small GQA config with odd sizes and llama3 RoPE scaling whose original context (32) is
+# shorter than the test sequences, so every band of the scaling rule is exercised.
+BASE = dict(
+    vocab_size=301,
+    hidden_size=96,
+    intermediate_size=203,
+    num_hidden_layers=2,
+    num_attention_heads=6,
+    num_key_value_heads=2,
+    rms_norm_eps=1e-5,
+    max_position_embeddings=256,
+    rope_theta=500000.0,
+    rope_scaling={
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32,
+    },
+    tie_word_embeddings=False,
+)
+
+
+def hf_model(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
+    """A random `LlamaForCausalLM` (eager attention: the exact reference)."""
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(**{**BASE, **overrides})
+    model = transformers.LlamaForCausalLM._from_config(config, attn_implementation="eager")
+    # Random norm weights too, so a swapped or skipped norm cannot go unnoticed.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+            elif name.endswith("bias"):
+                p.normal_(0, 0.1)
+    return model.to(dtype).eval()
+
+
+def save_hf(model, path: Path, **kwargs) -> Path:
+    model.save_pretrained(path, **kwargs)
+    return path
+
+
+def to_v4_config(path: Path) -> None:
+    """Rewrite a transformers-5 config.json in the 4.x style of the published checkpoints."""
+    cfg = json.loads((path / "config.json").read_text())
+    rope = cfg.pop("rope_parameters")
+    cfg["rope_theta"] = rope.pop("rope_theta")
+    rope_type = rope.pop("rope_type")
+    cfg["rope_scaling"] = None if rope_type == "default" else {"type": rope_type, **rope}
+    if cfg.get("head_dim") == cfg["hidden_size"] // cfg["num_attention_heads"]:
+        del cfg["head_dim"]  # 4.x configs derive it
+    cfg["torch_dtype"] = cfg.pop("dtype", "float32")
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path: Path) -> Path:
+    """A saved tiny HF Llama checkpoint (single safetensors file)."""
+    return save_hf(hf_model(), tmp_path / "hf")
