@@ -39,7 +39,9 @@ def _time(fn, device: torch.device) -> float:
 
 def cpu_name() -> str:
     try:
-        for line in open("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            lines = f.readlines()
+        for line in lines:
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     except OSError:

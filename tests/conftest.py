@@ -9,6 +9,7 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
+transformers.utils.logging.disable_progress_bar()
 
 # A small GQA config with odd sizes and llama3 RoPE scaling whose original context (32) is
 # shorter than the test sequences, so every band of the scaling rule is exercised.

@@ -1,10 +1,10 @@
 """camelid: an open, PyTorch-native system for the Llama family of language models.
 
-    import camelid
-    model = camelid.load("path/to/Llama-3.2-1B")          # a Hugging Face Llama directory
-    logits = model(tokens)                                 # (B, T) ids -> (B, T, vocab)
-    camelid.save(model, "out/")                            # loadable by transformers
-    config = camelid.ModelConfig.from_preset("llama-3.1-8b")
+import camelid
+model = camelid.load("path/to/Llama-3.2-1B")          # a Hugging Face Llama directory
+logits = model(tokens)                                 # (B, T) ids -> (B, T, vocab)
+camelid.save(model, "out/")                            # loadable by transformers
+config = camelid.ModelConfig.from_preset("llama-3.1-8b")
 """
 
 from camelid.config import ModelConfig, RopeScaling

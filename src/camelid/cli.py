@@ -260,7 +260,9 @@ def _available_memory(device: Any) -> int | None:
         free, _ = torch.cuda.mem_get_info(device)
         return free
     try:
-        for line in open("/proc/meminfo"):
+        with open("/proc/meminfo") as f:
+            lines = f.readlines()
+        for line in lines:
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024
     except OSError:

@@ -68,8 +68,9 @@ class ModelConfig:
     n_kv_heads: int | None = None
     head_dim: int | None = None
     ffn_hidden_dim: int | None = None
-    multiple_of: int = 256
-    ffn_dim_multiplier: float | None = None
+    # Inputs of the FFN width rule only; two configs with the same ffn_hidden_dim are equal.
+    multiple_of: int = field(default=256, compare=False)
+    ffn_dim_multiplier: float | None = field(default=None, compare=False)
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling | None = None

@@ -20,7 +20,9 @@ def inv_frequencies(config: ModelConfig) -> torch.Tensor:
     Always a real CPU tensor, even inside ``with torch.device("meta")``.
     """
     d = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device="cpu").float() / d))
+    inv_freq = 1.0 / (
+        config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device="cpu").float() / d)
+    )
     s = config.rope_scaling
     if s is None:
         return inv_freq

@@ -2,7 +2,7 @@
 
 The one place that knows how camelid's parameter names and layout map to Hugging Face's:
 :func:`hf_layout`. Loading streams tensors through safetensors' memory mapping straight into
-the model's parameters, re-opening the mapping every few dozen MiB so the pages already copied
+the model's parameters, re-opening the mapping every 16 MiB copied so the pages already copied
 stop counting against the process: peak memory stays near the size of the model itself.
 """
 
@@ -31,7 +31,7 @@ _SHARD_RE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 # Tensors some published checkpoints carry that hold no learned weights.
 _IGNORED_RE = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 # Bytes copied out of one memory mapping before it is re-opened (see module docstring).
-_REMAP_BYTES = 64 * 2**20
+_REMAP_BYTES = 16 * 2**20
 
 _SAFETENSORS_FLOATS = {
     "F32": torch.float32,
@@ -69,25 +69,27 @@ def hf_layout(config: ModelConfig) -> dict[str, list[Piece]]:
     layout: dict[str, list[Piece]] = {
         "tok_embeddings.weight": stack(["model.embed_tokens.weight"], [config.vocab_size], d)
     }
+    # (camelid module, the HF modules stacked into it, their output rows, input columns, bias?)
+    # in HF's order; norms have a weight vector only.
+    per_layer = [
+        ("attention_norm", ["input_layernorm"], [d], None, False),
+        ("attention.wqkv", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+         [q, kv, kv], d, config.attention_bias),
+        ("attention.wo", ["self_attn.o_proj"], [d], q, config.attention_bias),
+        ("ffn_norm", ["post_attention_layernorm"], [d], None, False),
+        ("feed_forward.w1", ["mlp.gate_proj"], [ffn], d, config.mlp_bias),
+        ("feed_forward.w3", ["mlp.up_proj"], [ffn], d, config.mlp_bias),
+        ("feed_forward.w2", ["mlp.down_proj"], [d], ffn, config.mlp_bias),
+    ]  # fmt: skip
     for i in range(config.n_layers):
         ours, hf = f"layers.{i}.", f"model.layers.{i}."
-        # (camelid module, HF modules stacked into it, their output rows, input columns, bias?)
-        modules = [
-            ("attention.wqkv", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
-             [q, kv, kv], d, config.attention_bias),
-            ("attention.wo", ["self_attn.o_proj"], [d], q, config.attention_bias),
-            ("feed_forward.w1", ["mlp.gate_proj"], [ffn], d, config.mlp_bias),
-            ("feed_forward.w3", ["mlp.up_proj"], [ffn], d, config.mlp_bias),
-            ("feed_forward.w2", ["mlp.down_proj"], [d], ffn, config.mlp_bias),
-        ]  # fmt: skip
-        layout[ours + "attention_norm.weight"] = stack([hf + "input_layernorm.weight"], [d], None)
-        for name, hf_names, rows, cols, bias in modules:
-            layout[f"{ours}{name}.weight"] = stack([hf + n + ".weight" for n in hf_names], rows, cols)
+        for name, hf_names, rows, cols, bias in per_layer:
+            layout[f"{ours}{name}.weight"] = stack(
+                [hf + n + ".weight" for n in hf_names], rows, cols
+            )
             if bias:
-                layout[f"{ours}{name}.bias"] = stack([hf + n + ".bias" for n in hf_names], rows, None)
-            if name == "attention.wo":
-                layout[ours + "ffn_norm.weight"] = stack(
-                    [hf + "post_attention_layernorm.weight"], [d], None
+                layout[f"{ours}{name}.bias"] = stack(
+                    [hf + n + ".bias" for n in hf_names], rows, None
                 )
     layout["norm.weight"] = stack(["model.norm.weight"], [d], None)
     if not config.tie_embeddings:
@@ -151,7 +153,9 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
     return CheckpointInfo(config, files, dtype, sum(f.stat().st_size for f in files))
 
 
-def _plan(path: Path) -> tuple[ModelConfig, dict[str, list[Piece]], dict[Path, list[str]], torch.dtype]:
+def _plan(
+    path: Path,
+) -> tuple[ModelConfig, dict[str, list[Piece]], dict[Path, list[str]], torch.dtype]:
     """Read and check everything but the tensor data: config, names, shapes and dtypes.
 
     Returns the config, the layout, the HF tensor names to read from each file, and the
@@ -308,7 +312,9 @@ def save(model: Transformer, path: str | Path, max_shard_size: int | str = "5GB"
             shards[-1].append((name, piece.hf_name, piece))
             size += nbytes
     n = len(shards)
-    names = [SINGLE_NAME] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+    names = (
+        [SINGLE_NAME] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+    )
     weight_map, total = {}, 0
     for shard, file in zip(shards, names, strict=True):
         tensors = {}
