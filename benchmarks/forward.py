@@ -6,7 +6,7 @@ the ratio of median tokens/s is printed (> 1 means camelid is faster).
 
     python benchmarks/forward.py                      # llama-16m, batch 4 x 256, CPU fp32
     python benchmarks/forward.py --preset tiny --batch 1 --seq-len 128
-    python benchmarks/forward.py --device cuda --dtype bfloat16 --preset llama-3.2-1b
+    python benchmarks/forward.py --device cuda --dtype bfloat16 --preset llama-3.2-1b [--compile]
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile camelid's model")
     ap.add_argument("--json", action="store_true", help="also print the result as JSON")
     args = ap.parse_args()
 
@@ -76,6 +77,8 @@ def main() -> None:
         ours = camelid.load(tmp, device=device, dtype=dtype).eval()
     hf = hf.to(device).eval()
     tokens = torch.randint(0, config.vocab_size, (args.batch, args.seq_len), device=device)
+    if args.compile:
+        ours = torch.compile(ours)
 
     runs = {
         "camelid": lambda: ours(tokens),
@@ -100,6 +103,7 @@ def main() -> None:
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     print(
         f"forward: preset {args.preset} ({config.num_params() / 1e6:.1f}M params), "
+        f"{'compiled ' if args.compile else ''}"
         f"batch {args.batch} x {args.seq_len}, {args.dtype} on {args.device} "
         f"({where}, {torch.get_num_threads()} threads)"
     )

@@ -140,3 +140,21 @@ def test_bfloat16_cpu(tmp_path):
     # Saved as bf16, not upcast: the same size as the bf16 source, give or take the header.
     saved, source = (p / "model.safetensors" for p in (tmp_path / "bf16", path))
     assert abs(saved.stat().st_size - source.stat().st_size) < 4096
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_matches_hf_eager(tmp_path, dtype):
+    """On a GPU: fp32 within 1e-4; bf16 against HF eager (fp32 softmax), the exact bf16 oracle."""
+    from transformers import AutoModelForCausalLM
+
+    path = save_hf(hf_model(**CONFIGS["gqa-untied-llama3"]), tmp_path / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager")
+    hf = hf.cuda().eval()
+    model = camelid.load(path, device="cuda", dtype=dtype).eval()
+    x = _tokens(301).cuda()
+    with torch.no_grad():
+        diff = _max_diff(model(x), hf(x).logits)
+    print(f"cuda {dtype}: max |logit diff| {diff:.3g}")
+    assert diff < (TOL if dtype == torch.float32 else 0.1)
