@@ -167,3 +167,16 @@ def test_console_script_has_no_traceback(tmp_path):
     )
     assert res.returncode == 1
     assert res.stderr.startswith("camelid: error: ") and "Traceback" not in res.stderr
+
+
+def test_shard_lacks_tensor_the_index_lists(capsys, tmp_path):
+    from conftest import hf_model, save_hf
+
+    ckpt = save_hf(hf_model(), tmp_path / "hf", max_shard_size="60KB")
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())
+    name = "model.norm.weight"
+    shard = ckpt / index["weight_map"][name]
+    tensors = load_file(shard)
+    tensors.pop(name)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    expect_error(capsys, ckpt, shard.name, f"lacks tensor {name}")

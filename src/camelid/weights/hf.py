@@ -163,7 +163,7 @@ def _plan(
     """
     config = read_config(path)
     layout = hf_layout(config)
-    where = _check_names(_tensor_files(path), layout, config)
+    where = _check_names(path, _tensor_files(path), layout, config)
     targets = {p.hf_name: p for pieces in layout.values() for p in pieces}
     by_file: dict[Path, list[str]] = {}
     for hf_name in targets:
@@ -191,13 +191,7 @@ def _tensor_files(path: Path) -> dict[str, Path]:
         for file in sorted(set(files.values())):
             if not file.exists():
                 raise CheckpointError(f"{index}: lists {file.name}, which does not exist")
-            names = set(_header_names(file))
-            listed = {n for n, f in files.items() if f == file}
-            if listed - names:
-                raise CheckpointError(
-                    f"{file}: lacks tensor {sorted(listed - names)[0]} that {INDEX_NAME} lists"
-                )
-        return files
+        return files  # that each shard holds what the index says is checked with its header
     single = path / SINGLE_NAME
     if single.exists():
         return {name: single for name in _header_names(single)}
@@ -223,7 +217,12 @@ def _check_headers(by_file: dict[Path, list[str]], targets: dict[str, Piece]) ->
     for file, names in by_file.items():
         try:
             with safe_open(file, framework="pt") as f:
+                present = set(f.keys())
                 for name in names:
+                    if name not in present:
+                        raise CheckpointError(
+                            f"{file}: lacks tensor {name} that {INDEX_NAME} lists"
+                        )
                     info = f.get_slice(name)
                     shape, stored = tuple(info.get_shape()), info.get_dtype()
                     expected = targets[name].shape
@@ -244,14 +243,15 @@ def _check_headers(by_file: dict[Path, list[str]], targets: dict[str, Piece]) ->
     return dtype
 
 
-def _check_names(files: dict[str, Path], layout: dict[str, list[Piece]], config: ModelConfig):
+def _check_names(
+    path: Path, files: dict[str, Path], layout: dict[str, list[Piece]], config: ModelConfig
+) -> dict[str, Path]:
     """Every expected tensor present, nothing unknown: name the first culprit otherwise."""
     expected = {p.hf_name for pieces in layout.values() for p in pieces}
     missing = sorted(expected - files.keys())
     if missing:
-        where = next(iter(files.values())).parent if files else "checkpoint"
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise CheckpointError(f"{where}: missing tensor {missing[0]}{more}")
+        raise CheckpointError(f"{path}: missing tensor {missing[0]}{more}")
     extra = {n for n in files if n not in expected and not _IGNORED_RE.fullmatch(n)}
     if config.tie_embeddings:
         extra.discard("lm_head.weight")  # some tied checkpoints store the head anyway
