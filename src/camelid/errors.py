@@ -17,3 +17,11 @@ class ConfigError(CamelidError, ValueError):
 
 class CheckpointError(CamelidError):
     """A checkpoint that is missing, incomplete, corrupt or does not fit the model."""
+
+
+class TokenizerError(CamelidError):
+    """A tokenizer file that cannot be loaded, or a tokenizer request that cannot be met."""
+
+
+class DataError(CamelidError):
+    """A corpus, dataset directory or shard that cannot be used as asked."""
