@@ -14,6 +14,8 @@ from typing import Any
 
 from camelid import __version__
 from camelid.config import PRESETS, ModelConfig
+from camelid.data.clean import CleanConfig
+from camelid.data.pipeline import PrepareConfig
 from camelid.errors import CamelidError
 from camelid.io import format_bytes
 
@@ -85,7 +87,99 @@ def build_parser() -> argparse.ArgumentParser:
         help="split weights into shards of at most this size (default: 5GB)",
     )
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser(
+        "tokenizer",
+        help="train a byte-level BPE tokenizer (Llama 3 split pattern and special tokens)",
+        description="Tokenizer tools.",
+    )
+    tsub = p.add_subparsers(title="tokenizer commands", metavar="<command>")
+    t = tsub.add_parser(
+        "train",
+        help="train a byte-level BPE tokenizer on a corpus",
+        description="Train a byte-level BPE tokenizer with the Llama 3 pre-tokenization pattern "
+        "and special tokens on the training split of a corpus, and write tokenizer.json and "
+        "tokenizer_config.json (with the Llama 3 chat template) to --out.",
+    )
+    _corpus_args(t)
+    t.add_argument("--vocab-size", type=int, required=True, help="total size, specials included")
+    t.add_argument(
+        "--num-special", type=int, default=256, help="special tokens, reserved ones included "
+        "(default: 256, as Llama 3)"
+    )  # fmt: skip
+    t.add_argument("--out", required=True, help="output directory")
+    t.set_defaults(func=cmd_tokenizer_train)
+
+    p = sub.add_parser(
+        "prepare",
+        help="clean, deduplicate and tokenize a corpus into token shards",
+        description="Clean (Unicode normalisation, quality filters), deduplicate (exact and "
+        "MinHash near-duplicates) and tokenize a corpus in parallel into token shards for "
+        "pre-training, with a manifest.json. Re-running with the same inputs reuses the result; "
+        "an interrupted run is restarted cleanly.",
+    )
+    _corpus_args(p)
+    p.add_argument("--tokenizer", required=True, help="tokenizer directory or file")
+    p.add_argument("--out", required=True, help="output dataset directory")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.add_argument(
+        "--shard-tokens", type=int, default=PrepareConfig.shard_tokens, help="tokens per shard"
+    )
+    p.add_argument("--no-exact-dedup", action="store_true", help="keep exact duplicates")
+    p.add_argument("--no-near-dedup", action="store_true", help="keep near duplicates")
+    p.add_argument(
+        "--near-dup-threshold",
+        type=float,
+        default=PrepareConfig.near_dup_threshold,
+        help="estimated Jaccard similarity of token 5-gram sets above which a document is a "
+        "near duplicate (default: %(default)s)",
+    )
+    defaults = CleanConfig()
+    for name in (
+        "normalize",
+        "min_chars",
+        "max_chars",
+        "min_alnum_fraction",
+        "max_repeated_line_fraction",
+        "max_line_chars",
+    ):
+        value = getattr(defaults, name)
+        p.add_argument(
+            "--" + name.replace("_", "-"),
+            type=type(value),
+            default=value,
+            help=f"cleaning: {name.replace('_', ' ')} (default: %(default)s)",
+        )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace a different dataset already in --out"
+    )
+    p.set_defaults(func=cmd_prepare)
     return parser
+
+
+def _corpus_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--corpus",
+        action="append",
+        metavar="SRC",
+        help="a directory of text/code files, a .txt, .jsonl, .jsonl.gz or .parquet file, or "
+        "'stdlib' (this Python's standard library source, the default); repeatable",
+    )
+    p.add_argument(
+        "--glob",
+        action="append",
+        metavar="PATTERN",
+        help="only files matching this pattern in corpus directories, e.g. '*.py'; repeatable",
+    )
+    p.add_argument(
+        "--text-field", default="text", help="JSONL field / parquet column (default: text)"
+    )
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=PrepareConfig.val_fraction,
+        help="share of files (or records) held out for validation (default: %(default)s)",
+    )
 
 
 # ----------------------------------------------------------------------------------- inspect
@@ -287,6 +381,100 @@ def cmd_convert(args: argparse.Namespace) -> int:
         f"{out.dtype}, {len(out.files)} file(s), {format_bytes(out.nbytes)} "
         f"in {time.perf_counter() - t0:.1f}s"
     )
+    return 0
+
+
+# --------------------------------------------------------------------------------- tokenizer
+def cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    from camelid.data import sources
+    from camelid.data.clean import clean
+    from camelid.tokenizer import train_tokenizer
+
+    if args.vocab_size <= 0:
+        raise CamelidError(f"--vocab-size must be positive, got {args.vocab_size}")
+    t0 = time.perf_counter()
+    tasks = [t for c in (args.corpus or [sources.BUILTIN]) for t in
+             sources.resolve(c, args.glob, args.text_field)]  # fmt: skip
+    stats = sources.ReadStats()
+    n_docs = 0
+
+    def texts():
+        nonlocal n_docs
+        for task in tasks:
+            for doc in sources.read(task, stats)[1]:
+                if sources.is_validation(doc.key, args.val_fraction):
+                    continue  # never learn from held-out text
+                text, rejected = clean(doc.text, CleanConfig())
+                if rejected is None:
+                    n_docs += 1
+                    yield text
+
+    tok = train_tokenizer(
+        texts(), args.vocab_size, num_special=args.num_special, show_progress=sys.stderr.isatty()
+    )
+    if n_docs == 0:
+        raise CamelidError(f"no training documents in {', '.join(args.corpus or ['stdlib'])}")
+    tok.save(args.out)
+    print(
+        f"trained a {tok.vocab_size}-token BPE tokenizer on {n_docs} documents "
+        f"in {time.perf_counter() - t0:.1f}s -> {args.out}"
+    )
+    return 0
+
+
+# ----------------------------------------------------------------------------------- prepare
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from camelid.data import prepare
+
+    clean_config = CleanConfig(
+        normalize=args.normalize,
+        min_chars=args.min_chars,
+        max_chars=args.max_chars,
+        min_alnum_fraction=args.min_alnum_fraction,
+        max_repeated_line_fraction=args.max_repeated_line_fraction,
+        max_line_chars=args.max_line_chars,
+    )
+    config = PrepareConfig(
+        corpus=tuple(args.corpus or ["stdlib"]),
+        globs=tuple(args.glob or ()),
+        text_field=args.text_field,
+        val_fraction=args.val_fraction,
+        clean=clean_config,
+        exact_dedup=not args.no_exact_dedup,
+        near_dedup=not args.no_near_dedup,
+        near_dup_threshold=args.near_dup_threshold,
+        shard_tokens=args.shard_tokens,
+    )
+    t0 = time.perf_counter()
+    m = prepare(config, args.tokenizer, args.out, workers=args.workers, overwrite=args.overwrite,
+                progress=sys.stderr.isatty())  # fmt: skip
+    elapsed = time.perf_counter() - t0
+    st, sp = m["stats"], m["splits"]
+    tokens = sum(s["tokens"] for s in sp.values())
+    if elapsed < 0.5 * m["seconds"]:
+        print(f"{args.out}: already prepared from the same corpus, options and tokenizer")
+    removed = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in st["removed"].items() if v)
+    read = st["read"]
+    skipped = [
+        f"{read[k]} {label}"
+        for k, label in (
+            ("binary_files", "binary files"),
+            ("non_utf8_files", "non-UTF-8 files"),
+            ("bad_json_lines", "non-JSON lines"),
+            ("missing_field", f"records without '{args.text_field}'"),
+        )
+        if read[k]
+    ]
+    print(f"files        {st['files']}" + (f" (skipped {', '.join(skipped)})" if skipped else ""))
+    if read["first_bad_lines"]:
+        print(f"  first bad  {', '.join(read['first_bad_lines'])}")
+    print(f"documents    {st['documents']} read, {st['kept']} kept" +
+          (f" (removed: {removed})" if removed else ""))  # fmt: skip
+    for name, s in sp.items():
+        print(f"{name:<12} {s['documents']} documents, {s['tokens']:,} tokens, "
+              f"{len(s['shards'])} shard(s) of {m['dtype']}")  # fmt: skip
+    print(f"throughput   {tokens / max(m['seconds'], 1e-9):,.0f} tokens/s ({m['seconds']:.1f}s)")
+    print(f"output       {args.out}/manifest.json")
     return 0
 
 

@@ -1,0 +1,308 @@
+"""The tokenizer every stage uses: load (Hugging Face ``tokenizer.json`` or Meta's tiktoken
+``tokenizer.model``), encode, decode, chat, save.
+
+Two back ends sit behind one class: the ``tokenizers`` library for ``tokenizer.json`` and tiktoken
+for ``tokenizer.model``. Both are byte-level BPE and give the same ids for the same ranks (see
+:mod:`camelid.tokenizer.bpe`). BOS and EOS are never added by the back end, only by ``encode``.
+"""
+
+from __future__ import annotations
+
+import binascii
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from functools import cached_property
+from pathlib import Path
+
+import tiktoken
+from tiktoken.load import load_tiktoken_bpe
+from tokenizers import Tokenizer as HFTokenizer
+
+from camelid.errors import TokenizerError
+from camelid.io import write_text_atomic
+from camelid.tokenizer.bpe import (
+    BOS,
+    EOS,
+    LLAMA3_PATTERN,
+    hf_from_ranks,
+    llama3_special_names,
+    tiktoken_twin,
+)
+from camelid.tokenizer.chat import (
+    LLAMA3_CHAT,
+    LLAMA4_CHAT,
+    ChatFormat,
+    chat_pieces,
+    find_chat_format,
+)
+
+JSON_NAME = "tokenizer.json"
+MODEL_NAME = "tokenizer.model"
+CONFIG_NAME = "tokenizer_config.json"
+
+# The parts of a tokenizer.json that decide which ids a text gets and which text ids decode to.
+# (The post-processor is left out: camelid adds BOS/EOS itself.)
+_BEHAVIOUR_KEYS = ("added_tokens", "normalizer", "pre_tokenizer", "model", "decoder")
+
+
+def _without_surrogates(text: str) -> str:
+    """Lone surrogates (JSON can hold ``"\\ud800"``) are not Unicode text: make them U+FFFD,
+    as tiktoken does, instead of failing deep in the ``tokenizers`` library."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+def _tiktoken_batch(enc: tiktoken.Encoding, texts: list[str]) -> list[list[int]]:
+    """Encode on all cores, or in this thread inside worker processes that are themselves the
+    parallelism (TOKENIZERS_PARALLELISM=false) or for one text: a thread pool costs more then."""
+    if len(texts) <= 1 or os.environ.get("TOKENIZERS_PARALLELISM") == "false":
+        return [enc.encode_ordinary(t) for t in texts]
+    return enc.encode_ordinary_batch(texts, num_threads=os.cpu_count() or 1)
+
+
+class _HFBackend:
+    """A ``tokenizers`` pipeline, kept in two copies: one that reads special-token text as
+    plain text (the default) and one that turns it into control ids. Plain-text encoding goes
+    through a tiktoken twin instead when one provably gives the same ids (several times faster;
+    see :func:`camelid.tokenizer.bpe.tiktoken_twin`)."""
+
+    def __init__(self, tok: HFTokenizer) -> None:
+        self._specials_as_text = HFTokenizer.from_str(tok.to_str())
+        self._specials_as_text.encode_special_tokens = True
+        self._tok = tok
+        self._tok.encode_special_tokens = False
+
+    @cached_property
+    def twin(self) -> tiktoken.Encoding | None:
+        return tiktoken_twin(json.loads(self._tok.to_str()))
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def special_tokens(self) -> dict[str, int]:
+        added = self._tok.get_added_tokens_decoder()
+        return {t.content: i for i, t in sorted(added.items()) if t.special}
+
+    def encode(self, text: str, allow_special: bool) -> list[int]:
+        if allow_special:
+            return self._tok.encode(_without_surrogates(text), add_special_tokens=False).ids
+        if self.twin is not None:
+            return self.twin.encode_ordinary(text)
+        return self._specials_as_text.encode(
+            _without_surrogates(text), add_special_tokens=False
+        ).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        if self.twin is not None:
+            return _tiktoken_batch(self.twin, texts)
+        texts = [_without_surrogates(t) for t in texts]
+        encs = self._specials_as_text.encode_batch_fast(texts, add_special_tokens=False)
+        return [e.ids for e in encs]
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids, skip_special_tokens=False)
+
+    def to_hf(self) -> HFTokenizer:
+        return self._tok
+
+
+class _TiktokenBackend:
+    """Meta's Llama 3 ranks through tiktoken, with the Llama 3.1 special tokens after them."""
+
+    def __init__(self, ranks: dict[bytes, int], name: str) -> None:
+        self._ranks = ranks
+        self._specials = llama3_special_names()
+        self._enc = tiktoken.Encoding(
+            name=name,
+            pat_str=LLAMA3_PATTERN,
+            mergeable_ranks=ranks,
+            special_tokens={s: len(ranks) + i for i, s in enumerate(self._specials)},
+        )
+
+    @property
+    def vocab_size(self) -> int:
+        return self._enc.n_vocab
+
+    def special_tokens(self) -> dict[str, int]:
+        return {s: len(self._ranks) + i for i, s in enumerate(self._specials)}
+
+    def encode(self, text: str, allow_special: bool) -> list[int]:
+        if allow_special:
+            return self._enc.encode(text, allowed_special="all")
+        return self._enc.encode_ordinary(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return _tiktoken_batch(self._enc, texts)
+
+    def decode(self, ids: list[int]) -> str:
+        return self._enc.decode(ids, errors="replace")
+
+    def to_hf(self) -> HFTokenizer:
+        return hf_from_ranks(self._ranks, self._specials, LLAMA3_PATTERN)
+
+
+class Tokenizer:
+    """A Llama byte-level BPE tokenizer with its special tokens and chat format.
+
+    Build one with :meth:`load` or :func:`camelid.tokenizer.train_tokenizer`.
+    """
+
+    def __init__(self, backend: _HFBackend | _TiktokenBackend, source: str) -> None:
+        self._backend = backend
+        self.source = source
+        self.special_tokens: dict[str, int] = backend.special_tokens()
+        for name in (BOS, EOS):
+            if name not in self.special_tokens:
+                raise TokenizerError(
+                    f"{source}: no special token {name}; camelid reads Llama 3/4 tokenizers"
+                )
+        self.bos_id: int = self.special_tokens[BOS]
+        self.eos_id: int = self.special_tokens[EOS]
+        self.eot_id: int | None = self.special_tokens.get(
+            LLAMA3_CHAT.eot, self.special_tokens.get(LLAMA4_CHAT.eot)
+        )
+        self._chat = find_chat_format(self.special_tokens)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Tokenizer:
+        """Load a directory holding tokenizer.json (preferred) or tokenizer.model, or the file."""
+        path = Path(path)
+        if path.is_dir():
+            for name in (JSON_NAME, MODEL_NAME):
+                if (path / name).is_file():
+                    path = path / name
+                    break
+            else:
+                raise TokenizerError(f"{path}: no {JSON_NAME} or {MODEL_NAME} in this directory")
+        elif not path.is_file():
+            raise TokenizerError(f"{path}: tokenizer file not found")
+        if path.suffix == ".json":
+            return cls(_HFBackend(_read_tokenizer_json(path)), str(path))
+        return cls(_TiktokenBackend(_read_tiktoken_ranks(path), path.stem), str(path))
+
+    @property
+    def vocab_size(self) -> int:
+        """All ids, special tokens included (the model's embedding rows must cover them)."""
+        return self._backend.vocab_size
+
+    @cached_property
+    def digest(self) -> str:
+        """sha256 of the tokenizer's behaviour, so data tokenized with it can be matched to it.
+
+        Hashes the canonical tokenizer.json form (vocab, merges, specials, regex, decoder), not
+        file bytes: whitespace or key order do not change it, and a tokenizer.model has the same
+        digest as the tokenizer.json that :meth:`save` writes from it.
+        """
+        spec = json.loads(self._backend.to_hf().to_str())
+        canonical = {k: spec.get(k) for k in _BEHAVIOUR_KEYS}
+        text = json.dumps(canonical, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def encode(
+        self, text: str, bos: bool = False, eos: bool = False, allow_special: bool = False
+    ) -> list[int]:
+        """Text to ids. Special-token text such as ``<|eot_id|>`` stays plain text unless
+        ``allow_special``: text from users must not be able to forge control tokens."""
+        ids = self._backend.encode(text, allow_special)
+        return [self.bos_id] * bos + ids + [self.eos_id] * eos
+
+    def encode_batch(
+        self, texts: list[str], bos: bool = False, eos: bool = False
+    ) -> list[list[int]]:
+        """:meth:`encode` (special-token text kept plain) for many texts, on all cores."""
+        return [
+            [self.bos_id] * bos + ids + [self.eos_id] * eos
+            for ids in self._backend.encode_batch(list(texts))
+        ]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Ids to text; special tokens appear by name, broken UTF-8 as U+FFFD."""
+        ids = [int(i) for i in ids]
+        if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
+            bad = next(i for i in ids if not 0 <= i < self.vocab_size)
+            raise TokenizerError(
+                f"{self.source}: cannot decode id {bad}, outside the vocabulary "
+                f"(0 .. {self.vocab_size - 1})"
+            )
+        return self._backend.decode(ids)
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        """The conversation as text in the Llama chat format."""
+        return "".join(
+            p.text for p in chat_pieces(self._chat_format(), messages, add_generation_prompt)
+        )
+
+    def apply_chat_template(
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = False,
+        return_assistant_mask: bool = False,
+    ) -> list[int] | tuple[list[int], list[int]]:
+        """The conversation as ids; with ``return_assistant_mask`` also a 0/1 list that is 1 on
+        what a fine-tune trains on (assistant content and its turn-end token)."""
+        ids: list[int] = []
+        mask: list[int] = []
+        for piece in chat_pieces(self._chat_format(), messages, add_generation_prompt):
+            part = [self.special_tokens[piece.text]] if piece.special else self.encode(piece.text)
+            ids += part
+            mask += [int(piece.trained)] * len(part)
+        return (ids, mask) if return_assistant_mask else ids
+
+    def save(self, directory: str | Path, *, model_max_length: int = 131072) -> None:
+        """Write tokenizer.json and tokenizer_config.json, loadable by ``transformers``'
+        ``AutoTokenizer`` with the same ids (it adds BOS, as ``encode(text, bos=True)``)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": BOS,
+            "eos_token": EOS,
+            "clean_up_tokenization_spaces": False,
+            "model_input_names": ["input_ids", "attention_mask"],
+            "model_max_length": model_max_length,
+        }
+        if self._chat is not None:
+            config["chat_template"] = self._chat.jinja()
+        write_text_atomic(directory / JSON_NAME, self._backend.to_hf().to_str(pretty=True))
+        write_text_atomic(directory / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
+
+    def _chat_format(self) -> ChatFormat:
+        if self._chat is None:
+            raise TokenizerError(
+                f"{self.source}: no chat header tokens (<|start_header_id|>/<|header_start|>)"
+            )
+        return self._chat
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({self.source!r}, vocab_size={self.vocab_size})"
+
+
+def _read_tokenizer_json(path: Path) -> HFTokenizer:
+    try:
+        return HFTokenizer.from_file(str(path))
+    except Exception as e:  # the library raises plain Exception for any bad file
+        raise TokenizerError(f"{path}: not a readable tokenizer.json ({e})") from None
+
+
+def _read_tiktoken_ranks(path: Path) -> dict[bytes, int]:
+    """Meta's format: one ``base64(token) rank`` per line; ranks must be 0 .. n-1 and cover
+    every single byte (else some text could not be encoded)."""
+    hint = "expected tiktoken BPE ranks: one 'base64-token rank' per line"
+    try:
+        ranks = load_tiktoken_bpe(str(path))
+    except (OSError, ValueError, binascii.Error, UnicodeDecodeError) as e:
+        raise TokenizerError(f"{path}: {hint} ({e})") from None
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise TokenizerError(f"{path}: {hint}; ranks must be 0 .. n-1, each once")
+    missing = [b for b in range(256) if bytes([b]) not in ranks]
+    if missing:
+        raise TokenizerError(
+            f"{path}: {len(missing)} single bytes have no rank (first: {missing[0]:#04x})"
+        )
+    return ranks
