@@ -3,7 +3,10 @@
 Both do the same work — the documents of the built-in corpus (this Python's standard library)
 with the same tokenizer:
   peer     `tokenizers.Tokenizer.encode_batch(texts)` on texts already in memory (it uses every
-           core through its own thread pool); `encode_batch_fast` (no offsets) is shown too.
+           core through its own thread pool); `encode_batch_fast` (no offsets) is shown too,
+           and tiktoken's `encode_ordinary_batch` with the same ranks — the engine camelid
+           itself encodes with when it provably gives the same ids — so the pipeline's own
+           overhead shows as well.
   camelid  `prepare()` from the files on disk: read, normalise, filter, exact + MinHash dedup,
            tokenize in worker processes, write shards and the manifest.
 Throughput is counted for both as the corpus's tokens (the peer's count) per second of wall
@@ -61,8 +64,16 @@ def main() -> None:
         raw = tokenizers.Tokenizer.from_file(str(Path(tok_dir) / "tokenizer.json"))
         n_tokens = sum(len(e.ids) for e in raw.encode_batch_fast(texts, add_special_tokens=False))
 
+        # The engine camelid encodes with when it provably gives the same ids (docs/tokenizer.md).
+        twin = Tokenizer.load(tok_dir)._backend.twin
         times: dict[str, list[float]] = {"encode_batch": [], "encode_batch_fast": [], "camelid": []}
+        if twin is not None:
+            times["tiktoken_twin"] = []
         for r in range(args.repeats):
+            if twin is not None:
+                t0 = time.perf_counter()
+                twin.encode_ordinary_batch(texts, num_threads=os.cpu_count() or 1)
+                times["tiktoken_twin"].append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             raw.encode_batch(texts, add_special_tokens=False)
             times["encode_batch"].append(time.perf_counter() - t0)
@@ -91,6 +102,8 @@ def main() -> None:
         print(f"  {name:<18} {n_tokens / t:12,.0f} tokens/s   ({t:.2f}s, median of {args.repeats})")
     print(f"ratio camelid / encode_batch:      {med['encode_batch'] / med['camelid']:.2f}x")
     print(f"ratio camelid / encode_batch_fast: {med['encode_batch_fast'] / med['camelid']:.2f}x")
+    if "tiktoken_twin" in med:
+        print(f"ratio camelid / tiktoken twin:     {med['tiktoken_twin'] / med['camelid']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -300,7 +300,10 @@ def _check_out_dir(
                 "pass --overwrite to replace it, or choose another --out"
             )
     elif (out / IN_PROGRESS).exists():
-        marker = json.loads((out / IN_PROGRESS).read_text() or "{}")
+        try:
+            marker = json.loads((out / IN_PROGRESS).read_text())
+        except json.JSONDecodeError:
+            marker = {}  # killed while writing the marker itself
         if marker.get("recipe_digest") != _digest(wanted) and not overwrite:
             raise DataError(
                 f"{out}: holds an unfinished run of a different dataset; "
