@@ -1,0 +1,1 @@
+"""Training: recipe, loop, distribution (FSDP2), checkpoints, stability guard, metrics, report."""
