@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import tempfile
 import time
@@ -22,6 +21,7 @@ import torch
 
 import camelid
 from camelid.config import ModelConfig
+from camelid.system import cpu_name
 
 
 def _sync(device: torch.device) -> None:
@@ -35,18 +35,6 @@ def _time(fn, device: torch.device) -> float:
     fn()
     _sync(device)
     return time.perf_counter() - t0
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            lines = f.readlines()
-        for line in lines:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main() -> None:

@@ -132,19 +132,21 @@ class TokenLoader:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from ``state``; the loader must read the same data with the same shape."""
-        for key in (
-            "seed",
-            "split",
-            "batch_size",
-            "seq_len",
-            "world_size",
-            "rank",
-            "recipe_digest",
-        ):
-            mine = self.state_dict()[key]
-            if state.get(key) != mine:
+        """Continue from ``state``: the same data, window length and global batch.
+
+        The number of ranks may change as long as the global batch (batch_size × world_size)
+        does not: the global position ``(epoch, batch)`` then names the same windows.
+        """
+        mine = self.state_dict()
+        for key in ("seed", "split", "seq_len", "recipe_digest"):
+            if state.get(key) != mine[key]:
                 raise DataError(
-                    f"cannot resume the loader: {key} was {state.get(key)!r}, now {mine!r}"
+                    f"cannot resume the loader: {key} was {state.get(key)!r}, now {mine[key]!r}"
                 )
+        before = state.get("batch_size", 0) * state.get("world_size", 0)
+        if before != self.batch_size * self.world_size:
+            raise DataError(
+                f"cannot resume the loader: the global batch was {before} sequences "
+                f"(batch_size x world_size), now {self.batch_size * self.world_size}"
+            )
         self.epoch, self.batch, self._order = int(state["epoch"]), int(state["batch"]), None

@@ -29,6 +29,7 @@ from camelid.tokenizer.bpe import (
     hf_from_ranks,
     llama3_special_names,
     tiktoken_twin,
+    token_to_bytes,
 )
 from camelid.tokenizer.chat import (
     LLAMA3_CHAT,
@@ -108,6 +109,17 @@ class _HFBackend:
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=False)
 
+    def byte_lengths(self) -> dict[int, int]:
+        added = set(self._tok.get_added_tokens_decoder())
+        out = {}
+        for token, i in self._tok.get_vocab(with_added_tokens=False).items():
+            if i not in added:
+                try:
+                    out[i] = len(token_to_bytes(token))
+                except KeyError:  # not a byte-level vocabulary
+                    out[i] = len(token.encode())
+        return out
+
     def to_hf(self) -> HFTokenizer:
         return self._tok
 
@@ -142,6 +154,9 @@ class _TiktokenBackend:
 
     def decode(self, ids: list[int]) -> str:
         return self._enc.decode(ids, errors="replace")
+
+    def byte_lengths(self) -> dict[int, int]:
+        return {i: len(token) for token, i in self._ranks.items()}
 
     def to_hf(self) -> HFTokenizer:
         return hf_from_ranks(self._ranks, self._specials, LLAMA3_PATTERN)
@@ -231,6 +246,14 @@ class Tokenizer:
                 f"(0 .. {self.vocab_size - 1})"
             )
         return self._backend.decode(ids)
+
+    def token_byte_lengths(self) -> list[int]:
+        """How many bytes of text each id stands for (0 for special tokens): the denominator
+        of bits per byte, which compares models across tokenizers."""
+        lengths = [0] * self.vocab_size
+        for i, n in self._backend.byte_lengths().items():
+            lengths[i] = n
+        return lengths
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         """The conversation as text in the Llama chat format."""

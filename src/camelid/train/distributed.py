@@ -1,0 +1,95 @@
+"""Process groups and FSDP2 sharding: whatever `torchrun` sets up, nothing home-made.
+
+Under ``torchrun --nproc_per_node N`` (or across nodes, with ``--nnodes``/``--rdzv-endpoint``)
+each process reads RANK, WORLD_SIZE and LOCAL_RANK; the trainer then shards the model with
+``fully_shard`` per transformer block and once at the root, over a 1-D device mesh: NCCL on
+GPUs, gloo on CPUs. A plain ``python`` / ``camelid train`` run is a world of one, unsharded.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")  # noqa: RUF009 (immutable)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_world(device: str = "auto") -> World:
+    """Join the process group torchrun describes (if any) and pick this process's device."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return World(rank, world_size, local_rank, dev)
+
+
+def shard(model: nn.Module, world: World) -> nn.Module:
+    """FSDP2: each block is one unit (its parameters gathered just in time), then the root."""
+    if not world.distributed:
+        return model
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(world.device.type, (world.world_size,))
+    for block in model.layers:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def all_reduce_mean(t: torch.Tensor, world: World) -> torch.Tensor:
+    if world.distributed:
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t /= world.world_size
+    return t
+
+
+def all_reduce_sum(t: torch.Tensor, world: World) -> torch.Tensor:
+    if world.distributed:
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def any_rank(flag: bool, world: World) -> bool:
+    """True on every rank when it is true on any: ranks must agree to stop or roll back."""
+    if not world.distributed:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=world.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def barrier(world: World) -> None:
+    if world.distributed:
+        dist.barrier()
+
+
+def close(world: World) -> None:
+    if world.distributed and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,483 @@
+"""A run's report: ``report.md`` and plots written beside the run's ``metrics.jsonl``.
+
+The report is what a person reads to judge a run and compare it with others, so it must be
+written for any run directory the trainer can leave behind: a finished run, a run killed after
+one step, a resumed run whose step numbers go back after a rollback. It reads only what is there
+and says what is missing instead of failing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from camelid.errors import CamelidError
+from camelid.io import atomic_path, format_bytes
+
+WARMUP_STEPS = 3  # first steps left out of throughput means (compilation, allocator warm-up)
+MAX_EVENT_ROWS = 50
+GUARD_EVENTS = ("nonfinite", "spike")
+
+
+@dataclass
+class _Run:
+    steps: list[dict] = field(default_factory=list)
+    evals: list[dict] = field(default_factory=list)
+    events: list[dict] = field(default_factory=list)
+    summary: dict | None = None
+    bad_lines: int = 0
+    last_time: float | None = None
+
+
+def _num(value: Any) -> float | None:
+    """A JSON number as float (NaN kept), anything else (null, strings, bools) as None."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
+def _finite(value: Any) -> float | None:
+    x = _num(value)
+    return x if x is not None and math.isfinite(x) else None
+
+
+def _read_metrics(path: Path) -> _Run:
+    """Parse metrics.jsonl; lines that cannot be read (a line cut by a kill) are counted."""
+    run = _Run()
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rec = json.loads(line)  # accepts NaN / Infinity, as Python's json writes them
+            except ValueError:
+                run.bad_lines += 1
+                continue
+            if not isinstance(rec, dict):
+                run.bad_lines += 1
+                continue
+            t = _finite(rec.get("time"))
+            if t is not None:
+                run.last_time = t if run.last_time is None else max(run.last_time, t)
+            kind = rec.get("kind")
+            if kind == "step" and _finite(rec.get("step")) is not None:
+                run.steps.append(rec)
+            elif kind == "eval" and _finite(rec.get("step")) is not None:
+                run.evals.append(rec)
+            elif kind == "event":
+                run.events.append(rec)
+            elif kind == "summary":
+                run.summary = rec  # a resumed run may append several; the last one wins
+    return run
+
+
+# --- formatting -----------------------------------------------------------------------------
+
+
+def _si(n: float | None) -> str:
+    """Counts such as parameters and tokens: 124.4M, 2.10B."""
+    if n is None:
+        return "–"
+    for div, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def _duration(s: float | None) -> str:
+    if s is None:
+        return "–"
+    if s < 60:
+        return f"{s:.1f} s"
+    m, sec = divmod(round(s), 60)
+    if m < 60:
+        return f"{m}m {sec:02d}s"
+    h, m = divmod(m, 60)
+    return f"{h}h {m:02d}m"
+
+
+def _float(x: float | None, digits: int = 4) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f}%"
+
+
+def _cell(value: Any, limit: int = 200) -> str:
+    """Text safe inside a Markdown table cell: one line, pipes escaped, bounded length."""
+    text = " ".join(str(value).split())
+    if len(text) > limit:
+        text = text[: limit - 1] + "…"
+    return text.replace("|", "\\|")
+
+
+def _fenced(text: str, lang: str = "") -> str:
+    """A fenced block whose fence is longer than any backtick run inside the text."""
+    longest, run = 0, 0
+    for ch in text:
+        run = run + 1 if ch == "`" else 0
+        longest = max(longest, run)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}{lang}\n{text.rstrip()}\n{fence}"
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+# --- figures --------------------------------------------------------------------------------
+
+
+def _ema(xs: list[float], ys: list[float]) -> tuple[list[float], list[float]]:
+    """Bias-corrected exponential moving average over the finite points, in file order.
+
+    The smoothing widens with the run's length so that short runs are barely smoothed and long
+    runs show the trend through batch noise. It restarts where the step goes back (a rollback
+    or resume restores older weights), so it never carries the abandoned branch over.
+    """
+    points = [(x, y) for x, y in zip(xs, ys, strict=True) if math.isfinite(y)]
+    beta = min(0.9, max(0.0, 1.0 - 10.0 / max(len(points), 1)))
+    out_x, out_y, avg, t = [], [], 0.0, 0
+    for x, y in points:
+        if out_x and x < out_x[-1]:
+            avg, t = 0.0, 0
+        t += 1
+        avg = beta * avg + (1 - beta) * y
+        out_x.append(x)
+        out_y.append(avg / (1 - beta**t))
+    return out_x, out_y
+
+
+def _line(xs: Sequence[float], ys: Sequence[float]) -> tuple[list[float], list[float]]:
+    """Points for a line that breaks where the step goes back (rollback, resume) instead of
+    drawing a segment back across the plot."""
+    out_x: list[float] = []
+    out_y: list[float] = []
+    for x, y in zip(xs, ys, strict=True):
+        if out_x and x < out_x[-1]:
+            out_x.append(math.nan)
+            out_y.append(math.nan)
+        out_x.append(x)
+        out_y.append(y)
+    return out_x, out_y
+
+
+def _new_figure(title: str) -> tuple[Any, Any]:
+    # An explicit Agg canvas: no pyplot, no global backend switch in the caller's process.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(8, 4.5), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(True, alpha=0.3)
+    return fig, ax
+
+
+def _save(fig: Any, dst: Path) -> None:
+    for ax in fig.axes:  # a run of one step: show whole steps around it, not fractions
+        lo, hi = ax.get_xlim()
+        if hi - lo < 2:
+            ax.set_xlim((lo + hi) / 2 - 1, (lo + hi) / 2 + 1)
+    with atomic_path(dst) as tmp:
+        fig.savefig(tmp, format="png")
+
+
+def _mark_steps(ax: Any, steps: list[float], label: str, **style: Any) -> None:
+    if steps:
+        ax.vlines(steps, 0, 1, transform=ax.get_xaxis_transform(), label=label, **style)
+
+
+def _plot_loss(run: _Run, dst: Path) -> None:
+    fig, ax = _new_figure("Loss")
+    # A skipped update's loss (often the spike that made the guard skip it) is drawn apart and
+    # left out of the smoothed curve, which shows what the model actually trained through.
+    applied = [r for r in run.steps if r.get("skipped") is not True]
+    xs = [float(r["step"]) for r in applied]
+    ys = [_num(r.get("loss")) for r in applied]
+    ys = [math.nan if y is None else y for y in ys]
+    raw = [(x, y) for x, y in zip(xs, ys, strict=True) if math.isfinite(y)]
+    if raw:
+        few = len(raw) < 200  # a short run's points stay visible; a long run's become a haze
+        size, alpha = (14, 0.6) if few else (6, 0.3)
+        ax.scatter(*zip(*raw, strict=True), s=size, color="C0", alpha=alpha, lw=0, label="train")
+    ex, ey = _ema(xs, ys)
+    if ex:
+        ax.plot(*_line(ex, ey), color="C0", lw=1.6, label="train (smoothed)")
+    val = [(float(r["step"]), _finite(r.get("val_loss"))) for r in run.evals]
+    val = [(x, y) for x, y in val if y is not None]
+    if val:
+        ax.plot(*zip(*val, strict=True), "o", color="C3", ms=5, label="validation")
+    bad = [
+        (float(r["step"]), _finite(r.get("loss"))) for r in run.steps if r.get("skipped") is True
+    ]
+    bad = [(x, y) for x, y in bad if y is not None]
+
+    # Keep a single spike from flattening the curve: cap the axis near the smoothed and
+    # validation curves and pin losses beyond the cap to its edge.
+    trend = ey + [y for _, y in val]
+    everything = [y for _, y in raw + bad]
+    if everything and trend:
+        lo = min(*everything, *trend)
+        hi = max(trend)
+        span = max(hi - lo, 1e-6)
+        if max(everything) > hi + 0.5 * span:
+            top = hi + 0.3 * span
+            ax.set_ylim(lo - 0.05 * span, top)
+            bad = [(x, min(y, top - 0.03 * span)) for x, y in bad]
+    if bad:
+        ax.scatter(*zip(*bad, strict=True), s=24, color="C3", marker="x", label="skipped loss")
+
+    skipped = [float(r["step"]) for r in run.steps if r.get("skipped") is True]
+    _mark_steps(ax, skipped, "skipped update", colors="C3", alpha=0.35, lw=0.8)
+
+    def event_steps(*names: str) -> list[float]:
+        at = (_finite(e.get("step")) for e in run.events if e.get("event") in names)
+        return sorted({s for s in at if s is not None})
+
+    # Guard events usually coincide with a skipped update, already marked.
+    guard = [s for s in event_steps(*GUARD_EVENTS) if s not in set(skipped)]
+    _mark_steps(ax, guard, "spike / non-finite", colors="C1", alpha=0.5, lw=0.8)
+    _mark_steps(ax, event_steps("rollback"), "rollback", colors="C4", linestyles="--")
+    _mark_steps(ax, event_steps("resume"), "resume", colors="0.4", linestyles=":")
+    ax.set_ylabel("loss (nats/token)")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="upper right", fontsize="small")
+    _save(fig, dst)
+
+
+def _plot_lr(run: _Run, dst: Path) -> None:
+    fig, ax = _new_figure("Learning rate")
+    pts = [(float(r["step"]), _finite(r.get("lr"))) for r in run.steps]
+    pts = [(x, y) for x, y in pts if y is not None]
+    ax.plot(
+        *_line(*zip(*pts, strict=True)), color="C2", lw=1.6, marker="." if len(pts) < 50 else None
+    )
+    ax.set_ylabel("learning rate")
+    ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+    ax.set_ylim(bottom=0)
+    _save(fig, dst)
+
+
+def _plot_throughput(run: _Run, dst: Path) -> None:
+    fig, ax = _new_figure("Throughput")
+    tps = [(float(r["step"]), _finite(r.get("tokens_per_s"))) for r in run.steps]
+    tps = [(x, y) for x, y in tps if y is not None]
+    handles = []
+    if tps:
+        handles += ax.plot(*_line(*zip(*tps, strict=True)), color="C0", lw=1.2, label="tokens/s")
+    ax.set_ylabel("tokens/s", color="C0")
+    ax.set_ylim(bottom=0)
+    mfu = [(float(r["step"]), _finite(r.get("mfu"))) for r in run.steps]
+    mfu = [(x, 100 * y) for x, y in mfu if y is not None]
+    if mfu:
+        ax2 = ax.twinx()
+        handles += ax2.plot(*_line(*zip(*mfu, strict=True)), color="C1", lw=1.2, label="MFU")
+        ax2.set_ylabel("MFU (%)", color="C1")
+        ax2.set_ylim(bottom=0, top=max(1.0, 1.15 * max(y for _, y in mfu)))
+        ax2.legend(handles=handles, loc="lower right", fontsize="small")
+    _save(fig, dst)
+
+
+# --- report ---------------------------------------------------------------------------------
+
+
+def _throughput_means(steps: list[dict]) -> tuple[float | None, float | None]:
+    """Mean tokens/s and MFU over applied steps, past the first few warm-up steps."""
+    applied = [r for r in steps if r.get("skipped") is not True]
+    if len(applied) > WARMUP_STEPS:
+        applied = applied[WARMUP_STEPS:]
+
+    def mean(key: str) -> float | None:
+        vals = [v for r in applied if (v := _finite(r.get(key))) is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    return mean("tokens_per_s"), mean("mfu")
+
+
+def _summary_section(run: _Run) -> list[str]:
+    s = run.summary or {}
+    last = run.steps[-1] if run.steps else {}
+    last_eval = run.evals[-1] if run.evals else {}
+    steps = _num(s.get("steps"))
+    if steps is None:
+        steps = _num(last.get("step"))
+    tokens = _num(s.get("tokens"))
+    if tokens is None:
+        tokens = _num(last.get("tokens"))
+    wall = _finite(s.get("wall_s"))
+    if wall is None:
+        wall = run.last_time
+    val_loss = _finite(s.get("final_val_loss"))
+    if val_loss is None:
+        val_loss = _finite(last_eval.get("val_loss"))
+    val_bpb = _finite(s.get("final_val_bpb"))
+    if val_bpb is None:
+        val_bpb = _finite(last_eval.get("val_bpb"))
+    last_loss = next(
+        (v for r in reversed(run.steps) if (v := _finite(r.get("loss"))) is not None), None
+    )
+    tps, mfu = _throughput_means(run.steps)
+    mems = [v for r in run.steps if (v := _finite(r.get("peak_mem_bytes"))) is not None]
+    world = _num(s.get("world_size"))
+
+    rows = [
+        ("model", _cell(s.get("model") or "–")),
+        ("parameters", _si(_num(s.get("params")))),
+        ("device", _cell(s.get("device") or "–")),
+        ("world size", "–" if world is None else f"{world:.0f}"),
+        ("steps", "–" if steps is None else f"{steps:.0f}"),
+        ("tokens", _si(tokens)),
+        ("wall time", _duration(wall)),
+        ("goodput", _pct(_finite(s.get("goodput")))),
+        ("final val loss", _float(val_loss)),
+        ("final val bpb", _float(val_bpb)),
+        ("last train loss", _float(last_loss)),
+        ("mean tokens/s", "–" if tps is None else f"{tps:,.0f}"),
+        ("mean MFU", _pct(mfu)),
+        ("peak memory", format_bytes(max(mems)) if mems else "–"),
+    ]
+    lines = ["## Summary", ""]
+    if run.summary is None:
+        lines += [
+            "The run has no summary record (still running, or stopped early): the figures "
+            "below come from the last logged records.",
+            "",
+        ]
+    lines += _table(("", "value"), rows)
+    lines += [
+        "",
+        f"Means of tokens/s and MFU leave out skipped updates and the first {WARMUP_STEPS} "
+        "steps (warm-up).",
+    ]
+    return lines
+
+
+def _time_section(run: _Run) -> list[str]:
+    time_s = (run.summary or {}).get("time_s")
+    if not isinstance(time_s, dict):
+        return []
+    parts = [(str(k), x) for k, v in time_s.items() if (x := _finite(v)) is not None]
+    if not parts:
+        return []
+    total = sum(v for _, v in parts)
+    wall = _finite((run.summary or {}).get("wall_s"))
+    if wall is not None and wall > total:
+        parts.append(("other", wall - total))
+        total = wall
+    rows = [(_cell(k), _duration(v), _pct(v / total if total > 0 else None)) for k, v in parts]
+    return ["## Time", "", *_table(("phase", "time", "share"), rows)]
+
+
+def _events_section(run: _Run) -> list[str]:
+    counts: dict[str, int] = {}
+    for e in run.events:
+        name = str(e.get("event") or "?")
+        counts[name] = counts.get(name, 0) + 1
+    if not counts:  # records may be gone while the summary still counts them
+        summary_counts = (run.summary or {}).get("events")
+        if isinstance(summary_counts, dict):
+            counts = {str(k): int(n) for k, v in summary_counts.items() if (n := _finite(v))}
+    if not counts:
+        return ["## Events", "", "None."]
+    lines = ["## Events", ""]
+    lines += _table(("event", "count"), [(_cell(k), str(v)) for k, v in sorted(counts.items())])
+    if run.events:
+        events = run.events
+        half = MAX_EVENT_ROWS // 2
+        gap = len(events) > MAX_EVENT_ROWS
+        shown = events[:half] + events[-half:] if gap else events
+        rows = []
+        for i, e in enumerate(shown):
+            if gap and i == half:
+                rows.append(("…", f"{len(events) - 2 * half} more", ""))
+            step = _num(e.get("step"))
+            rows.append(
+                (
+                    "–" if step is None else f"{step:.0f}",
+                    _cell(e.get("event") or "?"),
+                    _cell(e.get("detail") or ""),
+                )
+            )
+        lines += ["", *_table(("step", "event", "detail"), rows)]
+    return lines
+
+
+def _sample_section(run: _Run) -> list[str]:
+    for r in reversed(run.evals):
+        sample = r.get("sample")
+        if isinstance(sample, str) and sample:
+            step = _num(r.get("step"))
+            prompt = r.get("prompt") if isinstance(r.get("prompt"), str) else ""
+            head = "## Sample" + ("" if step is None else f" (step {step:.0f})")
+            return [head, "", _fenced(prompt + sample)]
+    return []
+
+
+def _write_plots(run: _Run, run_dir: Path) -> list[str]:
+    """Draw the plots the records allow and return the Markdown lines that embed them."""
+    plots = []
+    if run.steps:
+        plots.append(("loss.png", "Loss", _plot_loss))
+        if any(_finite(r.get("lr")) is not None for r in run.steps):
+            plots.append(("lr.png", "Learning rate", _plot_lr))
+        if any(_finite(r.get("tokens_per_s")) is not None for r in run.steps):
+            plots.append(("throughput.png", "Throughput", _plot_throughput))
+    if not plots:
+        return ["No training steps logged yet.", ""]
+    lines = []
+    for name, title, plot in plots:
+        plot(run, run_dir / name)
+        lines += [f"![{title}]({name})", ""]
+    return lines
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write ``report.md`` and its plots into ``run_dir`` and return the report's path.
+
+    Works on any run directory with a ``metrics.jsonl``, finished or not, so a person can look
+    at a run while it trains or after it was killed.
+    """
+    run_dir = Path(run_dir)
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        raise CamelidError(f"{metrics}: no such file; is {run_dir} a training run directory?")
+    try:
+        run = _read_metrics(metrics)
+    except OSError as exc:
+        raise CamelidError(f"{metrics}: cannot read ({exc.strerror or exc})") from exc
+
+    lines = [f"# Run report: {run_dir.resolve().name}", ""]
+    if run.bad_lines:
+        lines += [f"{run.bad_lines} unreadable line(s) in metrics.jsonl were skipped.", ""]
+    lines += [*_summary_section(run), ""]
+    if time_lines := _time_section(run):
+        lines += [*time_lines, ""]
+
+    try:
+        lines += ["## Plots", "", *_write_plots(run, run_dir)]
+        lines += [*_events_section(run), ""]
+        if sample_lines := _sample_section(run):
+            lines += [*sample_lines, ""]
+        recipe = run_dir / "recipe.toml"
+        if recipe.is_file():
+            text = recipe.read_text(encoding="utf-8", errors="replace")
+            lines += ["## Recipe", "", "[recipe.toml](recipe.toml)", "", _fenced(text, "toml"), ""]
+        report = run_dir / "report.md"
+        with atomic_path(report) as tmp:
+            tmp.write_text("\n".join(lines), encoding="utf-8")
+    except OSError as exc:
+        raise CamelidError(f"{run_dir}: cannot write the report ({exc})") from exc
+    return report

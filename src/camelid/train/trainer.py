@@ -1,0 +1,461 @@
+"""The pre-training loop: one function from one CPU to many GPUs.
+
+    summary = train(load_recipe("configs/quickstart.toml"))
+
+Per step: the learning rate for this step, ``grad_accum`` micro-batches forward and backward
+(bf16 autocast on GPU, fp32 on CPU), gradient clipping, the stability guard's verdict, and the
+update — or, for a bad step, none. Around it: periodic validation (loss, bits per byte, a sample
+completion), sharded checkpoints, roll-back after repeated bad steps, a checkpoint on SIGTERM /
+SIGINT, and at the end a Hugging Face export and a report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from camelid.data import TokenLoader, read_manifest
+from camelid.errors import CamelidError, DataError
+from camelid.io import write_text_atomic
+from camelid.model import Transformer
+from camelid.system import device_name
+from camelid.tokenizer import Tokenizer
+from camelid.train import checkpoint as ckpt
+from camelid.train.distributed import (
+    World,
+    all_reduce_mean,
+    all_reduce_sum,
+    any_rank,
+    barrier,
+    init_world,
+    shard,
+)
+from camelid.train.distributed import close as close_world
+from camelid.train.guard import Guard
+from camelid.train.metrics import Clock, MetricsLog, device_peak_flops, peak_memory
+from camelid.train.recipe import Recipe, RecipeError
+from camelid.train.schedule import lr_at
+from camelid.train.step import build_optimizer, clip_grad_norm, forward_backward
+
+# Roll-backs to the same checkpoint before the run gives up: the data is not the problem then.
+MAX_ROLLBACKS = 5
+
+
+def train(
+    recipe: Recipe, resume: str | None = None, fresh: bool = False, progress: bool | None = None
+) -> dict[str, Any]:
+    """Run ``recipe``; ``resume`` is "latest" or a checkpoint directory. Returns the summary."""
+    clock = Clock()
+    world = init_world(recipe.train.device)
+    try:
+        return _Run(recipe, world, clock, progress).run(resume, fresh)
+    finally:
+        close_world(world)
+
+
+class _Run:
+    def __init__(self, recipe: Recipe, world: World, clock: Clock, progress: bool | None) -> None:
+        self.recipe, self.world, self.clock = recipe, world, clock
+        self.run_dir = Path(recipe.run.out_dir)
+        self.show_bar = world.is_main and (sys.stderr.isatty() if progress is None else progress)
+        self.stop_signal: int | None = None
+
+    # ------------------------------------------------------------------------------ set-up
+    def run(self, resume: str | None, fresh: bool) -> dict[str, Any]:
+        r, world = self.recipe, self.world
+        self._prepare_dir(resume, fresh)
+        manifest = read_manifest(r.data.dir)
+        tok_path = r.data.tokenizer or manifest["tokenizer"]["path"]
+        self.tokenizer = Tokenizer.load(tok_path)
+        if self.tokenizer.digest != manifest["tokenizer"]["digest"]:
+            raise RecipeError(
+                f"{r.data.dir} was prepared with another tokenizer than {tok_path} "
+                "(digests differ); prepare the data again or point data.tokenizer at the right one"
+            )
+        self.config = r.model_config(self.tokenizer.vocab_size)
+        if self.config.vocab_size < self.tokenizer.vocab_size:
+            raise RecipeError(
+                f"model.vocab_size {self.config.vocab_size} is smaller than the tokenizer's "
+                f"{self.tokenizer.vocab_size}"
+            )
+        start_state = self._resume_state(resume)
+
+        torch.manual_seed(r.train.seed)
+        model = Transformer(self.config)  # initialised on the CPU: the same on every rank
+        model = shard(model.to(world.device), world)
+        if r.train.activation_checkpointing:
+            _checkpoint_activations(model)
+        if r.train.compile:
+            for block in model.layers:
+                block.compile()
+        self.model = model
+        o = r.optim
+        self.optimizer = build_optimizer(model, o.lr, o.weight_decay, (o.beta1, o.beta2), o.eps)
+        self.loader = TokenLoader(r.data.dir, "train", r.train.batch_size, r.train.seq_len,
+                                  r.train.seed, world.rank, world.world_size)  # fmt: skip
+        self.guard = Guard(r.guard)
+        bf16 = r.train.precision == "bf16" or (
+            r.train.precision == "auto" and world.device.type == "cuda"
+        )
+        self.autocast = torch.bfloat16 if bf16 else None
+        self.byte_lengths = torch.tensor(self.tokenizer.token_byte_lengths() + [0] * (
+            self.config.vocab_size - self.tokenizer.vocab_size), device=world.device)  # fmt: skip
+        self.peak = device_peak_flops(world.device, r.run.peak_tflops)
+        self.flops_per_token = self.config.flops_per_token(r.train.seq_len)
+        self.tokens_per_step = (
+            r.train.batch_size * r.train.seq_len * r.train.grad_accum * world.world_size
+        )
+        self.log = MetricsLog(self.run_dir, world.is_main, self.clock, r.log.tensorboard)
+        self.step, self.tokens = 0, 0
+        if start_state is not None:
+            self._restore(start_state[0], start_state[1])
+            self.log.write("event", step=self.step, event="resume", detail=str(start_state[0]))
+        elif r.guard.enabled and r.guard.max_bad_steps > 0:
+            self._checkpoint()  # something to roll back to from the very first steps
+        if world.is_main:
+            write_text_atomic(self.run_dir / "recipe.toml", r.to_toml())
+        self.clock.lap("startup")
+        try:
+            with self._signals():
+                status = self._loop()
+            return self._finish(status)
+        finally:
+            self.log.close()
+
+    def _prepare_dir(self, resume: str | None, fresh: bool) -> None:
+        existing = self.run_dir / "metrics.jsonl"
+        if fresh and self.world.is_main and self.run_dir.exists():
+            for name in ("checkpoints", "hf", "tensorboard"):
+                shutil.rmtree(self.run_dir / name, ignore_errors=True)
+            for p in self.run_dir.glob("*"):
+                if p.is_file():
+                    p.unlink()
+        elif resume is None and existing.exists():
+            raise RecipeError(
+                f"{self.run_dir} already holds a run; resume it with --resume, start over with "
+                "--fresh, or choose another run.out_dir"
+            )
+        barrier(self.world)
+        if self.world.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        barrier(self.world)
+
+    def _resume_state(self, resume: str | None) -> tuple[Path, dict[str, Any]] | None:
+        if resume is None:
+            return None
+        if resume == "latest":
+            found = ckpt.list_checkpoints(self.run_dir)
+            if not found:
+                raise RecipeError(f"{self.run_dir}: no checkpoint to resume from")
+            path = found[-1]
+        else:
+            path = Path(resume)
+        state = ckpt.read_state(path)
+        saved = state.get("model_config", {})
+        mine = self.config.to_dict()
+        diff = [k for k in mine if k != "name" and saved.get(k) != mine[k]]
+        if diff:
+            detail = ", ".join(f"{k} {saved.get(k)!r} vs {mine[k]!r}" for k in diff[:4])
+            raise RecipeError(
+                f"{path}: checkpoint of another model shape than this recipe ({detail})"
+            )
+        return path, state
+
+    def _restore(self, path: Path, state: dict[str, Any]) -> None:
+        ckpt.load(path, self.model, self.optimizer, self.world)
+        self.step, self.tokens = int(state["step"]), int(state["tokens"])
+        self.loader.load_state_dict(state["loader"])
+        self.guard.load_state_dict(state["guard"])
+
+    # -------------------------------------------------------------------------------- loop
+    def _loop(self) -> str:
+        r, world = self.recipe, self.world
+        bar = None
+        if self.show_bar:
+            from tqdm import tqdm
+
+            bar = tqdm(total=r.train.steps, initial=self.step, desc="train", unit="step")
+        since_checkpoint = 0.0  # productive seconds a roll-back would undo
+        rollbacks: dict[int, int] = {}
+        try:
+            while self.step < r.train.steps:
+                lr = lr_at(self.step, r)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                batches = [
+                    tuple(t.to(world.device, non_blocking=True) for t in next(self.loader))
+                    for _ in range(r.train.grad_accum)
+                ]
+                loss = forward_backward(self.model, batches, self.autocast)
+                grad_norm = clip_grad_norm(self.model, r.optim.grad_clip)
+                stats = all_reduce_mean(torch.stack([loss.float(), grad_norm.float()]), world)
+                loss_value, norm_value = (float(v) for v in stats.tolist())
+                drill = self.guard.drill(self.step)
+                if drill == "nan":
+                    loss_value = math.nan
+                elif drill == "spike":
+                    loss_value *= 100.0
+                verdict = self.guard.verdict(loss_value, norm_value)
+                if verdict is None:
+                    self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+                self.tokens += self.tokens_per_step
+                seconds = self.clock.lap("train")
+                if verdict is None:
+                    since_checkpoint += seconds
+                else:
+                    self.clock.move("train", "skipped", seconds)
+                    self.log.write("event", step=self.step, event=verdict,
+                                   detail=f"loss {loss_value:.4g}, grad norm {norm_value:.4g}; "
+                                   "update skipped" + (" (drill)" if drill else ""))  # fmt: skip
+                tps = self.tokens_per_step / seconds
+                mfu = tps * self.flops_per_token / self.peak if self.peak else None
+                self.log.write("step", step=self.step, loss=loss_value, grad_norm=norm_value,
+                               lr=lr, tokens=self.tokens, tokens_per_s=tps, mfu=mfu,
+                               peak_mem_bytes=peak_memory(world.device), step_time_s=seconds,
+                               skipped=verdict is not None)  # fmt: skip
+                self._show(bar, loss_value, lr, tps, mfu)
+
+                if self.guard.must_roll_back:
+                    target = self._roll_back(since_checkpoint)
+                    rollbacks[target] = rollbacks.get(target, 0) + 1
+                    if rollbacks[target] > MAX_ROLLBACKS:
+                        raise CamelidError(
+                            f"training diverged {MAX_ROLLBACKS} times after the checkpoint of "
+                            f"step {target}, on different data: lower optim.lr or check the model"
+                        )
+                    since_checkpoint = 0.0
+                    if bar is not None:
+                        bar.n = self.step
+                    continue
+                due = r.checkpoint.interval and self.step % r.checkpoint.interval == 0
+                if due and self._checkpoint():
+                    since_checkpoint = 0.0
+                if r.eval.interval and self.step % r.eval.interval == 0:
+                    self._evaluate()
+                if any_rank(self.stop_signal is not None, world):
+                    self._checkpoint()
+                    name = signal.Signals(self.stop_signal).name if self.stop_signal else "signal"
+                    self.log.write("event", step=self.step, event="signal",
+                                   detail=f"{name}: checkpoint saved, stopping")  # fmt: skip
+                    return "stopped"
+        finally:
+            if bar is not None:
+                bar.close()
+        return "finished"
+
+    def _show(self, bar: Any, loss: float, lr: float, tps: float, mfu: float | None) -> None:
+        text = f"loss {loss:.4f} lr {lr:.2e} {tps:,.0f} tok/s" + (
+            f" MFU {100 * mfu:.1f}%" if mfu is not None else ""
+        )
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix_str(text, refresh=False)
+        elif self.world.is_main and (
+            self.step % self.recipe.log.interval == 0 or self.step == self.recipe.train.steps
+        ):
+            print(f"step {self.step}/{self.recipe.train.steps}  {text}", flush=True)
+
+    def _roll_back(self, since_checkpoint: float) -> int:
+        """Back to the last checkpoint, keeping the loader where it is: the data since that
+        checkpoint — which led to the bad steps — is skipped."""
+        found = ckpt.list_checkpoints(self.run_dir)
+        if not found:
+            raise CamelidError("the guard asked for a roll-back but no checkpoint exists")
+        failed_at, position, drills = self.step, self.loader.state_dict(), self.guard.drills
+        state = ckpt.read_state(found[-1])
+        self._restore(found[-1], state)
+        self.loader.load_state_dict(position)
+        self.guard.bad_streak, self.guard.drills = 0, drills  # a drill fires once
+        self.clock.move("train", "rollback", since_checkpoint)
+        self.clock.lap("rollback")
+        self.log.write("event", step=self.step, event="rollback",
+                       detail=f"to step {self.step} after bad steps up to {failed_at}; the data "
+                       f"of steps {self.step + 1}..{failed_at} is skipped")  # fmt: skip
+        return self.step
+
+    def _checkpoint(self) -> bool:
+        """Save a checkpoint; a failure (disk full, say) is logged and training goes on."""
+        state = {
+            "tokens": self.tokens,
+            "loader": self.loader.state_dict(),
+            "guard": self.guard.state_dict(),
+            "model_config": self.config.to_dict(),
+        }
+        try:
+            path = ckpt.save(self.run_dir, self.step, self.model, self.optimizer, state,
+                             self.world, self.recipe.checkpoint.keep)  # fmt: skip
+            ok, detail = True, str(path)
+        except OSError as e:
+            ok, detail = False, f"{e}; the previous checkpoint is still the latest"
+        self.clock.lap("checkpoint")
+        self.log.write("event", step=self.step, event="checkpoint" if ok else "checkpoint_failed",
+                       detail=detail)  # fmt: skip
+        return ok
+
+    # --------------------------------------------------------------------------- evaluate
+    @torch.no_grad()
+    def _evaluate(self) -> dict[str, Any] | None:
+        r, world = self.recipe, self.world
+        try:
+            val = TokenLoader(r.data.dir, "validation", r.train.batch_size, r.train.seq_len,
+                              0, world.rank, world.world_size, shuffle=False)  # fmt: skip
+        except DataError as e:
+            self.clock.lap("eval")
+            self.log.write("event", step=self.step, event="no_validation", detail=str(e))
+            return None
+        sums = torch.zeros(3, dtype=torch.float64, device=world.device)  # nats, tokens, bytes
+        for _ in range(min(r.eval.batches, len(val))):
+            x, y = (t.to(world.device) for t in next(val))
+            with self._autocast():
+                logits = self.model(x)
+            nats = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum")
+            sums += torch.stack(
+                [nats.double(), torch.tensor(y.numel(), device=world.device).double(),
+                 self.byte_lengths[y].sum().double()]
+            )  # fmt: skip
+        nats, tokens, nbytes = all_reduce_sum(sums, world).tolist()
+        result = {
+            "val_loss": nats / tokens,
+            "val_bpb": nats / (math.log(2) * nbytes) if nbytes else None,
+            "prompt": r.eval.sample_prompt,
+            "sample": self._sample() if r.eval.sample_tokens > 0 else None,
+        }
+        self.clock.lap("eval")
+        self.log.write("eval", step=self.step, **result)
+        self.last_eval = result
+        return result
+
+    def _sample(self) -> str:
+        """A completion of the sample prompt (every rank decodes in lockstep under FSDP)."""
+        r, tok = self.recipe, self.tokenizer
+        ids = tok.encode(r.eval.sample_prompt, bos=True)
+        start = len(ids)
+        gen = torch.Generator().manual_seed(r.train.seed)
+        stops = {tok.eos_id, tok.eot_id}
+        for _ in range(r.eval.sample_tokens):
+            x = torch.tensor([ids[-self.config.max_seq_len :]], device=self.world.device)
+            with self._autocast():
+                logits = self.model(x)[0, -1].float().cpu()
+            if r.eval.temperature > 0:
+                probs = torch.softmax(logits / r.eval.temperature, dim=-1)
+                nxt = int(torch.multinomial(probs, 1, generator=gen))
+            else:
+                nxt = int(logits.argmax())
+            if nxt in stops:
+                break
+            ids.append(nxt)
+        return tok.decode(ids[start:])
+
+    def _autocast(self):
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.world.device.type, dtype=self.autocast)
+
+    # ------------------------------------------------------------------------------ finish
+    def _finish(self, status: str) -> dict[str, Any]:
+        r = self.recipe
+        last = None
+        if status == "finished":
+            if not (r.eval.interval and self.step % r.eval.interval == 0):
+                self._evaluate()
+            last = getattr(self, "last_eval", None)
+            if not (r.checkpoint.interval and self.step % r.checkpoint.interval == 0):
+                self._checkpoint()
+            if r.checkpoint.export_hf:
+                self._export()
+        else:
+            last = getattr(self, "last_eval", None)
+        summary = {
+            "status": status,
+            "steps": self.step,
+            "tokens": self.tokens,
+            "wall_s": self.clock.elapsed(),
+            "goodput": self.clock.goodput(),
+            "time_s": dict(self.clock.buckets),
+            "final_val_loss": last["val_loss"] if last else None,
+            "final_val_bpb": last["val_bpb"] if last else None,
+            "model": f"{self.config.name}: {self.config.n_layers} layers, dim {self.config.dim}, "
+            f"{self.config.n_heads}/{self.config.n_kv_heads} heads, vocab {self.config.vocab_size}",
+            "params": self.config.num_params(),
+            "device": device_name(self.world.device),
+            "world_size": self.world.world_size,
+            "run_dir": str(self.run_dir),
+            "export": str(self.run_dir / "hf")
+            if status == "finished" and r.checkpoint.export_hf
+            else None,
+        }
+        events: dict[str, int] = {}
+        if self.world.is_main:
+            for line in (self.run_dir / "metrics.jsonl").read_text().splitlines():
+                rec = json.loads(line)
+                if rec.get("kind") == "event":
+                    events[rec["event"]] = events.get(rec["event"], 0) + 1
+        summary["events"] = events
+        self.log.write("summary", **summary)
+        if self.world.is_main:
+            from camelid.train.report import write_report
+
+            summary["report"] = str(write_report(self.run_dir))
+        return summary
+
+    def _export(self) -> None:
+        """Hugging Face weights + tokenizer in run_dir/hf, loadable by transformers and camelid."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        from camelid.weights.hf import save
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(self.model, options=options)
+        if self.world.is_main:
+            with torch.device("meta"):
+                model = Transformer(self.config)
+            model = model.to_empty(device="cpu")
+            if self.config.tie_embeddings:
+                model.output.weight = model.tok_embeddings.weight
+            model.load_state_dict({k: v.float() for k, v in state.items()})
+            out = self.run_dir / "hf"
+            save(model, out)
+            self.tokenizer.save(out, model_max_length=self.config.max_seq_len)
+        barrier(self.world)
+        self.clock.lap("export")
+        self.log.write("event", step=self.step, event="export", detail=str(self.run_dir / "hf"))
+
+    @contextlib.contextmanager
+    def _signals(self):
+        """SIGTERM / SIGINT ask for a checkpoint and a clean stop at the end of the step."""
+
+        def handler(signum, frame):
+            if self.stop_signal is not None:  # a second one: stop now
+                raise KeyboardInterrupt
+            self.stop_signal = signum
+
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+
+def _checkpoint_activations(model: Transformer) -> None:
+    """Recompute each block's activations in backward instead of keeping them."""
+    from torch.utils.checkpoint import checkpoint
+
+    for block in model.layers:
+        forward = block.forward
+
+        def wrapped(*args, _forward=forward):
+            return checkpoint(_forward, *args, use_reentrant=False)
+
+        block.forward = wrapped
