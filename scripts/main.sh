@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The main job: until `camelid quickstart` exists, describe Llama 3.1 8B and run a forward
-# pass of the tiny preset on this machine.
+# The main job: `camelid quickstart` on the built-in corpus — tokenizer, data, a small Llama
+# trained for a few minutes, its validation loss, a sample completion and exported weights.
+# Extra arguments go to `camelid quickstart` (see `camelid quickstart --help`).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$root/scripts/setup.sh"
-camelid inspect llama-3.1-8b
-camelid inspect tiny --forward
+cd "$root"
+camelid quickstart "$@"

@@ -269,3 +269,22 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, dataset, monke
         progress=False,
     )
     assert resumed["steps"] == 12
+
+
+def test_quickstart_end_to_end_at_reduced_size(tmp_path, dataset, capsys):
+    from camelid.cli import main
+
+    argv = ["quickstart", "--out", str(tmp_path / "qs"), "--corpus", str(dataset / "corpus"),
+            "--vocab-size", "600", "--set", "train.steps=6", "--set", "train.batch_size=2",
+            "--set", "train.seq_len=32", "--set", "model.dim=64", "--set", "model.n_layers=2",
+            "--set", "eval.interval=3", "--set", "eval.batches=1", "--set", "eval.sample_tokens=4",
+            "--set", "checkpoint.interval=3"]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "trained 600 tokens" in out and "validation loss" in out
+    assert "sample completion of 'def fibonacci(n):\\n'" in out
+    run = tmp_path / "qs" / "run"
+    assert (run / "hf" / "model.safetensors").exists() and (run / "report.md").exists()
+    assert main(argv) == 0  # again: the tokenizer and the data are reused
+    out = capsys.readouterr().out
+    assert "reusing" in out and "finished after 6 steps" in out

@@ -48,6 +48,30 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(title="commands", metavar="<command>")
 
     p = sub.add_parser(
+        "quickstart",
+        help="the whole pipeline on the built-in corpus: tokenizer, data, a small Llama, report",
+        description="Train a tokenizer on this Python's standard library, prepare deduplicated "
+        "token shards, pre-train a small Llama for a few minutes on whatever device is present, "
+        "report its validation loss, print a sample Python completion and export Hugging Face "
+        "weights. Re-running reuses the tokenizer and data; the model is trained afresh.",
+    )
+    p.add_argument(
+        "--out", default="runs/quickstart", help="output directory (default: %(default)s)"
+    )
+    p.add_argument("--corpus", default="stdlib", help="corpus (default: the built-in 'stdlib')")
+    p.add_argument(
+        "--vocab-size", type=int, default=4096, help="tokenizer size (default: %(default)s)"
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a key of the quickstart recipe, e.g. --set train.steps=50",
+    )
+    p.set_defaults(func=cmd_quickstart)
+
+    p = sub.add_parser(
         "inspect",
         help="describe a preset or checkpoint: architecture, parameters, FLOPs, memory",
         description="Describe a model preset or a Hugging Face Llama checkpoint directory "
@@ -501,6 +525,19 @@ def cmd_prepare(args: argparse.Namespace) -> int:
               f"{len(s['shards'])} shard(s) of {m['dtype']}")  # fmt: skip
     print(f"throughput   {tokens / max(m['seconds'], 1e-9):,.0f} tokens/s ({m['seconds']:.1f}s)")
     print(f"output       {args.out}/manifest.json")
+    return 0
+
+
+# -------------------------------------------------------------------------------- quickstart
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from camelid.quickstart import quickstart
+
+    summary = quickstart(args.out, args.corpus, args.vocab_size, args.set)
+    _print_summary(summary)
+    if summary.get("sample") is not None:
+        print(f"\nsample completion of {summary['sample_prompt']!r}:")
+        print("    " + (summary["sample_prompt"] + summary["sample"]).replace("\n", "\n    "))
+    print(f"\ntotal {summary['total_s'] / 60:.1f} min")
     return 0
 
 
