@@ -45,7 +45,7 @@ def recipe_file(tmp_path: Path, dataset: Path, **sections) -> Path:
     base = {
         "model": {"preset": "tiny"},
         "data": {"dir": str(dataset / "data")},
-        "train": {"steps": 12, "batch_size": 4, "seq_len": 32, "seed": 0},
+        "train": {"steps": 12, "batch_size": 4, "seq_len": 32, "seed": 0, "device": "cpu"},
         "optim": {"lr": 3e-3, "min_lr": 3e-4},
         "schedule": {"warmup_steps": 2},
         "checkpoint": {"interval": 4, "keep": 5},

@@ -44,7 +44,8 @@ class Guard:
 
     @property
     def must_roll_back(self) -> bool:
-        return self.bad_streak >= self.config.max_bad_steps
+        limit = self.config.max_bad_steps
+        return limit > 0 and self.bad_streak >= limit
 
     def _z(self, loss: float) -> float:
         if len(self.recent) < self.config.min_history:

@@ -105,7 +105,7 @@ class GuardSection:
     window: int = 50  # recent good losses the spike detector compares with
     z_threshold: float = 6.0  # robust z-score (median / MAD) above which a loss is a spike
     min_history: int = 20  # no spike detection before this many good steps
-    max_bad_steps: int = 3  # consecutive bad steps before rolling back to the last checkpoint
+    max_bad_steps: int = 3  # consecutive bad steps before rolling back (0: never roll back)
     # A fire drill: "nan:STEP" or "spike:STEP" corrupts that step's loss on purpose, to check
     # that the guard reacts (each fires once).
     drill: list[str] = field(default_factory=list)
