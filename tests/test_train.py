@@ -288,3 +288,12 @@ def test_quickstart_end_to_end_at_reduced_size(tmp_path, dataset, capsys):
     assert main(argv) == 0  # again: the tokenizer and the data are reused
     out = capsys.readouterr().out
     assert "reusing" in out and "finished after 6 steps" in out
+
+
+def test_shipped_recipes_are_valid():
+    configs = Path(__file__).resolve().parents[1] / "src" / "camelid" / "configs"
+    names = sorted(p.name for p in configs.glob("*.toml"))
+    assert "quickstart.toml" in names and len(names) >= 3
+    for name in names:
+        recipe = load_recipe(configs / name)
+        assert recipe.model_config(4096).num_params() > 0

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from camelid.errors import CamelidError
+
 # Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, matched by device name.
 GPU_PEAK_TFLOPS = {
     "H200": 989.5,
@@ -105,7 +107,12 @@ class MetricsLog:
         self._file = open(self.path, "a", buffering=1) if enabled else None  # noqa: SIM115
         self._tb = None
         if enabled and tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise CamelidError(
+                    "log.tensorboard = true needs the tensorboard package (pip install tensorboard)"
+                ) from None
 
             self._tb = SummaryWriter(str(run_dir / "tensorboard"))
 
