@@ -12,7 +12,8 @@ measured in the same run with a large ``torch.mm``. FLOPs per token come from
 ``ModelConfig.flops_per_token`` (training: 6N + the attention term).
 
     python benchmarks/train_step.py                      # llama-16m, batch 8 x 256, CPU fp32
-    python benchmarks/train_step.py --compile            # camelid under torch.compile
+    python benchmarks/train_step.py --compile            # camelid's model under torch.compile
+    python benchmarks/train_step.py --compile blocks     # each block, as `camelid train` does
     python benchmarks/train_step.py --preset tiny --batch 4 --seq-len 128
 """
 
@@ -20,15 +21,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import tempfile
 import time
 
 import torch
-from forward import cpu_name
 
 import camelid
 from camelid.config import ModelConfig
+from camelid.system import cpu_name
 from camelid.train.step import build_optimizer, clip_grad_norm, cross_entropy, forward_backward
 
 
@@ -58,7 +60,13 @@ def main() -> None:
     ap.add_argument("--matmul-size", type=int, default=4096, help="n for the n x n peak matmul")
     ap.add_argument("--matmul-reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    ap.add_argument("--compile", action="store_true", help="torch.compile camelid's model")
+    ap.add_argument(
+        "--compile",
+        nargs="?",
+        const="model",
+        choices=["model", "blocks"],
+        help="torch.compile camelid's whole model (default) or each block (as the trainer does)",
+    )
     ap.add_argument("--json", action="store_true", help="also print the result as JSON")
     args = ap.parse_args()
 
@@ -72,6 +80,7 @@ def main() -> None:
     hf = LlamaForCausalLM._from_config(
         LlamaConfig(**config.to_hf()), attn_implementation="sdpa", dtype=torch.float32
     )
+    transformers.utils.logging.disable_progress_bar()
     with tempfile.TemporaryDirectory() as tmp:
         hf.save_pretrained(tmp)
         ours = camelid.load(tmp, dtype=torch.float32, progress=False)
@@ -83,8 +92,11 @@ def main() -> None:
     opt_ours = build_optimizer(ours, lr=args.lr, weight_decay=args.weight_decay)
     opt_hf = build_optimizer(hf, lr=args.lr, weight_decay=args.weight_decay)
     compile_s = None
-    if args.compile:
+    if args.compile == "model":
         ours = torch.compile(ours)
+    elif args.compile == "blocks":
+        for block in ours.layers:
+            block.compile()
 
     def camelid_step() -> torch.Tensor:
         loss = forward_backward(ours, [(x, y)])
@@ -105,11 +117,14 @@ def main() -> None:
     runs = {"camelid": camelid_step, "transformers": transformers_step}
     losses: dict[str, list[float]] = {name: [] for name in runs}
     times: dict[str, list[float]] = {name: [] for name in runs}
+    faults: dict[str, list[int]] = {name: [] for name in runs}  # minor page faults per step
 
     def run(name: str) -> float:
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         t0 = time.perf_counter()
         loss = runs[name]()
         dt = time.perf_counter() - t0
+        faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
         losses[name].append(loss.item())
         return dt
 
@@ -137,9 +152,10 @@ def main() -> None:
         abs(a - b) for a, b in zip(losses["camelid"], losses["transformers"], strict=True)
     )
 
+    compiled = f"compiled ({args.compile}) " if args.compile else ""
     print(
         f"train step: preset {args.preset} ({config.num_params() / 1e6:.1f}M params), "
-        f"{'compiled ' if args.compile else ''}batch {args.batch} x {args.seq_len}, "
+        f"{compiled}batch {args.batch} x {args.seq_len}, "
         f"float32 on cpu ({cpu_name()}, {torch.get_num_threads()} threads)"
     )
     print(
@@ -157,10 +173,12 @@ def main() -> None:
     )
     if compile_s is not None:
         print(f"first camelid step (includes torch.compile): {compile_s:.1f} s")
+    n_faults = {name: statistics.median(f[-args.steps :]) for name, f in faults.items()}
     for name, v in tps.items():
         print(
             f"  {name:<13} {v:10,.0f} tokens/s  {v * flops_per_token / 1e9:6.1f} GFLOP/s "
-            f"= {share[name]:5.1%} of peak   (median of {args.steps})"
+            f"= {share[name]:5.1%} of peak   (median of {args.steps}; "
+            f"{n_faults[name]:,.0f} page faults/step)"
         )
     print(f"ratio camelid / transformers: {ratio:.2f}x")
     if args.json:
@@ -175,6 +193,7 @@ def main() -> None:
                     "first_loss_abs_diff": first_diff,
                     "max_loss_abs_diff": max_diff,
                     "compile_s": compile_s,
+                    "page_faults_per_step": n_faults,
                 }
             )
         )

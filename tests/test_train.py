@@ -119,7 +119,7 @@ SCRIPT = "import sys; from camelid.cli import main; sys.exit(main(sys.argv[1:]))
 
 
 def test_exact_resume_after_sigterm(tmp_path, dataset):
-    steps = 40
+    steps = 200  # long enough that the signal always lands mid-run
     straight = tmp_path / "straight"
     straight.mkdir()
     train(load_recipe(recipe_file(straight, dataset, train={"steps": steps},

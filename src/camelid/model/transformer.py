@@ -3,7 +3,8 @@
 Block: ``h = x + attn(norm(x)); out = h + ffn(norm(h))``. Attention is grouped-query with RoPE
 through ``scaled_dot_product_attention``; the FFN is SwiGLU. The q/k/v projections are fused into
 one ``wqkv`` matrix, so one matmul and one RoPE pass serve all three; the mapping to the
-separate Hugging Face tensors lives in ``camelid.weights.hf``.
+separate Hugging Face tensors lives in ``camelid.weights.hf``. Given targets, the model returns
+the loss; on a CPU its head and cross-entropy then run fused (``linear_cross_entropy``).
 """
 
 from __future__ import annotations
@@ -91,8 +92,70 @@ class Block(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
+IGNORE_INDEX = -100  # a target that counts neither in the loss nor in its mean
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of ``h @ weight.T`` against ``targets``, computed in fp32 a chunk of
+    rows at a time. Each chunk's logits become their own gradient (softmax - one-hot) in place
+    and go through the head's two backward matmuls at once, so the (N, vocab) logits are never
+    held whole and backward only scales the two gradients made here."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk_rows, needs_grad):
+        dtype = torch.promote_types(h.dtype, torch.float32)  # fp32 at least
+        valid = targets != IGNORE_INDEX
+        row_weight = valid.to(dtype) / valid.sum()  # each row's share of the mean
+        targets = targets.where(valid, 0).unsqueeze(1)
+        loss = torch.zeros((), dtype=dtype, device=h.device)
+        grad_h = torch.empty_like(h) if needs_grad else None
+        grad_w = torch.zeros_like(weight) if needs_grad else None
+        for start in range(0, len(h), chunk_rows):
+            r = slice(start, start + chunk_rows)
+            logits = (h[r] @ weight.t()).to(dtype)
+            target_logit = logits.gather(1, targets[r])
+            shift = logits.amax(1, keepdim=True)
+            probs = logits.sub_(shift).exp_()  # unnormalised, in place
+            total = probs.sum(1, keepdim=True)
+            loss += ((total.log() + shift - target_logit).squeeze(1) * row_weight[r]).sum()
+            if needs_grad:
+                grad = probs.mul_(row_weight[r, None] / total)
+                grad.scatter_add_(1, targets[r], -row_weight[r, None])
+                grad = grad.to(h.dtype)
+                grad_h[r] = grad @ weight
+                grad_w += grad.t() @ h[r]
+        ctx.save_for_backward(grad_h, grad_w)
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_loss, grad_w * grad_loss, None, None, None
+
+
+def linear_cross_entropy(
+    h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_bytes: int = 16 << 20
+) -> torch.Tensor:
+    """``F.cross_entropy(F.linear(h, weight).float(), targets)`` for h (N, dim), targets (N,).
+
+    On a CPU it runs fused, holding at most ``chunk_bytes`` of fp32 logits at a time: a chunk
+    stays in cache, and no logits-sized buffer is allocated (and page-faulted in) every step.
+    On GPUs the plain form is kept: their fused log-softmax kernels make fewer passes over the
+    logits than this loop (measured on an H100, Llama 3.2 1B, 4 × 2048 tokens, bf16: 4% more
+    tokens/s than the fused form, for 8 GiB more memory).
+    """
+    if h.device.type != "cpu":
+        logits = F.linear(h, weight).float()
+        return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)
+    chunk_rows = max(1, chunk_bytes // (4 * weight.shape[0]))
+    needs_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    return _LinearCrossEntropy.apply(h, weight, targets, chunk_rows, needs_grad)
+
+
 class Transformer(nn.Module):
-    """A dense Llama model. ``model(tokens)`` maps ids (B, T) to logits (B, T, vocab).
+    """A dense Llama model. ``model(tokens)`` maps ids (B, T) to logits (B, T, vocab);
+    ``model(tokens, targets=targets)`` returns the mean next-token loss instead.
 
     Build it on the meta device (``with torch.device("meta"):``) to get shapes and counts without
     allocating weights; ``to_empty(device=...)`` then ``init_weights()`` or a checkpoint load
@@ -133,11 +196,18 @@ class Transformer(nn.Module):
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
 
-    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits for ``tokens`` (B, T).
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        input_pos: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits for ``tokens`` (B, T) or, given ``targets`` (B, T), the mean fp32 loss.
 
         ``input_pos`` gives each token's absolute position, (T,) or (B, T); by default 0..T-1.
         Attention is causal within the given tokens; a KV cache for decoding attaches here.
+        With ``targets`` (B, T) it returns the mean fp32 cross-entropy instead of the logits
+        (targets equal to ``IGNORE_INDEX`` are left out), through ``linear_cross_entropy``.
         """
         T = tokens.shape[1]
         if input_pos is None:
@@ -149,7 +219,10 @@ class Transformer(nn.Module):
         cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
         for layer in self.layers:
             h = layer(h, cos, sin)
-        return self.output(self.norm(h))
+        h = self.norm(h)
+        if targets is not None:
+            return linear_cross_entropy(h.flatten(0, 1), self.output.weight, targets.flatten())
+        return self.output(h)
 
     def num_params(self) -> int:
         """Parameters actually held (a tied head is counted once)."""

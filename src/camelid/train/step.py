@@ -16,7 +16,8 @@ from torch import nn
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token loss, computed in fp32 whatever the logits' dtype."""
+    """Mean next-token loss, computed in fp32 whatever the logits' dtype: the loss that
+    ``model(inputs, targets=targets)`` computes fused, for models that return logits."""
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
 
@@ -51,7 +52,11 @@ def forward_backward(
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     autocast_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Accumulate gradients over ``batches``; return the mean loss (detached, on device)."""
+    """Accumulate gradients over ``batches``; return the mean loss (detached, on device).
+
+    The model computes the loss itself (``model(inputs, targets=targets)``): on a CPU its head
+    and the cross-entropy then run fused, without materialising the (batch, seq, vocab) logits.
+    """
     batches = list(batches)
     total = None
     for inputs, targets in batches:
@@ -62,8 +67,7 @@ def forward_backward(
             else contextlib.nullcontext()
         )
         with ctx:
-            logits = model(inputs)
-        loss = cross_entropy(logits, targets) / len(batches)
+            loss = model(inputs, targets=targets) / len(batches)
         loss.backward()
         total = loss.detach() if total is None else total + loss.detach()
     assert total is not None, "forward_backward needs at least one batch"

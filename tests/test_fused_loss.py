@@ -1,0 +1,55 @@
+"""The fused head + cross-entropy used for training: same loss and gradients as the logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from camelid import ModelConfig, Transformer
+from camelid.model.transformer import IGNORE_INDEX, linear_cross_entropy
+from camelid.train.step import cross_entropy
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_model_loss_matches_loss_of_logits(tie):
+    """``model(x, targets=y)`` gives the loss and every gradient of the cross-entropy of the
+    logits, with ignored targets (fp64, so that any difference is an error, not rounding)."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_preset("tiny", tie_embeddings=tie)).double()
+    x, y = torch.randint(0, 512, (3, 37)), torch.randint(0, 512, (3, 37))
+    y[0, :5] = IGNORE_INDEX
+
+    expected_loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+    expected_loss.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    loss = model(x, targets=y)
+    loss.backward()
+    assert loss.dtype == torch.float64
+    assert abs(loss.item() - expected_loss.item()) < 1e-12
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[n], rtol=1e-9, atol=1e-12, msg=n)
+
+
+def test_linear_cross_entropy_gradcheck_and_chunks():
+    torch.manual_seed(0)
+    h = torch.randn(13, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(11, 8, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 11, (13,))
+    t[3] = IGNORE_INDEX
+    expected = F.cross_entropy(F.linear(h, w), t)
+    for chunk_bytes in (4 * 11, 4 * 11 * 4, 1 << 20):  # 1 row, 4 rows (ragged), all rows
+        assert abs(linear_cross_entropy(h, w, t, chunk_bytes).item() - expected.item()) < 1e-12
+    assert torch.autograd.gradcheck(lambda h, w: linear_cross_entropy(h, w, t, 4 * 11 * 4), (h, w))
+
+
+def test_fused_loss_without_grad_and_fp32():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_preset("tiny"))
+    x, y = torch.randint(0, 512, (2, 16)), torch.randint(0, 512, (2, 16))
+    with torch.no_grad():
+        loss = model(x, targets=y)
+        expected = cross_entropy(model(x), y)
+    assert loss.dtype == torch.float32 and not loss.requires_grad
+    assert abs(loss.item() - expected.item()) < 1e-5
