@@ -48,11 +48,11 @@ def device_peak_flops(device: torch.device, configured_tflops: float = 0.0) -> f
     return measure_matmul_flops()
 
 
-def measure_matmul_flops(n: int = 2048, seconds: float = 0.5) -> float:
+def measure_matmul_flops(n: int = 4096, seconds: float = 1.0) -> float:
     """This CPU's fp32 matmul rate (best of a few timed large ``torch.mm``): what MFU is
     relative to. A busy machine measures low, which inflates MFU; set run.peak_tflops to pin it."""
     a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)
+    torch.mm(a, b)  # warm-up; smaller matrices measure well below the peak here
     best, end = math.inf, time.perf_counter() + seconds
     while time.perf_counter() < end:
         t0 = time.perf_counter()
