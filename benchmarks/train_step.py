@@ -31,20 +31,8 @@ import torch
 import camelid
 from camelid.config import ModelConfig
 from camelid.system import cpu_name
+from camelid.train.metrics import measure_matmul_flops
 from camelid.train.step import build_optimizer, clip_grad_norm, cross_entropy, forward_backward
-
-
-def matmul_peak(n: int, reps: int) -> float:
-    """Best fp32 FLOP/s of ``torch.mm`` on two n × n matrices over ``reps`` timed runs."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    out = torch.empty(n, n)
-    torch.mm(a, b, out=out)  # warm-up
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        torch.mm(a, b, out=out)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
 
 
 def main() -> None:
@@ -135,12 +123,12 @@ def main() -> None:
     for _ in range(args.warmup):
         for name in runs:
             run(name)
-    peak_before = matmul_peak(args.matmul_size, args.matmul_reps)
+    peak_before = measure_matmul_flops(args.matmul_size, args.matmul_reps)
     for s in range(args.steps):
         order = list(runs) if s % 2 == 0 else list(reversed(runs))
         for name in order:
             times[name].append(run(name))
-    peak = max(peak_before, matmul_peak(args.matmul_size, args.matmul_reps))
+    peak = max(peak_before, measure_matmul_flops(args.matmul_size, args.matmul_reps))
 
     n_tokens = args.batch * args.seq_len
     flops_per_token = config.flops_per_token(args.seq_len)

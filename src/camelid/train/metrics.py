@@ -7,6 +7,7 @@ checkpointing, evaluation, rolled-back and skipped steps and export all count ag
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -45,18 +46,26 @@ def device_peak_flops(device: torch.device, configured_tflops: float = 0.0) -> f
             if key in name:
                 return tflops * 1e12
         return None
+    return _cpu_peak()
+
+
+@functools.cache
+def _cpu_peak() -> float:
+    """Measured once per process (about 2 s)."""
     return measure_matmul_flops()
 
 
-def measure_matmul_flops(n: int = 4096, seconds: float = 1.0) -> float:
-    """This CPU's fp32 matmul rate (best of a few timed large ``torch.mm``): what MFU is
-    relative to. A busy machine measures low, which inflates MFU; set run.peak_tflops to pin it."""
+def measure_matmul_flops(n: int = 4096, reps: int = 3) -> float:
+    """This CPU's fp32 matmul rate: the best of ``reps`` timed n × n ``torch.mm`` after a
+    warm-up; what MFU is relative to. Smaller matrices measure well below the peak here, and a
+    busy machine measures low, which inflates MFU: set run.peak_tflops to pin it."""
     a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)  # warm-up; smaller matrices measure well below the peak here
-    best, end = math.inf, time.perf_counter() + seconds
-    while time.perf_counter() < end:
+    out = torch.empty(n, n)
+    torch.mm(a, b, out=out)
+    best = math.inf
+    for _ in range(reps):
         t0 = time.perf_counter()
-        torch.mm(a, b)
+        torch.mm(a, b, out=out)
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best
 
