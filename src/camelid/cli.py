@@ -117,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="train a byte-level BPE tokenizer (Llama 3 split pattern and special tokens)",
         description="Tokenizer tools.",
     )
+    p.set_defaults(func=lambda args, p=p: p.print_help() or 2)
     tsub = p.add_subparsers(title="tokenizer commands", metavar="<command>")
     t = tsub.add_parser(
         "train",
