@@ -62,13 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--vocab-size", type=int, default=4096, help="tokenizer size (default: %(default)s)"
     )
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override a key of the quickstart recipe, e.g. --set train.steps=50",
-    )
+    _set_arg(p, "override a key of the quickstart recipe, e.g. --set train.steps=50")
     p.set_defaults(func=cmd_quickstart)
 
     p = sub.add_parser(
@@ -188,13 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Writes metrics.jsonl, checkpoints, report.md and Hugging Face weights to run.out_dir.",
     )
     p.add_argument("recipe", metavar="RECIPE.toml", help="the recipe (see configs/)")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override a recipe key, e.g. --set optim.lr=1e-3 (repeatable)",
-    )
+    _set_arg(p, "override a recipe key, e.g. --set optim.lr=1e-3 (repeatable)")
     p.add_argument(
         "--resume",
         nargs="?",
@@ -206,6 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fresh", action="store_true", help="discard an earlier run in run.out_dir")
     p.set_defaults(func=cmd_train)
     return parser
+
+
+def _set_arg(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help=help)
 
 
 def _corpus_args(p: argparse.ArgumentParser) -> None:
@@ -437,28 +429,26 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------------- tokenizer
 def cmd_tokenizer_train(args: argparse.Namespace) -> int:
-    from camelid.data import sources
-    from camelid.data.clean import clean
+    from camelid.data.pipeline import training_texts
     from camelid.tokenizer import train_tokenizer
 
     if args.vocab_size <= 0:
         raise CamelidError(f"--vocab-size must be positive, got {args.vocab_size}")
     t0 = time.perf_counter()
-    tasks = [t for c in (args.corpus or [sources.BUILTIN]) for t in
-             sources.resolve(c, args.glob, args.text_field)]  # fmt: skip
-    stats = sources.ReadStats()
+    config = PrepareConfig(
+        corpus=tuple(args.corpus or ["stdlib"]),
+        globs=tuple(args.glob or ()),
+        text_field=args.text_field,
+        val_fraction=args.val_fraction,
+    )
+    corpus = training_texts(config)  # resolves the corpus now: bad paths fail first
     n_docs = 0
 
     def texts():
         nonlocal n_docs
-        for task in tasks:
-            for doc in sources.read(task, stats)[1]:
-                if sources.is_validation(doc.key, args.val_fraction):
-                    continue  # never learn from held-out text
-                text, rejected = clean(doc.text, CleanConfig())
-                if rejected is None:
-                    n_docs += 1
-                    yield text
+        for text in corpus:
+            n_docs += 1
+            yield text
 
     tok = train_tokenizer(
         texts(), args.vocab_size, num_special=args.num_special, show_progress=sys.stderr.isatty()

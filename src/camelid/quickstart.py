@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from camelid.data import PrepareConfig, prepare, sources
-from camelid.data.clean import CleanConfig, clean
+from camelid.data.pipeline import training_texts
 from camelid.tokenizer import Tokenizer, train_tokenizer
 from camelid.train.recipe import Recipe, load_recipe
 from camelid.train.trainer import train
@@ -39,14 +39,7 @@ def quickstart(
         tok = Tokenizer.load(tok_dir)
         log(f"[1/4] tokenizer   reusing {tok_dir} ({tok.vocab_size} tokens)")
     else:
-        val_fraction = PrepareConfig.val_fraction
-        texts = (
-            clean(doc.text, CleanConfig())[0]
-            for task in sources.resolve(corpus)
-            for doc in sources.read(task, sources.ReadStats())[1]
-            if not sources.is_validation(doc.key, val_fraction)
-        )
-        tok = train_tokenizer(texts, vocab_size)
+        tok = train_tokenizer(training_texts(PrepareConfig(corpus=(corpus,))), vocab_size)
         tok.save(tok_dir)
         log(f"[1/4] tokenizer   trained {tok.vocab_size} tokens -> {tok_dir}")
 

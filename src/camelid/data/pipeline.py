@@ -148,6 +148,29 @@ class _ShardWriter:
         self.shards.append({"file": name, "tokens": int(n)})
 
 
+def training_texts(config: PrepareConfig) -> Iterator[str]:
+    """The cleaned texts of the training split, as prepare sees them (before dedup): what a
+    tokenizer should learn from, never the held-out documents. The corpus is resolved at
+    once, so a bad path or glob is reported before any work starts."""
+    tasks = [
+        t
+        for spec in config.corpus
+        for t in sources.resolve(spec, list(config.globs) or None, config.text_field)
+    ]
+
+    def texts() -> Iterator[str]:
+        stats = sources.ReadStats()
+        for task in tasks:
+            for doc in sources.read(task, stats)[1]:
+                if sources.is_validation(doc.key, config.val_fraction):
+                    continue
+                text, rejected = clean(doc.text, config.clean)
+                if rejected is None:
+                    yield text
+
+    return texts()
+
+
 # ------------------------------------------------------------------------------------ main
 def recipe(config: PrepareConfig, tokenizer_digest: str) -> dict[str, Any]:
     """Everything that determines the output; two runs with equal recipes (and files) agree."""
