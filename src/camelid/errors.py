@@ -25,3 +25,8 @@ class TokenizerError(CamelidError):
 
 class DataError(CamelidError):
     """A corpus, dataset directory or shard that cannot be used as asked."""
+
+
+class RequestError(CamelidError, ValueError):
+    """An invalid generation or scoring request: a sampling value out of range, a prompt that
+    does not fit the context."""

@@ -1,5 +1,5 @@
 """Model definitions: pure ``nn.Module`` code that depends only on :mod:`camelid.config`."""
 
-from camelid.model.transformer import Transformer
+from camelid.model.transformer import KVCache, Transformer
 
-__all__ = ["Transformer"]
+__all__ = ["KVCache", "Transformer"]

@@ -5,6 +5,8 @@ through ``scaled_dot_product_attention``; the FFN is SwiGLU. The q/k/v projectio
 one ``wqkv`` matrix, so one matmul and one RoPE pass serve all three; the mapping to the
 separate Hugging Face tensors lives in ``camelid.weights.hf``. Given targets, the model returns
 the loss; on a CPU its head and cross-entropy then run fused (``linear_cross_entropy``).
+Given a :class:`KVCache`, attention writes each token's keys and values into it at the token's
+position and attends over everything cached so far (prefill and decode are the same code).
 """
 
 from __future__ import annotations
@@ -32,6 +34,45 @@ class RMSNorm(nn.Module):
         return self.weight * normed.to(x.dtype)
 
 
+class KVCache:
+    """Preallocated keys and values for every layer, each (batch, kv_heads, max_len, head_dim).
+
+    Row ``b`` of the cache belongs to row ``b`` of the tokens passed with it. A token at
+    position ``p`` writes slot ``p`` and attends to slots ``0..p`` of its row, so a row can be
+    reused for a new sequence without clearing it: slots are always written before they are read.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        batch_size: int,
+        max_len: int,
+        device: torch.device | str,
+        dtype: torch.dtype,
+    ) -> None:
+        shape = (batch_size, config.n_kv_heads, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        self.batch_size, self.max_len = batch_size, max_len
+
+    def rows(self, start: int, stop: int) -> KVCache:
+        """A view of rows ``start:stop`` (writes go to this cache)."""
+        view = object.__new__(KVCache)
+        view.k = [t[start:stop] for t in self.k]
+        view.v = [t[start:stop] for t in self.v]
+        view.batch_size, view.max_len = stop - start, self.max_len
+        return view
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+# What one layer's attention needs of a KVCache: its key and value buffers, the (rows, :,
+# positions) index the new tokens are written at, the (B, 1, T, kv_len) visibility mask and
+# how many slots to attend over.
+_LayerCache = tuple[torch.Tensor, torch.Tensor, tuple, torch.Tensor, int]
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -44,19 +85,29 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(config.dim, q + 2 * kv, bias=config.attention_bias)
         self.wo = nn.Linear(q, config.dim, bias=config.attention_bias)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: _LayerCache | None = None,
+    ) -> torch.Tensor:
         B, T, _ = x.shape
         H, K = self.n_heads, self.n_kv_heads
         qkv = self.wqkv(x).view(B, T, H + 2 * K, self.head_dim)
         q, k = apply_rope(qkv[:, :, : H + K], cos, sin).split((H, K), dim=2)  # one pass for q, k
         v = qkv[:, :, H + K :]
         # (B, heads, T, head_dim); query head h reads kv head h // (n_heads // n_kv_heads).
+        q = q.transpose(1, 2)
+        if cache is None:
+            k, v, mask = k.transpose(1, 2), v.transpose(1, 2), None
+        else:
+            k_buf, v_buf, index, mask, kv_len = cache
+            k_buf[index] = k  # slots (row, position) <- (B, T, K, head_dim)
+            v_buf[index] = v
+            k, v = k_buf[:B, :, :kv_len], v_buf[:B, :, :kv_len]
         y = F.scaled_dot_product_attention(
-            q.transpose(1, 2),
-            k.transpose(1, 2),
-            v.transpose(1, 2),
-            is_causal=T > 1,
-            enable_gqa=K != H,
+            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=K != H
         )
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -87,8 +138,14 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
         self.feed_forward = FeedForward(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin)
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: _LayerCache | None = None,
+    ) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, cache)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -201,15 +258,23 @@ class Transformer(nn.Module):
         tokens: torch.Tensor,
         input_pos: torch.Tensor | None = None,
         targets: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        kv_len: int | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
         """Logits for ``tokens`` (B, T) or, given ``targets`` (B, T), the mean fp32 loss.
 
         ``input_pos`` gives each token's absolute position, (T,) or (B, T); by default 0..T-1.
-        Attention is causal within the given tokens; a KV cache for decoding attaches here.
-        With ``targets`` (B, T) it returns the mean fp32 cross-entropy instead of the logits
-        (targets equal to ``IGNORE_INDEX`` are left out), through ``linear_cross_entropy``.
+        Without a cache, attention is causal within the given tokens. With ``cache``, row b's
+        tokens are written into cache row b at their positions and attend to the cached slots
+        at or before their own position; ``kv_len`` (default: the whole cache) bounds the slots
+        read, so eager decoding reads only what is filled while a compiled step keeps static
+        shapes. ``last_only`` returns the logits of the last position only, (B, 1, vocab): all
+        a generation prefill needs. With ``targets`` (B, T) it returns the mean fp32
+        cross-entropy instead of the logits (targets equal to ``IGNORE_INDEX`` are left out),
+        via ``linear_cross_entropy``.
         """
-        T = tokens.shape[1]
+        B, T = tokens.shape
         if input_pos is None:
             input_pos = torch.arange(T, device=tokens.device)
         if self._inv_freq.device != tokens.device:
@@ -217,12 +282,22 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens)
         cos, sin = rope_cos_sin(self._inv_freq, input_pos, h.dtype)
         cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
-        for layer in self.layers:
-            h = layer(h, cos, sin)
+        if cache is None:
+            for layer in self.layers:
+                h = layer(h, cos, sin)
+        else:
+            kv_len = cache.max_len if kv_len is None else kv_len
+            pos = input_pos.expand(B, T)
+            rows = torch.arange(B, device=tokens.device).unsqueeze(1)
+            index = (rows, slice(None), pos)
+            slots = torch.arange(kv_len, device=tokens.device)
+            mask = (slots <= pos.unsqueeze(-1)).unsqueeze(1)  # (B, 1, T, kv_len)
+            for layer, k_buf, v_buf in zip(self.layers, cache.k, cache.v, strict=True):
+                h = layer(h, cos, sin, (k_buf, v_buf, index, mask, kv_len))
         h = self.norm(h)
         if targets is not None:
             return linear_cross_entropy(h.flatten(0, 1), self.output.weight, targets.flatten())
-        return self.output(h)
+        return self.output(h[:, -1:] if last_only else h)
 
     def num_params(self) -> int:
         """Parameters actually held (a tied head is counted once)."""

@@ -1,0 +1,388 @@
+"""The generation engine: prefill and decode over a preallocated KV cache.
+
+    engine = camelid.Engine(model, tokenizer)
+    engine.generate("Once upon a time", max_new_tokens=64, temperature=0.8, seed=1).text
+    for piece in engine.stream("Once upon a time"):
+        print(piece, end="", flush=True)
+    engine.score("The cat sat on the mat.")        # log-probabilities of the text's tokens
+
+Each prompt is prefilled on its own (so batched and unbatched results agree), then all prompts
+of a batch decode together, one token per step, each at its own position in its own cache row.
+Rows that finish keep stepping with the batch until the last one ends (static batching; a
+continuous-batching scheduler can reuse the same cache rows).
+
+Speed: the decode step is the loop's only model call. With ``compile=True`` it is compiled
+once per batch and cache shape; on CUDA as a CUDA graph (``mode="reduce-overhead"``) over a
+cache whose addresses never change, on CPU with the row-dot form of the weight products (see
+:mod:`camelid.infer.linear`). ``int8=True`` decodes with int8 weight-only linear layers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from camelid.errors import RequestError
+from camelid.infer.detok import TextStream
+from camelid.infer.linear import decode_copy
+from camelid.infer.sampling import (
+    SamplingParams,
+    apply_penalties,
+    make_generator,
+    params_from,
+    sample_row,
+    stop_set,
+    top_logprobs,
+)
+from camelid.model import KVCache, Transformer
+from camelid.tokenizer import Tokenizer
+
+Prompt = str | Sequence[int]
+
+CACHE_BLOCK = 256  # cache lengths are rounded up to this, so compiled shapes repeat
+
+
+@dataclass
+class TokenLogprob:
+    """One token's log-probability under the model (before any sampling transform), its rank
+    among all tokens (1 = the most likely, i.e. greedy) and the top alternatives (id → logprob)."""
+
+    token: int
+    logprob: float
+    rank: int
+    top: dict[int, float] = field(default_factory=dict)
+
+
+@dataclass
+class Completion:
+    """One prompt's result. ``finish_reason`` is "stop" (a stop token or string) or "length"
+    (``max_new_tokens`` or the context ran out). Stop tokens and stop strings are not part of
+    ``text``; ``token_ids`` holds every generated token except a final stop token."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_token_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # the first token has none
+
+
+@dataclass
+class Score:
+    """Log-probabilities of a given text's tokens; ``tokens[0]`` (nothing before it) is None."""
+
+    token_ids: list[int]
+    tokens: list[TokenLogprob | None]
+
+    @property
+    def logprob(self) -> float:
+        """Sum over every scored token."""
+        return sum(t.logprob for t in self.tokens if t is not None)
+
+    def logprob_of(self, start: int) -> tuple[float, bool]:
+        """Summed log-probability of tokens ``start:`` and whether each was the greedy choice
+        (what an evaluation harness's ``loglikelihood`` needs for a continuation)."""
+        rest = [t for t in self.tokens[max(start, 1) :] if t is not None]
+        return sum(t.logprob for t in rest), all(t.rank == 1 for t in rest)
+
+
+class _Sequence:
+    """One request's state while it decodes."""
+
+    def __init__(
+        self, prompt: list[int], params: SamplingParams, engine: Engine, vocab: int
+    ) -> None:
+        self.prompt, self.params = prompt, params
+        self.out: list[int] = []
+        self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None
+        self.stream = TextStream(engine.tokenizer.decode, params.stop)
+        self.stops = stop_set(params, engine.stop_token_ids)
+        self.finish_reason: str | None = None
+        self.generator = None if params.greedy else make_generator(params.seed, engine.device)
+        self.limit = min(params.max_new_tokens, engine.max_seq_len - len(prompt))
+        self.seen = self.counts = None
+        if params.repetition_penalty != 1:
+            self.seen = torch.zeros(vocab, dtype=torch.bool, device=engine.device)
+            self.seen[torch.tensor(prompt, device=engine.device)] = True
+        if params.presence_penalty or params.frequency_penalty:
+            self.counts = torch.zeros(vocab, dtype=torch.int32, device=engine.device)
+
+    @property
+    def position(self) -> int:
+        """Where the last accepted token is fed to the model."""
+        return len(self.prompt) + len(self.out) - 1
+
+    def choose(self, logits: torch.Tensor) -> int:
+        """Pick the next token from one row of fp32 logits (vocab,)."""
+        p = self.params
+        processed = apply_penalties(logits, p, self.seen, self.counts) if p.penalised else logits
+        token = sample_row(processed, p, self.generator)
+        if self.logprobs is not None:
+            self.logprobs.append(_token_logprobs(logits[None], [token], p.logprobs)[0])
+        return token
+
+    def accept(self, token: int) -> str:
+        """Record a chosen token; return the text it releases."""
+        if token in self.stops:
+            self.finish_reason = "stop"
+            if self.logprobs:
+                self.logprobs.pop()  # the stop token is not part of the output
+            return self.stream.finish()
+        self.out.append(token)
+        if self.seen is not None:
+            self.seen[token] = True
+        if self.counts is not None:
+            self.counts[token] += 1
+        piece = self.stream.push(token)
+        if self.stream.stopped:
+            self.finish_reason = "stop"
+        elif len(self.out) >= self.limit:
+            self.finish_reason = "length"
+        if self.finish_reason is not None:
+            piece += self.stream.finish()
+        return piece
+
+    def result(self) -> Completion:
+        return Completion(
+            text=self.stream.text,
+            token_ids=self.out,
+            finish_reason=self.finish_reason or "length",
+            prompt_token_ids=self.prompt,
+            logprobs=self.logprobs,
+            prompt_logprobs=self.prompt_logprobs,
+        )
+
+
+def _token_logprobs(logits: torch.Tensor, tokens: Sequence[int], top: int) -> list[TokenLogprob]:
+    """Log-probability, rank and top alternatives of ``tokens[i]`` under ``logits[i]``."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    ids = torch.tensor(tokens, device=logp.device).unsqueeze(1)
+    chosen = logp.gather(1, ids)
+    ranks = (logp > chosen).sum(1) + 1
+    tops = top_logprobs(logp, top or 0)
+    return [
+        TokenLogprob(t, lp, r, tp)
+        for t, lp, r, tp in zip(
+            tokens, chosen.squeeze(1).tolist(), ranks.tolist(), tops, strict=True
+        )
+    ]
+
+
+def default_stop_ids(tokenizer: Tokenizer) -> tuple[int, ...]:
+    """End of text, end of turn and (Llama 3.1+) end of message, where the vocabulary has them."""
+    ids = [tokenizer.eos_id, tokenizer.eot_id, tokenizer.special_tokens.get("<|eom_id|>")]
+    return tuple(dict.fromkeys(i for i in ids if i is not None))
+
+
+class Engine:
+    """Generation and scoring for one model and its tokenizer.
+
+    - ``max_batch_size``: prompts decoded together; longer lists run in batches of this size.
+    - ``max_seq_len``: the context (prompt + output), at most the model's.
+    - ``compile``: compile the decode step (a one-off cost of seconds to a minute; worth it for
+      long outputs and servers).
+    - ``int8``: decode with int8 weight-only linear layers (a copy; ``model`` is unchanged).
+    - ``stop_token_ids``: tokens that end every request (default: the tokenizer's end of text,
+      end of turn and end of message).
+    """
+
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: Tokenizer,
+        *,
+        max_batch_size: int = 16,
+        max_seq_len: int | None = None,
+        compile: bool = False,
+        int8: bool = False,
+        stop_token_ids: Sequence[int] | None = None,
+    ) -> None:
+        config = model.config
+        if tokenizer.vocab_size > config.vocab_size:
+            raise RequestError(
+                f"tokenizer {tokenizer.source} has {tokenizer.vocab_size} ids but the model's "
+                f"vocabulary has {config.vocab_size}: they do not belong together"
+            )
+        if max_batch_size < 1:
+            raise RequestError(f"invalid max_batch_size={max_batch_size}: must be >= 1")
+        model.eval()
+        self.tokenizer = tokenizer
+        self._vocab = tokenizer.vocab_size  # a plain int: read inside the compiled step
+        self.config = config
+        weight = model.tok_embeddings.weight
+        self.device, self.dtype = weight.device, weight.dtype
+        self.max_seq_len = min(config.max_seq_len, max_seq_len or config.max_seq_len)
+        self.max_batch_size = max_batch_size
+        self.stop_token_ids = (
+            default_stop_ids(tokenizer) if stop_token_ids is None else tuple(stop_token_ids)
+        )
+        self.compiled, self.int8 = compile, int8
+        row_dot = compile and self.device.type == "cpu"
+        self.model = decode_copy(model, int8=int8, row_dot=row_dot) if int8 or row_dot else model
+        self._cache: KVCache | None = None
+        self._step = self._decode_step
+        if compile:
+            cuda = self.device.type == "cuda"
+            self._step = torch.compile(
+                self._decode_step, fullgraph=True, mode="reduce-overhead" if cuda else None
+            )
+
+    # ---------------------------------------------------------------------------- public API
+    def generate(
+        self, prompt: Prompt | Sequence[Prompt], params: SamplingParams | None = None, **kwargs
+    ) -> Completion | list[Completion]:
+        """Complete one prompt (text, or a list of token ids) or a list of prompts.
+
+        Sampling settings come as a :class:`SamplingParams` and/or keywords of the same names
+        (``max_new_tokens=64, temperature=0``). Text prompts get a BOS token; id lists are used
+        as given. Returns a :class:`Completion`, or a list of them for a list of prompts.
+        """
+        single = isinstance(prompt, str) or (
+            len(prompt) > 0 and all(isinstance(t, int) for t in prompt)
+        )
+        prompts = [prompt] if single else list(prompt)
+        p = params_from(params, kwargs)
+        seqs = self._sequences(prompts, p)
+        for _ in self._run(seqs):
+            pass
+        results = [s.result() for s in seqs]
+        return results[0] if single else results
+
+    def stream(
+        self, prompt: Prompt, params: SamplingParams | None = None, **kwargs
+    ) -> Iterator[str]:
+        """Generate for one prompt, yielding text as it becomes final. Pieces never split a
+        character and never show a stop string; joined, they are the completion's text."""
+        seqs = self._sequences([prompt], params_from(params, kwargs))
+        for _, piece in self._run(seqs):
+            if piece:
+                yield piece
+
+    def stream_batch(
+        self, prompts: Sequence[Prompt], params: SamplingParams | None = None, **kwargs
+    ) -> Iterator[tuple[int, str, Completion | None]]:
+        """Generate for several prompts together, yielding ``(index, piece, completion)`` per
+        new piece; ``completion`` is set on the last event of each prompt."""
+        seqs = self._sequences(list(prompts), params_from(params, kwargs))
+        for i, piece in self._run(seqs):
+            done = seqs[i].finish_reason is not None
+            if piece or done:
+                yield i, piece, seqs[i].result() if done else None
+
+    @torch.inference_mode()
+    def score(self, prompt: Prompt, top_logprobs: int = 0) -> Score:
+        """Log-probability of every token of ``prompt`` given the ones before it (one forward
+        pass, no sampling), with ``top_logprobs`` alternatives per token."""
+        ids = self._encode(prompt)
+        if len(ids) > self.max_seq_len:
+            raise RequestError(
+                f"text of {len(ids)} tokens is longer than the context ({self.max_seq_len})"
+            )
+        if not 0 <= top_logprobs <= 20:
+            raise RequestError(f"invalid top_logprobs={top_logprobs}: must be in [0, 20]")
+        logits = self.model(torch.tensor([ids], device=self.device))[0, :-1]
+        scored = _token_logprobs(logits, ids[1:], top_logprobs) if len(ids) > 1 else []
+        return Score(token_ids=ids, tokens=[None, *scored])
+
+    # ------------------------------------------------------------------------------ internals
+    def _encode(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt, bos=True)
+        ids = [int(t) for t in prompt]
+        if not ids:
+            raise RequestError("empty prompt: give at least one token")
+        bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise RequestError(
+                f"prompt token id {bad[0]} is outside the vocabulary (0 .. "
+                f"{self.config.vocab_size - 1})"
+            )
+        return ids
+
+    def _sequences(self, prompts: list[Prompt], params: SamplingParams) -> list[_Sequence]:
+        if not prompts:
+            raise RequestError("no prompts given")
+        seqs = []
+        for prompt in prompts:
+            ids = self._encode(prompt)
+            room = self.max_seq_len - params.max_new_tokens
+            if len(ids) >= self.max_seq_len or (params.truncate_prompt and len(ids) > room):
+                if not params.truncate_prompt:
+                    raise RequestError(
+                        f"prompt of {len(ids)} tokens does not fit the context of "
+                        f"{self.max_seq_len} tokens (shorten it, or set truncate_prompt to "
+                        "keep its last tokens)"
+                    )
+                ids = ids[-max(room, 1) :]
+            seqs.append(_Sequence(ids, params, self, self.config.vocab_size))
+        return seqs
+
+    def _cache_for(self, batch: int, length: int) -> KVCache:
+        """The engine's cache, grown (rounded up to CACHE_BLOCK slots) if too small."""
+        c = self._cache
+        if c is None or c.batch_size < batch or c.max_len < length:
+            size = min(self.max_seq_len, math.ceil(length / CACHE_BLOCK) * CACHE_BLOCK)
+            if c is not None:
+                batch, size = max(batch, c.batch_size), max(size, c.max_len)
+            self._cache = None  # free the old one first
+            c = KVCache(self.config, batch, size, self.device, self.dtype)
+            if self.compiled and self.device.type == "cuda":
+                for t in c.k + c.v:  # fixed addresses: CUDA graphs may write into them
+                    torch._dynamo.mark_static_address(t)
+            self._cache = c
+        return c
+
+    def _decode_step(
+        self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, kv_len: int | None
+    ) -> torch.Tensor:
+        return self._mask(self.model(tokens, positions, cache=cache, kv_len=kv_len)[:, -1])
+
+    def _mask(self, logits: torch.Tensor) -> torch.Tensor:
+        """fp32 logits; embedding rows past the tokenizer's ids (padding) can never be chosen."""
+        logits = logits.float()
+        if self._vocab < logits.shape[-1]:
+            logits[..., self._vocab :] = -math.inf
+        return logits
+
+    @torch.inference_mode()
+    def _run(self, seqs: list[_Sequence]) -> Iterator[tuple[int, str]]:
+        """Decode ``seqs`` in batches of ``max_batch_size``; yield (index, new text) per token."""
+        for start in range(0, len(seqs), self.max_batch_size):
+            batch = seqs[start : start + self.max_batch_size]
+            for i, piece in self._run_batch(batch):
+                yield start + i, piece
+
+    def _run_batch(self, seqs: list[_Sequence]) -> Iterator[tuple[int, str]]:
+        B, dev = len(seqs), self.device
+        need = max(len(s.prompt) + s.limit for s in seqs)
+        cache = self._cache_for(B, need)
+        for b, s in enumerate(seqs):  # prefill, one prompt at a time
+            ids = torch.tensor([s.prompt], device=dev)
+            want_prompt = s.params.prompt_logprobs is not None
+            logits = self.model(
+                ids,
+                torch.arange(len(s.prompt), device=dev),
+                cache=cache.rows(b, b + 1),
+                kv_len=len(s.prompt),
+                last_only=not want_prompt,
+            )[0]
+            logits = self._mask(logits)
+            if want_prompt:
+                scored = _token_logprobs(logits[:-1], s.prompt[1:], s.params.prompt_logprobs)
+                s.prompt_logprobs = [None, *scored]
+            yield b, s.accept(s.choose(logits[-1]))
+        fast = all(s.params.greedy and not s.params.penalised and s.logprobs is None for s in seqs)
+        while any(s.finish_reason is None for s in seqs):
+            tokens = torch.tensor([[s.out[-1] if s.out else 0] for s in seqs], device=dev)
+            positions = torch.tensor([[max(s.position, 0)] for s in seqs], device=dev)
+            kv_len = None if self.compiled else max(s.position for s in seqs) + 1
+            logits = self._step(tokens, positions, cache, kv_len)
+            if fast:
+                chosen = logits.argmax(-1).tolist()
+            for b, s in enumerate(seqs):
+                if s.finish_reason is None:
+                    yield b, s.accept(chosen[b] if fast else s.choose(logits[b]))
