@@ -6,7 +6,9 @@ Errors a user can cause end in one line on stderr and exit status 1, never a tra
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -20,6 +22,8 @@ from camelid.errors import CamelidError
 from camelid.io import format_bytes
 
 _DTYPES = ("float32", "bfloat16", "float16")
+DEFAULT_TEMPERATURE = 0.8  # generate / chat sampling defaults (documented in docs/cli.md)
+DEFAULT_TOP_P = 0.95
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,6 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("camelid: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away, e.g. `camelid generate ... | head`
+        with contextlib.suppress(OSError):  # no second error when Python flushes stdout at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -193,11 +201,231 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--fresh", action="store_true", help="discard an earlier run in run.out_dir")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "generate",
+        help="complete one or more prompts with a model, streaming the text",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Complete prompts with a Hugging Face Llama directory (or a training run, "
+        "whose RUN/hf\nis used). One prompt streams to stdout as it is generated; several are "
+        "decoded together\nand printed in order under a '=== i/n' header. A one-line summary "
+        "goes to stderr.",
+        epilog="""examples:
+  camelid generate runs/quickstart --prompt "def fibonacci(n):" --greedy
+  camelid generate MODEL -p "Once upon a time" -p "The capital of France is" -n 64
+  echo "Why is the sky blue?" | camelid generate MODEL --prompt - --chat --temperature 0.6
+  camelid generate MODEL -p "2 + 2 =" --json --logprobs 5 --max-new-tokens 8""",
+    )
+    p.add_argument("model", metavar="MODEL", help="model directory or training run directory")
+    p.add_argument(
+        "-p",
+        "--prompt",
+        dest="prompts",
+        action="append",
+        type=lambda s: ("text", s),
+        metavar="TEXT",
+        help="a prompt; repeatable; '-' reads one prompt from stdin",
+    )
+    p.add_argument(
+        "--prompt-file",
+        dest="prompts",
+        action="append",
+        type=lambda s: ("file", s),
+        metavar="FILE",
+        help="a file whose whole content is one prompt (one final newline is dropped); repeatable",
+    )
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="send each prompt as a user message in the tokenizer's chat template",
+    )
+    p.add_argument("--system", metavar="TEXT", help="with --chat: a system message first")
+    p.add_argument("--echo", action="store_true", help="print each prompt before its completion")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object per prompt (text, token_ids, finish_reason, ...) instead",
+    )
+    p.add_argument(
+        "--logprobs",
+        type=int,
+        metavar="N",
+        help="with --json: each generated token's log-probability and N alternatives",
+    )
+    p.add_argument(
+        "--prompt-logprobs",
+        type=int,
+        metavar="N",
+        help="with --json: also score the prompt's tokens, with N alternatives",
+    )
+    _sampling_args(p, max_new_tokens=256)
+    _engine_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser(
+        "chat",
+        help="chat with a model interactively, in its tokenizer's chat template",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Chat with an instruction-tuned Llama (a Hugging Face Llama directory or a "
+        "training run).\nThe conversation is kept and sent with each message in the "
+        "tokenizer's chat template;\nwhen it no longer fits the context, the oldest turns are "
+        "dropped (the system message\nstays). Commands: /reset clears the history, /help, "
+        "/exit or /quit (or Ctrl-D) leaves.\nCtrl-C stops an answer being written (what was "
+        "shown stays in the history); at the\nprompt it leaves. Input is read line by line, so "
+        "piped stdin works too.",
+        epilog="""examples:
+  camelid chat path/to/Llama-3.2-1B-Instruct
+  camelid chat MODEL --system "You are a terse assistant." --temperature 0.6 --top-p 0.9
+  printf 'hello\\n/reset\\nhi again\\n' | camelid chat MODEL --greedy --quiet""",
+    )
+    p.add_argument("model", metavar="MODEL", help="model directory or training run directory")
+    p.add_argument("--system", metavar="TEXT", help="a system message at the start of the chat")
+    _sampling_args(p, max_new_tokens=512, chat=True)
+    _engine_args(p, chat=True)
+    p.set_defaults(func=cmd_chat, truncate=False, batch_size=1)
     return parser
 
 
 def _set_arg(p: argparse.ArgumentParser, help: str) -> None:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help=help)
+
+
+def _sampling_args(p: argparse.ArgumentParser, max_new_tokens: int, chat: bool = False) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument(
+        "-n",
+        "--max-new-tokens",
+        type=int,
+        default=max_new_tokens,
+        metavar="N",
+        help="generate at most N tokens (default: %(default)s)",
+    )
+    t = g.add_mutually_exclusive_group()
+    t.add_argument(
+        "--temperature",
+        type=float,
+        default=DEFAULT_TEMPERATURE,
+        metavar="T",
+        help="divide the logits by T before sampling; 0 is greedy (default: %(default)s)",
+    )
+    t.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    g.add_argument(
+        "--top-k",
+        type=int,
+        default=0,
+        metavar="K",
+        help="sample from the K most likely tokens only (default: 0, off)",
+    )
+    g.add_argument(
+        "--top-p",
+        type=float,
+        default=DEFAULT_TOP_P,
+        metavar="P",
+        help="sample from the smallest set of tokens whose probability reaches P "
+        "(default: %(default)s; 1 is off)",
+    )
+    g.add_argument(
+        "--min-p",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="drop tokens less than P times as likely as the most likely one (default: 0, off)",
+    )
+    g.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=1.0,
+        metavar="R",
+        help="penalise tokens already in the prompt or output (default: 1, off)",
+    )
+    g.add_argument(
+        "--presence-penalty",
+        type=float,
+        default=0.0,
+        metavar="X",
+        help="subtract X from the logits of tokens already generated, in [-2, 2] (default: 0)",
+    )
+    g.add_argument(
+        "--frequency-penalty",
+        type=float,
+        default=0.0,
+        metavar="X",
+        help="subtract X per earlier occurrence, in [-2, 2] (default: 0)",
+    )
+    g.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="make sampling repeatable (default: a fresh random seed)",
+    )
+    g.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="end the text just before TEXT; repeatable",
+    )
+    g.add_argument(
+        "--stop-token-id",
+        dest="stop_token_ids",
+        type=int,
+        action="append",
+        default=[],
+        metavar="ID",
+        help="a token id that ends generation (besides end of text / end of turn); repeatable",
+    )
+    g.add_argument(
+        "--ignore-eos", action="store_true", help="do not stop at end-of-text / end-of-turn tokens"
+    )
+    if not chat:
+        g.add_argument(
+            "--truncate",
+            action="store_true",
+            help="keep the last tokens of a prompt too long for the context, leaving room "
+            "for --max-new-tokens (default: refuse such a prompt)",
+        )
+
+
+def _engine_args(p: argparse.ArgumentParser, chat: bool = False) -> None:
+    g = p.add_argument_group("model and engine")
+    g.add_argument(
+        "--device",
+        default="auto",
+        help="cpu, cuda, cuda:1, ... (default: auto, cuda if available, else cpu)",
+    )
+    g.add_argument(
+        "--dtype",
+        choices=("auto", *_DTYPES),
+        default="auto",
+        help="weight dtype (default: auto, bfloat16 on CUDA, float32 on CPU)",
+    )
+    g.add_argument(
+        "--max-seq-len",
+        type=int,
+        default=None,
+        metavar="N",
+        help="context length, prompt and output together (default: the model's)",
+    )
+    if not chat:
+        g.add_argument(
+            "--batch-size",
+            type=int,
+            default=16,
+            metavar="N",
+            help="prompts decoded together (default: %(default)s)",
+        )
+    g.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile the decode step: a one-off cost, faster long outputs",
+    )
+    g.add_argument("--int8", action="store_true", help="decode with int8 weight-only layers")
+    g.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="print only the generated text (no loading line, notes or summary)",
+    )
 
 
 def _corpus_args(p: argparse.ArgumentParser) -> None:
@@ -558,6 +786,393 @@ def _print_summary(summary: dict[str, Any]) -> None:
     print(f"report       {summary['report']}")
     if summary.get("export"):
         print(f"weights      {summary['export']} (Hugging Face format, with the tokenizer)")
+
+
+# ------------------------------------------------------------------------- generate and chat
+def resolve_model_dir(model: str | Path) -> Path:
+    """MODEL as given → the Hugging Face directory to load: the directory itself, or ``RUN/hf``
+    for a training run. Checks for weights' config and a tokenizer before anything is loaded."""
+    path = Path(model)
+    if not path.exists():
+        raise CamelidError(f"{model}: no such directory")
+    if not path.is_dir():
+        raise CamelidError(f"{model}: expected a model directory, found a file")
+    if not (path / "config.json").is_file():
+        run_export = path / "hf"
+        if (run_export / "config.json").is_file():
+            path = run_export
+        else:
+            is_run = (path / "checkpoints").is_dir() or (path / "recipe.toml").is_file()
+            hint = (
+                f"; it looks like a training run that has not exported weights to {run_export} yet"
+                if is_run
+                else " (expected a Hugging Face Llama directory, or a training run with hf/)"
+            )
+            raise CamelidError(f"{model} is not a model directory: no config.json{hint}")
+    if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
+        raise CamelidError(
+            f"{path} has no tokenizer.json or tokenizer.model (copy in the tokenizer the model "
+            "was trained with)"
+        )
+    return path
+
+
+def _sampling_params(args: argparse.Namespace, **extra: Any) -> Any:
+    """The sampling flags as a SamplingParams (a RequestError naming the field if invalid)."""
+    from camelid.infer import SamplingParams
+
+    return SamplingParams(
+        max_new_tokens=args.max_new_tokens,
+        temperature=0.0 if args.greedy else args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
+        seed=args.seed,
+        stop=tuple(args.stop),
+        stop_token_ids=tuple(args.stop_token_ids),
+        ignore_eos=args.ignore_eos,
+        truncate_prompt=args.truncate,
+        **extra,
+    )
+
+
+def _device_and_dtype(args: argparse.Namespace) -> tuple[Any, Any]:
+    import torch
+
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            raise CamelidError(f"--device {args.device!r}: not a device (try cpu, cuda)") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise CamelidError(f"--device {args.device}: CUDA is not available here")
+    if args.dtype == "auto":
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    else:
+        dtype = getattr(torch, args.dtype)
+    return device, dtype
+
+
+def _note(args: argparse.Namespace, text: str) -> None:
+    """A message for the user on stderr, unless --quiet."""
+    if not args.quiet:
+        print(text, file=sys.stderr, flush=True)
+
+
+def load_engine(args: argparse.Namespace) -> Any:
+    """Load MODEL (weights and tokenizer) into an Engine as the engine flags ask."""
+    from camelid.infer import Engine
+    from camelid.tokenizer import Tokenizer
+    from camelid.weights import load
+
+    if args.max_seq_len is not None and args.max_seq_len < 2:
+        raise CamelidError(f"--max-seq-len must be at least 2, got {args.max_seq_len}")
+    if args.batch_size < 1:
+        raise CamelidError(f"--batch-size must be positive, got {args.batch_size}")
+    path = resolve_model_dir(args.model)
+    device, dtype = _device_and_dtype(args)
+    tokenizer = Tokenizer.load(path)
+    t0 = time.perf_counter()
+    model = load(path, device=device, dtype=dtype, progress=None if not args.quiet else False)
+    engine = Engine(
+        model,
+        tokenizer,
+        max_batch_size=args.batch_size,
+        max_seq_len=args.max_seq_len,
+        compile=args.compile,
+        int8=args.int8,
+    )
+    if args.max_seq_len and args.max_seq_len > model.config.max_seq_len:
+        _note(args, f"note: the model's context is {model.config.max_seq_len} tokens; using that")
+    dtype_name = str(dtype).removeprefix("torch.")
+    _note(
+        args,
+        f"loaded {path} ({_count(model.config.num_params())} parameters, {dtype_name}"
+        f"{', int8 decode' if args.int8 else ''}) on {device} in {time.perf_counter() - t0:.1f}s;"
+        f" context {engine.max_seq_len} tokens",
+    )
+    return engine
+
+
+def _read_prompt(kind: str, value: str) -> str:
+    if kind == "text" and value != "-":
+        return value
+    if value == "-":
+        text = sys.stdin.read()
+    else:
+        try:
+            text = Path(value).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise CamelidError(f"--prompt-file {value}: cannot read it ({e})") from None
+    return text.removesuffix("\n").removesuffix("\r")
+
+
+def _chat_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    from camelid.errors import TokenizerError
+
+    try:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    except TokenizerError as e:
+        raise CamelidError(
+            f"{e}: this tokenizer has no chat format, so it cannot chat; use plain prompts "
+            "(camelid generate without --chat)"
+        ) from None
+
+
+def _summary(completions: list[Any], seconds: float) -> str:
+    tokens = sum(len(c.token_ids) for c in completions)
+    prompt = sum(len(c.prompt_token_ids) for c in completions)
+    reasons: dict[str, int] = {}
+    for c in completions:
+        reasons[c.finish_reason] = reasons.get(c.finish_reason, 0) + 1
+    if len(completions) == 1:
+        finish = completions[0].finish_reason
+    else:
+        finish = ", ".join(f"{n} {r}" for r, n in sorted(reasons.items()))
+    return (
+        f"[{tokens} tokens generated ({prompt} prompt tokens) in {seconds:.2f}s, "
+        f"{tokens / max(seconds, 1e-9):.1f} tokens/s; finish: {finish}]"
+    )
+
+
+def _logprob_json(tokenizer: Any, lp: Any) -> dict[str, Any] | None:
+    if lp is None:
+        return None
+    return {
+        "token": lp.token,
+        "text": tokenizer.decode([lp.token]),
+        "logprob": lp.logprob,
+        "rank": lp.rank,
+        "top": [
+            {"token": t, "text": tokenizer.decode([t]), "logprob": v} for t, v in lp.top.items()
+        ],
+    }
+
+
+def completion_json(tokenizer: Any, index: int, prompt: str, c: Any) -> dict[str, Any]:
+    """What ``camelid generate --json`` prints for one prompt."""
+    out: dict[str, Any] = {
+        "index": index,
+        "prompt": prompt,
+        "text": c.text,
+        "token_ids": c.token_ids,
+        "finish_reason": c.finish_reason,
+        "prompt_tokens": len(c.prompt_token_ids),
+        "completion_tokens": len(c.token_ids),
+    }
+    if c.logprobs is not None:
+        out["logprobs"] = [_logprob_json(tokenizer, lp) for lp in c.logprobs]
+    if c.prompt_logprobs is not None:
+        out["prompt_logprobs"] = [_logprob_json(tokenizer, lp) for lp in c.prompt_logprobs]
+    return out
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    # Everything that can be checked without the model is checked before loading it.
+    if not args.prompts:
+        raise CamelidError("no prompt: give --prompt TEXT, --prompt-file FILE or --prompt -")
+    if sum(v == "-" for _, v in args.prompts) > 1:
+        raise CamelidError("stdin ('-') can give only one prompt")
+    for flag in ("logprobs", "prompt_logprobs"):
+        if getattr(args, flag) is not None and not args.json:
+            raise CamelidError(f"--{flag.replace('_', '-')} needs --json")
+    if args.system is not None and not args.chat:
+        raise CamelidError("--system needs --chat")
+    params = _sampling_params(args, logprobs=args.logprobs, prompt_logprobs=args.prompt_logprobs)
+    texts = [_read_prompt(kind, value) for kind, value in args.prompts]
+
+    engine = load_engine(args)
+    tok = engine.tokenizer
+    system = [{"role": "system", "content": args.system}] if args.system is not None else []
+    prompts = [
+        _chat_ids(tok, [*system, {"role": "user", "content": t}])
+        if args.chat
+        else tok.encode(t, bos=True)
+        for t in texts
+    ]
+    for i, ids in enumerate(prompts):
+        label = "the prompt" if len(prompts) == 1 else f"prompt {i + 1}"
+        if len(ids) >= engine.max_seq_len and not args.truncate:
+            raise CamelidError(
+                f"{label} has {len(ids)} tokens, more than fit the context of "
+                f"{engine.max_seq_len} tokens; shorten it, or pass --truncate to keep its last "
+                "tokens"
+            )
+
+    t0 = time.perf_counter()
+    if args.json:
+        completions = engine.generate(prompts, params)
+        for i, (text, c) in enumerate(zip(texts, completions, strict=True)):
+            print(json.dumps(completion_json(tok, i, text, c), ensure_ascii=False), flush=True)
+    else:
+        completions = _stream_in_order(engine, prompts, texts, params, args.echo)
+    seconds = time.perf_counter() - t0
+    for i, (ids, c) in enumerate(zip(prompts, completions, strict=True)):
+        if len(c.prompt_token_ids) < len(ids):
+            label = "the prompt" if len(prompts) == 1 else f"prompt {i + 1}"
+            kept = len(c.prompt_token_ids)
+            _note(args, f"note: {label} was truncated from {len(ids)} to its last {kept} tokens")
+    compiling = " (including compiling the decode step)" if args.compile else ""
+    _note(args, _summary(completions, seconds) + compiling)
+    return 0
+
+
+def _stream_in_order(
+    engine: Any, prompts: list[list[int]], texts: list[str], params: Any, echo: bool
+) -> list[Any]:
+    """Decode all prompts together; print each completion in prompt order, the current one as
+    it is generated, later ones (buffered meanwhile) as soon as their turn comes."""
+    n = len(prompts)
+    out = sys.stdout
+    pending: dict[int, list[str]] = {i: [] for i in range(n)}
+    done: dict[int, Any] = {}
+    current = 0
+
+    def start(i: int) -> None:
+        if n > 1:
+            preview = texts[i] if len(texts[i]) <= 50 else texts[i][:47] + "..."
+            out.write(f"{'' if i == 0 else chr(10)}=== {i + 1}/{n} {preview!r} ===\n")
+        if echo:
+            out.write(texts[i])
+        out.write("".join(pending.pop(i)))
+        out.flush()
+
+    start(0)
+    try:
+        for i, piece, completion in engine.stream_batch(prompts, params):
+            if i == current:
+                out.write(piece)
+                out.flush()
+            else:
+                pending[i].append(piece)
+            if completion is not None:
+                done[i] = completion
+            while current in done:
+                out.write("\n")
+                current += 1
+                if current < n:
+                    start(current)
+                out.flush()
+    except KeyboardInterrupt:
+        out.write("\n")
+        out.flush()
+        raise
+    return [done[i] for i in range(n)]
+
+
+# -------------------------------------------------------------------------------------- chat
+CHAT_HELP = """commands:
+  /reset         forget the conversation (the system message stays)
+  /help          this list
+  /exit, /quit   leave (as does Ctrl-D, or Ctrl-C at the prompt)
+Ctrl-C while an answer is being written stops it; what was shown stays in the history."""
+
+
+def fit_history(
+    tokenizer: Any, messages: list[dict[str, str]], budget: int
+) -> tuple[list[int], int]:
+    """The prompt ids for a chat (``messages`` ends with the new user message), dropping the
+    oldest turns until at most ``budget`` tokens remain. A leading system message is kept,
+    and the history always restarts at a user message. Returns the ids and how many messages
+    were dropped from the front of the history (they are removed from ``messages``)."""
+    system = 1 if messages and messages[0]["role"] == "system" else 0
+    dropped = 0
+    ids = _chat_ids(tokenizer, messages)
+    while len(ids) > budget and len(messages) - system > 1:
+        del messages[system]
+        dropped += 1
+        while len(messages) - system > 1 and messages[system]["role"] != "user":
+            del messages[system]
+            dropped += 1
+        ids = _chat_ids(tokenizer, messages)
+    return ids, dropped
+
+
+def stream_answer(engine: Any, ids: list[int], params: Any) -> tuple[str, Any, bool]:
+    """Stream one answer to stdout. Returns (its text, the completion or None, whether Ctrl-C
+    stopped it: then the text is the part shown)."""
+    shown: list[str] = []
+    completion = None
+    try:
+        for _, piece, c in engine.stream_batch([ids], params):
+            if piece:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+                shown.append(piece)
+            if c is not None:
+                completion = c
+    except KeyboardInterrupt:
+        return "".join(shown), None, True
+    return (completion.text if completion else "".join(shown)), completion, False
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    params = _sampling_params(args)
+    engine = load_engine(args)
+    tok = engine.tokenizer
+    system = [{"role": "system", "content": args.system}] if args.system is not None else []
+    _chat_ids(tok, [*system, {"role": "user", "content": ""}])  # fail now if it cannot chat
+    # Room kept for the answer: --max-new-tokens, but at most half the context.
+    budget = engine.max_seq_len - min(params.max_new_tokens, engine.max_seq_len // 2)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        with contextlib.suppress(ImportError):
+            import readline  # noqa: F401  (line editing and history for input())
+    _note(args, "type a message; /help lists commands, /exit or Ctrl-D leaves")
+    messages = list(system)
+    turn = 0
+    while True:
+        try:
+            line = input(">>> " if interactive else "")
+        except EOFError:
+            if interactive:
+                print()
+            return 0
+        except KeyboardInterrupt:
+            print()
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text.startswith("/"):
+            command = text.split()[0].lower()
+            if command in ("/exit", "/quit"):
+                return 0
+            if command == "/reset":
+                messages = list(system)
+                _note(args, "(conversation cleared)")
+            elif command == "/help":
+                print(CHAT_HELP)
+            else:
+                print(f"unknown command {command}; /help lists them", file=sys.stderr)
+            continue
+        trial = [*messages, {"role": "user", "content": line}]
+        ids, dropped = fit_history(tok, trial, budget)
+        if len(ids) >= engine.max_seq_len:  # the history is left as it was
+            print(
+                f"camelid: that message is {len(ids)} tokens with the chat framing, more than "
+                f"fit the context of {engine.max_seq_len}; try a shorter one",
+                file=sys.stderr,
+            )
+            continue
+        messages = trial
+        if dropped:
+            context = engine.max_seq_len
+            _note(args, f"(dropped the {dropped} oldest message(s) to fit the context, {context})")
+        seed = None if params.seed is None else params.seed + turn
+        text, completion, stopped = stream_answer(engine, ids, params.replace(seed=seed))
+        print(flush=True)
+        turn += 1
+        if stopped:
+            _note(args, "(answer stopped; the part shown is kept in the conversation)")
+        elif completion is not None and completion.finish_reason == "length":
+            _note(args, "(answer cut at --max-new-tokens or the end of the context)")
+        messages.append({"role": "assistant", "content": text})
 
 
 if __name__ == "__main__":

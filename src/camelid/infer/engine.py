@@ -209,6 +209,8 @@ class Engine:
             )
         if max_batch_size < 1:
             raise RequestError(f"invalid max_batch_size={max_batch_size}: must be >= 1")
+        if max_seq_len is not None and max_seq_len < 2:
+            raise RequestError(f"invalid max_seq_len={max_seq_len}: must be >= 2")
         model.eval()
         self.tokenizer = tokenizer
         self._vocab = tokenizer.vocab_size  # a plain int: read inside the compiled step
@@ -241,6 +243,8 @@ class Engine:
         (``max_new_tokens=64, temperature=0``). Text prompts get a BOS token; id lists are used
         as given. Returns a :class:`Completion`, or a list of them for a list of prompts.
         """
+        if isinstance(prompt, torch.Tensor):
+            prompt = prompt.tolist()
         single = isinstance(prompt, str) or (
             len(prompt) > 0 and all(isinstance(t, int) for t in prompt)
         )
@@ -257,21 +261,23 @@ class Engine:
     ) -> Iterator[str]:
         """Generate for one prompt, yielding text as it becomes final. Pieces never split a
         character and never show a stop string; joined, they are the completion's text."""
-        seqs = self._sequences([prompt], params_from(params, kwargs))
-        for _, piece in self._run(seqs):
-            if piece:
-                yield piece
+        seqs = self._sequences([prompt], params_from(params, kwargs))  # bad input fails here
+        return (piece for _, piece in self._run(seqs) if piece)
 
     def stream_batch(
         self, prompts: Sequence[Prompt], params: SamplingParams | None = None, **kwargs
     ) -> Iterator[tuple[int, str, Completion | None]]:
         """Generate for several prompts together, yielding ``(index, piece, completion)`` per
         new piece; ``completion`` is set on the last event of each prompt."""
-        seqs = self._sequences(list(prompts), params_from(params, kwargs))
-        for i, piece in self._run(seqs):
-            done = seqs[i].finish_reason is not None
-            if piece or done:
-                yield i, piece, seqs[i].result() if done else None
+        seqs = self._sequences(list(prompts), params_from(params, kwargs))  # bad input fails here
+
+        def events() -> Iterator[tuple[int, str, Completion | None]]:
+            for i, piece in self._run(seqs):
+                done = seqs[i].finish_reason is not None
+                if piece or done:
+                    yield i, piece, seqs[i].result() if done else None
+
+        return events()
 
     @torch.inference_mode()
     def score(self, prompt: Prompt, top_logprobs: int = 0) -> Score:
@@ -284,7 +290,7 @@ class Engine:
             )
         if not 0 <= top_logprobs <= 20:
             raise RequestError(f"invalid top_logprobs={top_logprobs}: must be in [0, 20]")
-        logits = self.model(torch.tensor([ids], device=self.device))[0, :-1]
+        logits = self._mask(self.model(torch.tensor([ids], device=self.device))[0, :-1])
         scored = _token_logprobs(logits, ids[1:], top_logprobs) if len(ids) > 1 else []
         return Score(token_ids=ids, tokens=[None, *scored])
 
@@ -292,7 +298,7 @@ class Engine:
     def _encode(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt, bos=True)
-        ids = [int(t) for t in prompt]
+        ids = [int(t) for t in (prompt.tolist() if isinstance(prompt, torch.Tensor) else prompt)]
         if not ids:
             raise RequestError("empty prompt: give at least one token")
         bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
@@ -309,7 +315,8 @@ class Engine:
         seqs = []
         for prompt in prompts:
             ids = self._encode(prompt)
-            room = self.max_seq_len - params.max_new_tokens
+            # Truncation keeps room for max_new_tokens, but at least half the context of prompt.
+            room = max(self.max_seq_len - params.max_new_tokens, self.max_seq_len // 2)
             if len(ids) >= self.max_seq_len or (params.truncate_prompt and len(ids) > room):
                 if not params.truncate_prompt:
                     raise RequestError(

@@ -7,8 +7,9 @@ matrices (short rows) at a third of the machine's read bandwidth; written as
 near the bandwidth (see docs/benchmarks.md). Int8 weights with one fp32 scale per output row
 (symmetric, weight-only) read a quarter of the bytes.
 
-These forms only pay off inside ``torch.compile`` (eager would materialise the product), so the
-engine swaps them in on a structural copy of the model that shares its parameters.
+These forms only pay off inside ``torch.compile`` (eager would materialise the product), so they
+are taken only while compiling, and the engine swaps them in on a structural copy of the model
+that shares its parameters.
 """
 
 from __future__ import annotations
@@ -19,24 +20,39 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+SMALL_BATCH = 16  # up to this many rows, compiled products take the fused row-dot form
 
-def _single_row(x: torch.Tensor) -> bool:
-    return x.shape[:-1].numel() == 1
+
+def _rows(x: torch.Tensor) -> int:
+    return x.shape[:-1].numel()
+
+
+def _row_dot(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``x @ weight.T`` for a few rows as one fused multiply-and-sum. The product is laid out
+    (out, rows), so each weight row is read once and serves every input row from cache."""
+    rows = _rows(x)
+    y = (weight.unsqueeze(1) * x.reshape(1, rows, -1)).sum(-1)
+    return (y.view(-1) if rows == 1 else y.t()).reshape(*x.shape[:-1], -1)
 
 
 class RowDotLinear(nn.Linear):
-    """``nn.Linear`` whose single-row product is a fused multiply-and-sum over weight rows."""
+    """``nn.Linear`` whose product for up to ``SMALL_BATCH`` rows, when compiled, is a fused
+    multiply-and-sum over the weight's rows (eager keeps the BLAS call: it would materialise
+    the product)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _single_row(x):
+        if _rows(x) > SMALL_BATCH or not torch.compiler.is_compiling():
             return F.linear(x, self.weight, self.bias)
-        y = (self.weight * x.reshape(1, -1)).sum(-1).view(*x.shape[:-1], -1)
+        y = _row_dot(self.weight, x)
         return y if self.bias is None else y + self.bias
 
 
 class Int8Linear(nn.Module):
     """Weight-only int8 linear: ``q`` (out, in) int8 and one scale per output row, with
-    ``weight ≈ q * scale[:, None]`` (symmetric, round to nearest)."""
+    ``weight ≈ q * scale[:, None]`` (symmetric, round to nearest).
+
+    Compiled, up to ``SMALL_BATCH`` rows are computed from the int8 weight directly, converting
+    as it is read; larger batches and eager calls dequantise the weight and use a matmul."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
@@ -48,9 +64,10 @@ class Int8Linear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _single_row(x):
-            y = (self.q * x.reshape(1, -1)).sum(-1).view(*x.shape[:-1], -1) * self.scale
-        else:  # prompts: dequantise and use a matmul (compute-bound anyway)
+        rows = _rows(x)
+        if rows <= SMALL_BATCH and torch.compiler.is_compiling():
+            y = _row_dot(self.q, x) * self.scale
+        else:
             y = F.linear(x, self.q.to(x.dtype)) * self.scale
         return y if self.bias is None else y + self.bias
 
@@ -82,11 +99,16 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     return decode_copy(model, int8=True)
 
 
-def weight_bytes(model: nn.Module) -> int:
-    """Bytes of parameters and buffers a forward pass reads (a tied tensor counted once)."""
+def decode_bytes(model: nn.Module) -> int:
+    """Bytes of weights one decode step reads: every parameter and buffer once, except the
+    embedding table, of which a step reads one row (unless the head shares it). The memory-
+    bandwidth roofline of batch-1 decoding is read bandwidth / this."""
+    head = getattr(getattr(model, "output", None), "weight", None)
+    embedding = getattr(getattr(model, "tok_embeddings", None), "weight", None)
     seen, total = set(), 0
     for t in list(model.parameters()) + list(model.buffers()):
-        if id(t) not in seen:
-            seen.add(id(t))
-            total += t.numel() * t.element_size()
+        if id(t) in seen or (t is embedding and t is not head):
+            continue
+        seen.add(id(t))
+        total += t.numel() * t.element_size()
     return total

@@ -38,7 +38,7 @@ class SamplingParams:
     - ``logprobs``: return each generated token's log-probability and this many alternatives.
     - ``prompt_logprobs``: also score the prompt's tokens, with this many alternatives.
     - ``truncate_prompt``: drop the oldest prompt tokens to make room for ``max_new_tokens``
-      instead of refusing a prompt that does not fit the context.
+      (keeping at least half the context) instead of refusing a prompt that does not fit.
     """
 
     max_new_tokens: int = 256
@@ -104,8 +104,8 @@ def _check(p: SamplingParams) -> None:
     for name in ("presence_penalty", "frequency_penalty"):
         if not finite(name) or not -2 <= getattr(p, name) <= 2:
             raise bad(name, "in [-2, 2] (0 is off)")
-    if p.seed is not None and (not isinstance(p.seed, int) or p.seed < 0):
-        raise bad("seed", "a non-negative integer")
+    if p.seed is not None and (not isinstance(p.seed, int) or not 0 <= p.seed < 2**64):
+        raise bad("seed", "an integer in [0, 2**64)")  # what torch.Generator accepts
     if any(not isinstance(s, str) or not s for s in p.stop):
         raise bad("stop", "non-empty strings")
     if any(t < 0 for t in p.stop_token_ids):

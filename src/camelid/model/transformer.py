@@ -68,8 +68,8 @@ class KVCache:
 
 
 # What one layer's attention needs of a KVCache: its key and value buffers, the (rows, :,
-# positions) index the new tokens are written at, the (B, 1, T, kv_len) visibility mask and
-# how many slots to attend over.
+# positions) index the new tokens are written at, the visibility mask (B, 1, group * T,
+# kv_len) (the query heads of a kv group folded into the query axis) and how many slots to read.
 _LayerCache = tuple[torch.Tensor, torch.Tensor, tuple, torch.Tensor, int]
 
 
@@ -100,15 +100,24 @@ class Attention(nn.Module):
         # (B, heads, T, head_dim); query head h reads kv head h // (n_heads // n_kv_heads).
         q = q.transpose(1, 2)
         if cache is None:
-            k, v, mask = k.transpose(1, 2), v.transpose(1, 2), None
+            k, v = k.transpose(1, 2), v.transpose(1, 2)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=K != H)
         else:
             k_buf, v_buf, index, mask, kv_len = cache
             k_buf[index] = k  # slots (row, position) <- (B, T, K, head_dim)
             v_buf[index] = v
+            # The H // K query heads of a group share one kv head: fold the group into the
+            # query axis, (B, K, group * T, head_dim), so the cache is read once per kv head
+            # and never expanded to H heads.
+            q = q.reshape(B, K, -1, self.head_dim)
             k, v = k_buf[:B, :, :kv_len], v_buf[:B, :, :kv_len]
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=K != H
-        )
+            if T == 1:  # decoding: a few query rows, where plain math beats the fused kernels
+                scores = (q @ k.transpose(-1, -2)) * self.head_dim**-0.5
+                probs = scores.masked_fill(~mask, -math.inf).softmax(-1, dtype=torch.float32)
+                y = probs.to(q.dtype) @ v
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            y = y.view(B, H, T, self.head_dim)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -291,7 +300,9 @@ class Transformer(nn.Module):
             rows = torch.arange(B, device=tokens.device).unsqueeze(1)
             index = (rows, slice(None), pos)
             slots = torch.arange(kv_len, device=tokens.device)
-            mask = (slots <= pos.unsqueeze(-1)).unsqueeze(1)  # (B, 1, T, kv_len)
+            group = self.config.n_heads // self.config.n_kv_heads
+            mask = (slots <= pos.unsqueeze(-1)).unsqueeze(1)  # (B, 1, T, kv_len) ...
+            mask = mask.expand(B, group, T, kv_len).reshape(B, 1, group * T, kv_len)  # grouped
             for layer, k_buf, v_buf in zip(self.layers, cache.k, cache.v, strict=True):
                 h = layer(h, cos, sin, (k_buf, v_buf, index, mask, kv_len))
         h = self.norm(h)
