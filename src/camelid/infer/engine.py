@@ -102,10 +102,9 @@ class Score:
 class _Sequence:
     """One request's state while it decodes."""
 
-    def __init__(
-        self, prompt: list[int], params: SamplingParams, engine: Engine, vocab: int
-    ) -> None:
+    def __init__(self, prompt: list[int], params: SamplingParams, engine: Engine) -> None:
         self.prompt, self.params = prompt, params
+        vocab = engine.config.vocab_size
         self.out: list[int] = []
         self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
         self.prompt_logprobs: list[TokenLogprob | None] | None = None
@@ -341,7 +340,7 @@ class Engine:
                         "keep its last tokens)"
                     )
                 ids = ids[-max(room, 1) :]
-            seqs.append(_Sequence(ids, params, self, self.config.vocab_size))
+            seqs.append(_Sequence(ids, params, self))
         return seqs
 
     def _cache_for(self, batch: int, length: int) -> KVCache:
