@@ -7,14 +7,13 @@ import torch
 import torch.nn.functional as F
 
 from camelid import ModelConfig, Transformer
-from camelid.model.transformer import IGNORE_INDEX, linear_cross_entropy
-from camelid.train.step import cross_entropy
+from camelid.loss import IGNORE_INDEX, cross_entropy, linear_cross_entropy, next_token_loss
 
 
 @pytest.mark.parametrize("tie", [False, True])
 def test_model_loss_matches_loss_of_logits(tie):
-    """``model(x, targets=y)`` gives the loss and every gradient of the cross-entropy of the
-    logits, with ignored targets (fp64, so that any difference is an error, not rounding)."""
+    """``next_token_loss(model, x, y)`` gives the loss and every gradient of the cross-entropy
+    of the logits, with ignored targets (fp64, so that any difference is an error, not rounding)."""
     torch.manual_seed(0)
     model = Transformer(ModelConfig.from_preset("tiny", tie_embeddings=tie)).double()
     x, y = torch.randint(0, 512, (3, 37)), torch.randint(0, 512, (3, 37))
@@ -24,7 +23,7 @@ def test_model_loss_matches_loss_of_logits(tie):
     expected_loss.backward()
     expected = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
-    loss = model(x, targets=y)
+    loss = next_token_loss(model, x, y)
     loss.backward()
     assert loss.dtype == torch.float64
     assert abs(loss.item() - expected_loss.item()) < 1e-12
@@ -49,7 +48,7 @@ def test_fused_loss_without_grad_and_fp32():
     model = Transformer(ModelConfig.from_preset("tiny"))
     x, y = torch.randint(0, 512, (2, 16)), torch.randint(0, 512, (2, 16))
     with torch.no_grad():
-        loss = model(x, targets=y)
+        loss = next_token_loss(model, x, y)
         expected = cross_entropy(model(x), y)
     assert loss.dtype == torch.float32 and not loss.requires_grad
     assert abs(loss.item() - expected.item()) < 1e-5

@@ -753,7 +753,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
     summary = quickstart(args.out, args.corpus, args.vocab_size, args.set)
     _print_summary(summary)
-    if summary.get("sample") is not None:
+    if summary["sample"] is not None:
         print(f"\nsample completion of {summary['sample_prompt']!r}:")
         print("    " + (summary["sample_prompt"] + summary["sample"]).replace("\n", "\n    "))
     print(f"\ntotal {summary['total_s'] / 60:.1f} min")
@@ -767,7 +767,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, args.set)
     summary = train(recipe, resume=args.resume, fresh=args.fresh)
-    if "report" not in summary:
+    if not summary.reports:
         return 0  # not the main rank
     _print_summary(summary)
     return 0 if summary["status"] == "finished" else 143
@@ -784,7 +784,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
         print(f"resume with: camelid train {summary['run_dir']}/recipe.toml --resume")
     print(f"run          {summary['run_dir']}")
     print(f"report       {summary['report']}")
-    if summary.get("export"):
+    if summary["export"]:
         print(f"weights      {summary['export']} (Hugging Face format, with the tokenizer)")
 
 

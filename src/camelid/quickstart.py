@@ -8,16 +8,24 @@ is trained afresh.
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
 
 from camelid.data import PrepareConfig, prepare, sources
 from camelid.data.pipeline import training_texts
 from camelid.tokenizer import Tokenizer, train_tokenizer
 from camelid.train.recipe import Recipe, load_recipe
-from camelid.train.trainer import train
+from camelid.train.trainer import TrainSummary, train
+
+
+@dataclass
+class QuickstartSummary(TrainSummary):
+    """The training summary, plus the whole pipeline's time."""
+
+    total_s: float = 0.0
 
 
 def default_recipe_path() -> Path:
@@ -30,7 +38,7 @@ def quickstart(
     vocab_size: int = 4096,
     overrides: list[str] | None = None,
     log=print,
-) -> dict[str, Any]:
+) -> QuickstartSummary:
     """Run every stage into ``out`` (tokenizer/, data/, run/); return the training summary."""
     out = Path(out)
     t0 = time.perf_counter()
@@ -61,19 +69,5 @@ def quickstart(
         f"{recipe.train.seq_len} tokens -> {run_dir}"
     )
     summary = train(recipe, fresh=True)
-    summary["sample_prompt"] = recipe.eval.sample_prompt
-    summary["sample"] = _last_sample(run_dir)
-    summary["total_s"] = time.perf_counter() - t0
     log("[4/4] done")
-    return summary
-
-
-def _last_sample(run_dir: Path) -> str | None:
-    import json
-
-    sample = None
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if rec.get("kind") == "eval" and rec.get("sample") is not None:
-            sample = rec["sample"]
-    return sample
+    return QuickstartSummary(**dataclasses.asdict(summary), total_s=time.perf_counter() - t0)

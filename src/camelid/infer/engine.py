@@ -197,6 +197,8 @@ class Engine:
     - ``int8``: decode with int8 weight-only linear layers (a copy; ``model`` is unchanged).
     - ``stop_token_ids``: tokens that end every request (default: the tokenizer's end of text,
       end of turn and end of message).
+    - ``cache_dtype``: the KV cache's dtype (default: the weights'); the dtype the model
+      computes in when that differs from its weights' (autocast, FSDP2 mixed precision).
     """
 
     def __init__(
@@ -209,6 +211,7 @@ class Engine:
         compile: bool = False,
         int8: bool = False,
         stop_token_ids: Sequence[int] | None = None,
+        cache_dtype: torch.dtype | None = None,
     ) -> None:
         config = model.config
         if tokenizer.vocab_size > config.vocab_size:
@@ -225,7 +228,7 @@ class Engine:
         self._vocab = tokenizer.vocab_size  # a plain int: read inside the compiled step
         self.config = config
         weight = model.tok_embeddings.weight
-        self.device, self.dtype = weight.device, weight.dtype
+        self.device, self.dtype = weight.device, cache_dtype or weight.dtype
         self.max_seq_len = min(config.max_seq_len, max_seq_len or config.max_seq_len)
         self.max_batch_size = max_batch_size
         self.stop_token_ids = (

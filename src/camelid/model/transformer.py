@@ -3,15 +3,17 @@
 Block: ``h = x + attn(norm(x)); out = h + ffn(norm(h))``. Attention is grouped-query with RoPE
 through ``scaled_dot_product_attention``; the FFN is SwiGLU. The q/k/v projections are fused into
 one ``wqkv`` matrix, so one matmul and one RoPE pass serve all three; the mapping to the
-separate Hugging Face tensors lives in ``camelid.weights.hf``. Given targets, the model returns
-the loss; on a CPU its head and cross-entropy then run fused (``linear_cross_entropy``).
-Given a :class:`KVCache`, attention writes each token's keys and values into it at the token's
-position and attends over everything cached so far (prefill and decode are the same code).
+separate Hugging Face tensors lives in ``camelid.weights.hf``. The model computes no loss:
+given a ``head`` callable it returns ``head(hidden, output_weight)`` instead of the logits, which
+is how ``camelid.loss`` fuses the head with the cross-entropy. Given a :class:`KVCache`,
+attention writes each token's keys and values into it at the token's position and attends
+over everything cached so far (prefill and decode are the same code).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -158,74 +160,12 @@ class Block(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
-IGNORE_INDEX = -100  # a target that counts neither in the loss nor in its mean
-
-
-class _LinearCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of ``h @ weight.T`` against ``targets``, computed in fp32 a chunk of
-    rows at a time. Each chunk's logits become their own gradient (softmax - one-hot) in place
-    and go through the head's two backward matmuls at once, so the (N, vocab) logits are never
-    held whole and backward only scales the two gradients made here."""
-
-    @staticmethod
-    def forward(ctx, h, weight, targets, chunk_rows, needs_grad):
-        dtype = torch.promote_types(h.dtype, torch.float32)  # fp32 at least
-        valid = targets != IGNORE_INDEX
-        row_weight = valid.to(dtype) / valid.sum()  # each row's share of the mean
-        targets = targets.where(valid, 0).unsqueeze(1)
-        loss = torch.zeros((), dtype=dtype, device=h.device)
-        grad_h = torch.empty_like(h) if needs_grad else None
-        grad_w = torch.zeros_like(weight) if needs_grad else None
-        for start in range(0, len(h), chunk_rows):
-            r = slice(start, start + chunk_rows)
-            logits = (h[r] @ weight.t()).to(dtype)
-            target_logit = logits.gather(1, targets[r])
-            shift = logits.amax(1, keepdim=True)
-            probs = logits.sub_(shift).exp_()  # unnormalised, in place
-            total = probs.sum(1, keepdim=True)
-            loss += ((total.log() + shift - target_logit).squeeze(1) * row_weight[r]).sum()
-            if needs_grad:
-                grad = probs.mul_(row_weight[r, None] / total)
-                grad.scatter_add_(1, targets[r], -row_weight[r, None])
-                grad = grad.to(h.dtype)
-                grad_h[r] = grad @ weight
-                grad_w += grad.t() @ h[r]
-        ctx.save_for_backward(grad_h, grad_w)
-        return loss
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss):
-        grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_loss, grad_w * grad_loss, None, None, None
-
-
-def linear_cross_entropy(
-    h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_bytes: int = 16 << 20
-) -> torch.Tensor:
-    """``F.cross_entropy(F.linear(h, weight).float(), targets)`` for h (N, dim), targets (N,).
-
-    On a CPU it runs fused, holding at most ``chunk_bytes`` of fp32 logits at a time: a chunk
-    stays in cache, and no logits-sized buffer is allocated (and page-faulted in) every step.
-    On GPUs the plain form is kept: their fused log-softmax kernels make fewer passes over the
-    logits than this loop (measured on an H100, Llama 3.2 1B, 4 × 2048 tokens, bf16: 4% more
-    tokens/s than the fused form, for 8 GiB more memory).
-    """
-    if h.device.type != "cpu":
-        logits = F.linear(h, weight).float()
-        return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)
-    chunk_rows = max(1, chunk_bytes // (4 * weight.shape[0]))
-    needs_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
-    return _LinearCrossEntropy.apply(h, weight, targets, chunk_rows, needs_grad)
-
-
 class Transformer(nn.Module):
-    """A dense Llama model. ``model(tokens)`` maps ids (B, T) to logits (B, T, vocab);
-    ``model(tokens, targets=targets)`` returns the mean next-token loss instead.
+    """A dense Llama model. ``model(tokens)`` maps ids (B, T) to logits (B, T, vocab).
 
     Build it on the meta device (``with torch.device("meta"):``) to get shapes and counts without
-    allocating weights; ``to_empty(device=...)`` then ``init_weights()`` or a checkpoint load
-    makes it real.
+    allocating weights; ``to_empty(device=...)``, ``tie_weights()`` then ``init_weights()`` or a
+    checkpoint load makes it real.
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -235,43 +175,61 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
-        if config.tie_embeddings:
-            self.output.weight = self.tok_embeddings.weight
+        self.tie_weights()
         # RoPE frequencies stay fp32 whatever dtype the model is cast to, so they are kept out
         # of the module's buffers and moved to the input's device on first use.
         self._inv_freq = inv_frequencies(config)
         self.init_weights()
 
-    @torch.no_grad()
-    def init_weights(self, std: float = 0.02) -> None:
-        """Initialise for training from scratch.
+    def tie_weights(self) -> None:
+        """Share the embedding with the output head when the config ties them. Called again
+        after ``to_empty``, which re-creates each module's parameters and so undoes the tie."""
+        if self.config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    def init_plan(self, std: float = 0.02) -> Iterator[tuple[str, str, float]]:
+        """How each parameter is initialised for training from scratch, in a fixed order:
+        ``(name, "normal" | "ones" | "zeros", std)``. A tied head appears once.
 
         Embedding and every linear weight ~ N(0, std); the two projections that write into the
         residual stream (``wo`` and ``w2``) use std / sqrt(2 · n_layers) so the residual's
-        variance does not grow with depth (GPT-2's scheme); biases 0, norm weights 1.
+        variance does not grow with depth (GPT-2's scheme); biases 0, norm weights 1. The plan
+        is data, so a sharded model (``camelid.train.parallelize``) draws the same values.
         """
         residual_std = std / math.sqrt(2 * self.config.n_layers)
-        for name, module in self.named_modules():
-            if isinstance(module, nn.Linear):
-                s = residual_std if name.endswith(("wo", "w2")) else std
-                nn.init.normal_(module.weight, mean=0.0, std=s)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-            elif isinstance(module, RMSNorm):
-                nn.init.ones_(module.weight)
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                yield name, "zeros", 0.0
+            elif p.ndim == 1:  # RMSNorm weights
+                yield name, "ones", 0.0
+            else:
+                yield (
+                    name,
+                    "normal",
+                    residual_std if name.endswith(("wo.weight", "w2.weight")) else std,
+                )
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
+        """Initialise in place by :meth:`init_plan` (the global RNG unless ``generator``)."""
+        params = dict(self.named_parameters())
+        for name, kind, s in self.init_plan(std):
+            p = params[name]
+            if kind == "normal":
+                p.normal_(0.0, s, generator=generator)
+            else:
+                p.fill_(1.0 if kind == "ones" else 0.0)
 
     def forward(
         self,
         tokens: torch.Tensor,
         input_pos: torch.Tensor | None = None,
-        targets: torch.Tensor | None = None,
         cache: KVCache | None = None,
         kv_len: int | None = None,
         last_only: bool = False,
+        head: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Logits for ``tokens`` (B, T) or, given ``targets`` (B, T), the mean fp32 loss.
+        """Logits (B, T, vocab) for ``tokens`` (B, T).
 
         ``input_pos`` gives each token's absolute position, (T,) or (B, T); by default 0..T-1.
         Without a cache, attention is causal within the given tokens. With ``cache``, row b's
@@ -279,9 +237,9 @@ class Transformer(nn.Module):
         at or before their own position; ``kv_len`` (default: the whole cache) bounds the slots
         read, so eager decoding reads only what is filled while a compiled step keeps static
         shapes. ``last_only`` returns the logits of the last position only, (B, 1, vocab): all
-        a generation prefill needs. With ``targets`` (B, T) it returns the mean fp32
-        cross-entropy instead of the logits (targets equal to ``IGNORE_INDEX`` are left out),
-        via ``linear_cross_entropy``.
+        a generation prefill needs. ``head`` replaces the output projection: the result is
+        ``head(h, output_weight)`` for the final normed hidden state h (B, T, dim), e.g. a loss
+        fused with the projection (``camelid.loss.next_token_loss``).
         """
         B, T = tokens.shape
         if input_pos is None:
@@ -306,8 +264,8 @@ class Transformer(nn.Module):
             for layer, k_buf, v_buf in zip(self.layers, cache.k, cache.v, strict=True):
                 h = layer(h, cos, sin, (k_buf, v_buf, index, mask, kv_len))
         h = self.norm(h)
-        if targets is not None:
-            return linear_cross_entropy(h.flatten(0, 1), self.output.weight, targets.flatten())
+        if head is not None:
+            return head(h, self.output.weight)
         return self.output(h[:, -1:] if last_only else h)
 
     def num_params(self) -> int:

@@ -1,9 +1,9 @@
-"""Process groups and FSDP2 sharding: whatever `torchrun` sets up, nothing home-made.
+"""Process groups: whatever `torchrun` sets up, nothing home-made.
 
 Under ``torchrun --nproc_per_node N`` (or across nodes, with ``--nnodes``/``--rdzv-endpoint``)
-each process reads RANK, WORLD_SIZE and LOCAL_RANK; the trainer then shards the model with
-``fully_shard`` per transformer block and once at the root, over a 1-D device mesh: NCCL on
-GPUs, gloo on CPUs. A plain ``python`` / ``camelid train`` run is a world of one, unsharded.
+each process reads RANK, WORLD_SIZE and LOCAL_RANK and joins the group: NCCL on GPUs, gloo on
+CPUs. How the model is sharded over it lives in :mod:`camelid.train.parallelize`. A plain
+``python`` / ``camelid train`` run is a world of one.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 
 @dataclass(frozen=True)
@@ -45,20 +44,6 @@ def init_world(device: str = "auto") -> World:
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     return World(rank, world_size, local_rank, dev)
-
-
-def shard(model: nn.Module, world: World) -> nn.Module:
-    """FSDP2: each block is one unit (its parameters gathered just in time), then the root."""
-    if not world.distributed:
-        return model
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    mesh = init_device_mesh(world.device.type, (world.world_size,))
-    for block in model.layers:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    return model
 
 
 def all_reduce_mean(t: torch.Tensor, world: World) -> torch.Tensor:

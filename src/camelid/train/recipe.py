@@ -18,26 +18,41 @@ from pathlib import Path
 from typing import Any
 
 from camelid.config import PRESETS, ModelConfig
-from camelid.errors import CamelidError
+from camelid.errors import CamelidError, ConfigError
 
 
 class RecipeError(CamelidError):
     """A recipe that cannot be run as written."""
 
 
+# ModelConfig fields a recipe may not set: the name is the preset's.
+_NOT_IN_RECIPES = ("name",)
+
+
 @dataclass
 class ModelSection:
+    """A preset plus any of :class:`ModelConfig`'s own fields on top (``[model] preset = "tiny"
+    dim = 128``); a field that is not given is the preset's — or, for ``vocab_size``, the
+    tokenizer's, and for ``max_seq_len`` at least ``train.seq_len``. Each key is checked
+    against ModelConfig's fields and their types, so a model field is declared only there."""
+
     preset: str = "llama-16m"
-    # Explicit fields override the preset's; vocab_size defaults to the tokenizer's.
-    vocab_size: int = 0
-    dim: int = 0
-    n_layers: int = 0
-    n_heads: int = 0
-    n_kv_heads: int = 0
-    ffn_hidden_dim: int = 0
-    max_seq_len: int = 0
-    rope_theta: float = 0.0
-    tie_embeddings: bool | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    @staticmethod
+    def schema() -> dict[str, Any]:
+        """The keys a recipe's [model] may hold, with their types."""
+        hints = typing.get_type_hints(ModelConfig)
+        known = {"preset": str}
+        known.update(
+            (f.name, hints[f.name]) for f in fields(ModelConfig) if f.name not in _NOT_IN_RECIPES
+        )
+        return known
+
+    def to_dict(self) -> dict[str, Any]:
+        table = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
+                 for k, v in self.overrides.items()}  # fmt: skip
+        return {"preset": self.preset, **table}
 
 
 @dataclass
@@ -154,6 +169,12 @@ class Recipe:
             raise RecipeError(
                 f"model.preset: unknown preset {self.model.preset!r}; known: {', '.join(PRESETS)}"
             )
+        config = self.model_config(PRESETS[self.model.preset].get("vocab_size", 32000))
+        given = self.model.overrides.get("max_seq_len")
+        if given is not None and config.max_seq_len < t.seq_len:
+            raise RecipeError(
+                f"model.max_seq_len ({given}) is shorter than train.seq_len ({t.seq_len})"
+            )
         if not self.data.dir:
             raise RecipeError("data.dir is required: a dataset directory from `camelid prepare`")
         for drill in self.guard.drill:
@@ -162,19 +183,23 @@ class Recipe:
                 raise RecipeError(f"guard.drill: {drill!r} is not 'nan:STEP' or 'spike:STEP'")
 
     def model_config(self, vocab_size: int) -> ModelConfig:
-        """The preset with explicit fields on top; vocab from the tokenizer unless given."""
-        overrides = {
-            f.name: getattr(self.model, f.name)
-            for f in fields(ModelSection)
-            if f.name != "preset" and getattr(self.model, f.name) not in (0, 0.0, None)
-        }
+        """The preset with the recipe's fields on top; vocab from the tokenizer unless given."""
+        overrides = dict(self.model.overrides)
         overrides.setdefault("vocab_size", vocab_size)
         base = {**PRESETS[self.model.preset], **overrides}  # derived sizes follow the overrides
-        base["max_seq_len"] = max(base.get("max_seq_len", 0), self.train.seq_len)
-        return ModelConfig(**base, name=self.model.preset)
+        if "max_seq_len" not in overrides:
+            base["max_seq_len"] = max(base.get("max_seq_len", 0), self.train.seq_len)
+        try:
+            return ModelConfig(**base, name=self.model.preset)
+        except ConfigError as e:  # name the recipe key when the message starts with a field
+            text = str(e)
+            named = text.split(" ", 1)[0] in ModelSection.schema()
+            raise RecipeError(f"model.{text}" if named else f"[model] {text}") from None
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        out["model"] = self.model.to_dict()
+        return out
 
     def to_toml(self) -> str:
         lines = ["# The resolved recipe of this run (file + --set overrides + defaults)."]
@@ -215,14 +240,21 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not isinstance(values, dict):
             raise RecipeError(f"[{section}] must be a table of keys")
         target = getattr(recipe, section)
-        known = {f.name: f for f in fields(target)}
-        hints = typing.get_type_hints(type(target))
+        if section == "model":
+            hints = ModelSection.schema()
+        else:
+            hints = typing.get_type_hints(type(target))
+            hints = {f.name: hints[f.name] for f in fields(target)}
         for key, value in values.items():
-            if key not in known:
+            if key not in hints:
                 raise RecipeError(
-                    f"unknown recipe key {section}.{key}; known in [{section}]: {', '.join(known)}"
+                    f"unknown recipe key {section}.{key}; known in [{section}]: {', '.join(hints)}"
                 )
-            setattr(target, key, _coerce(f"{section}.{key}", value, hints[key]))
+            value = _coerce(f"{section}.{key}", value, hints[key])
+            if section == "model" and key != "preset":
+                target.overrides[key] = value
+            else:
+                setattr(target, key, value)
     recipe.validate()
     return recipe
 
@@ -244,7 +276,22 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if typing.get_origin(t) is list and isinstance(value, list):
             (item,) = typing.get_args(t)
             return [_coerce(key, v, item) for v in value]
-    names = " or ".join(getattr(t, "__name__", str(t)) for t in options)
+        if dataclasses.is_dataclass(t) and isinstance(value, dict):  # a table, e.g. rope_scaling
+            inner = typing.get_type_hints(t)
+            unknown = set(value) - set(inner)
+            if unknown:
+                raise RecipeError(f"{key}: unknown key(s) {', '.join(sorted(unknown))}; known: "
+                                  f"{', '.join(inner)}")  # fmt: skip
+            kwargs = {k: _coerce(f"{key}.{k}", v, inner[k]) for k, v in value.items()}
+            try:
+                return t(**kwargs)
+            except ConfigError as e:
+                raise RecipeError(f"{key}: {e}") from None
+    names = " or ".join(
+        "a table" if dataclasses.is_dataclass(t) else getattr(t, "__name__", str(t))
+        for t in options
+        if t is not type(None)
+    )
     raise RecipeError(f"{key} must be {names}, got {value!r} ({type(value).__name__})")
 
 
@@ -263,4 +310,6 @@ def _toml_value(value: Any) -> str:
         return f'"{escaped}"'
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
     raise TypeError(f"cannot write {value!r} as TOML")

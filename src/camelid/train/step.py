@@ -1,8 +1,9 @@
 """One optimisation step's parts, shared by the trainer and the training benchmark.
 
 ``forward_backward`` runs the micro-batches of one step (gradient accumulation) and returns the
-mean loss; the caller clips, steps the optimizer and zeroes the gradients. Keeping these small
-and separate lets the trainer put its stability guard between backward and the update.
+step's exact mean loss; the caller clips, steps the optimizer and zeroes the gradients. Keeping
+these small and separate lets the trainer put its stability guard between backward and the
+update.
 """
 
 from __future__ import annotations
@@ -11,14 +12,10 @@ import contextlib
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token loss, computed in fp32 whatever the logits' dtype: the loss that
-    ``model(inputs, targets=targets)`` computes fused, for models that return logits."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+from camelid.loss import next_token_loss, valid_targets
+from camelid.train.distributed import World, all_reduce_sum
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -51,27 +48,36 @@ def forward_backward(
     model: nn.Module,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     autocast_dtype: torch.dtype | None = None,
+    world: World | None = None,
 ) -> torch.Tensor:
-    """Accumulate gradients over ``batches``; return the mean loss (detached, on device).
+    """Accumulate the gradients of one optimizer step over ``batches``; return its loss
+    (detached, on device, the same on every rank).
 
-    The model computes the loss itself (``model(inputs, targets=targets)``): on a CPU its head
-    and the cross-entropy then run fused, without materialising the (batch, seq, vocab) logits.
+    The loss is the sum of the cross-entropy over every valid target of the step — all
+    micro-batches, all ranks — divided by the number of those targets, so masked targets and
+    uneven micro-batches give the exact mean over the step's tokens (as torchtitan does), not a
+    mean of per-batch means. Its head and the cross-entropy run fused
+    (``camelid.loss.next_token_loss``).
     """
+    world = world or World()
     batches = list(batches)
-    total = None
+    if not batches:
+        raise ValueError("forward_backward needs at least one batch")
+    n_valid = all_reduce_sum(sum(valid_targets(y) for _, y in batches).double(), world)
+    # FSDP2 averages gradients over ranks; scaling by the world size turns that into the sum.
+    scale = world.world_size / n_valid
+    total = torch.zeros((), dtype=torch.float64, device=batches[0][0].device)
     for inputs, targets in batches:
-        device_type = inputs.device.type
         ctx = (
-            torch.autocast(device_type, dtype=autocast_dtype)
+            torch.autocast(inputs.device.type, dtype=autocast_dtype)
             if autocast_dtype is not None
             else contextlib.nullcontext()
         )
         with ctx:
-            loss = model(inputs, targets=targets) / len(batches)
-        loss.backward()
-        total = loss.detach() if total is None else total + loss.detach()
-    assert total is not None, "forward_backward needs at least one batch"
-    return total
+            nats = next_token_loss(model, inputs, targets, reduction="sum")
+        (nats * scale.to(nats.dtype)).backward()
+        total += nats.detach()
+    return (all_reduce_sum(total, world) / n_valid).float()
 
 
 def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:

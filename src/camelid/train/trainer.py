@@ -12,36 +12,32 @@ SIGINT, and at the end a Hugging Face export and a report.
 from __future__ import annotations
 
 import contextlib
-import json
+import dataclasses
 import math
 import shutil
 import signal
 import sys
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from camelid.data import TokenLoader, read_manifest
 from camelid.errors import CamelidError, DataError
+from camelid.infer import Engine, SamplingParams
 from camelid.io import write_text_atomic
+from camelid.loss import IGNORE_INDEX, next_token_loss, valid_targets
 from camelid.model import Transformer
 from camelid.system import device_name
 from camelid.tokenizer import Tokenizer
 from camelid.train import checkpoint as ckpt
-from camelid.train.distributed import (
-    World,
-    all_reduce_mean,
-    all_reduce_sum,
-    any_rank,
-    barrier,
-    init_world,
-    shard,
-)
+from camelid.train.distributed import World, all_reduce_sum, any_rank, barrier, init_world
 from camelid.train.distributed import close as close_world
 from camelid.train.guard import Guard
 from camelid.train.metrics import Clock, MetricsLog, device_peak_flops, peak_memory
+from camelid.train.parallelize import build_model, local_param_bytes
 from camelid.train.recipe import Recipe, RecipeError
 from camelid.train.schedule import lr_at
 from camelid.train.step import build_optimizer, clip_grad_norm, forward_backward
@@ -50,10 +46,47 @@ from camelid.train.step import build_optimizer, clip_grad_norm, forward_backward
 MAX_ROLLBACKS = 5
 
 
+@dataclass
+class TrainSummary:
+    """What a training run did, as this rank saw it. Every rank returns one; only the rank
+    that ``reports`` (rank 0) wrote the log, the report and the export.
+
+    Fields can also be read as ``summary["status"]``, for code written against the plain dict
+    the trainer used to return.
+    """
+
+    status: str  # "finished", or "stopped" by a signal (resume it)
+    steps: int
+    tokens: int
+    wall_s: float
+    goodput: float
+    time_s: dict[str, float]
+    final_val_loss: float | None
+    final_val_bpb: float | None
+    sample_prompt: str
+    sample: str | None  # the last evaluation's completion of sample_prompt
+    model: str
+    params: int
+    param_bytes_per_rank: list[int]  # parameter bytes each rank holds (its FSDP2 shards)
+    device: str
+    world_size: int
+    run_dir: str
+    export: str | None  # the Hugging Face directory, when exported
+    events: dict[str, int] = field(default_factory=dict)  # event kind -> count, this invocation
+    reports: bool = True
+    report: str | None = None  # report.md, on the reporting rank
+
+    def __getitem__(self, key: str) -> Any:
+        return getattr(self, key)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 def train(
     recipe: Recipe, resume: str | None = None, fresh: bool = False, progress: bool | None = None
-) -> dict[str, Any]:
-    """Run ``recipe``; ``resume`` is "latest" or a checkpoint directory. Returns the summary."""
+) -> TrainSummary:
+    """Run ``recipe``; ``resume`` is "latest" or a checkpoint directory."""
     clock = Clock()
     world = init_world(recipe.train.device)
     try:
@@ -68,9 +101,11 @@ class _Run:
         self.run_dir = Path(recipe.run.out_dir)
         self.show_bar = world.is_main and (sys.stderr.isatty() if progress is None else progress)
         self.stop_signal: int | None = None
+        self.events: Counter[str] = Counter()
+        self.last_eval: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------------------ set-up
-    def run(self, resume: str | None, fresh: bool) -> dict[str, Any]:
+    def run(self, resume: str | None, fresh: bool) -> TrainSummary:
         r, world = self.recipe, self.world
         self._prepare_dir(resume, fresh)
         manifest = read_manifest(r.data.dir)
@@ -90,23 +125,25 @@ class _Run:
         start_state = self._resume_state(resume)
 
         torch.manual_seed(r.train.seed)
-        model = Transformer(self.config)  # initialised on the CPU: the same on every rank
-        model = shard(model.to(world.device), world)
-        if r.train.activation_checkpointing:
-            _checkpoint_activations(model)
-        if r.train.compile:
-            for block in model.layers:
-                block.compile()
+        bf16 = r.train.precision == "bf16" or (
+            r.train.precision == "auto" and world.device.type == "cuda"
+        )
+        model = build_model(self.config, world, seed=r.train.seed,
+                            activation_checkpointing=r.train.activation_checkpointing,
+                            compile=r.train.compile, bf16=bf16)  # fmt: skip
         self.model = model
         o = r.optim
         self.optimizer = build_optimizer(model, o.lr, o.weight_decay, (o.beta1, o.beta2), o.eps)
         self.loader = TokenLoader(r.data.dir, "train", r.train.batch_size, r.train.seq_len,
                                   r.train.seed, world.rank, world.world_size)  # fmt: skip
         self.guard = Guard(r.guard)
-        bf16 = r.train.precision == "bf16" or (
-            r.train.precision == "auto" and world.device.type == "cuda"
-        )
-        self.autocast = torch.bfloat16 if bf16 else None
+        # bf16: under FSDP2 its mixed-precision policy casts the parameters; a single process
+        # keeps fp32 weights and autocasts the forward.
+        self.compute_dtype = torch.bfloat16 if bf16 else torch.float32
+        self.autocast = torch.bfloat16 if bf16 and not world.distributed else None
+        mine = torch.zeros(world.world_size, dtype=torch.float64, device=world.device)
+        mine[world.rank] = local_param_bytes(model)
+        self.param_bytes = [int(b) for b in all_reduce_sum(mine, world).tolist()]
         self.byte_lengths = torch.tensor(self.tokenizer.token_byte_lengths() + [0] * (
             self.config.vocab_size - self.tokenizer.vocab_size), device=world.device)  # fmt: skip
         self.peak = device_peak_flops(world.device, r.run.peak_tflops)
@@ -118,7 +155,7 @@ class _Run:
         self.step, self.tokens = 0, 0
         if start_state is not None:
             self._restore(start_state[0], start_state[1])
-            self.log.write("event", step=self.step, event="resume", detail=str(start_state[0]))
+            self._event("resume", str(start_state[0]))
         elif r.guard.enabled and r.guard.max_bad_steps > 0:
             self._checkpoint()  # something to roll back to from the very first steps
         if world.is_main:
@@ -195,9 +232,9 @@ class _Run:
                     tuple(t.to(world.device, non_blocking=True) for t in next(self.loader))
                     for _ in range(r.train.grad_accum)
                 ]
-                loss = forward_backward(self.model, batches, self.autocast)
-                grad_norm = clip_grad_norm(self.model, r.optim.grad_clip)
-                stats = all_reduce_mean(torch.stack([loss.float(), grad_norm.float()]), world)
+                loss = forward_backward(self.model, batches, self.autocast, world)
+                grad_norm = clip_grad_norm(self.model, r.optim.grad_clip)  # global, every rank
+                stats = torch.stack([loss.float(), grad_norm.float().to(loss.device)])
                 loss_value, norm_value = (float(v) for v in stats.tolist())
                 drill = self.guard.drill(self.step)
                 if drill == "nan":
@@ -215,9 +252,8 @@ class _Run:
                     since_checkpoint += seconds
                 else:
                     self.clock.move("train", "skipped", seconds)
-                    self.log.write("event", step=self.step, event=verdict,
-                                   detail=f"loss {loss_value:.4g}, grad norm {norm_value:.4g}; "
-                                   "update skipped" + (" (drill)" if drill else ""))  # fmt: skip
+                    self._event(verdict, f"loss {loss_value:.4g}, grad norm {norm_value:.4g}; "
+                                "update skipped" + (" (drill)" if drill else ""))  # fmt: skip
                 tps = self.tokens_per_step / seconds
                 mfu = tps * self.flops_per_token / self.peak if self.peak else None
                 self.log.write("step", step=self.step, loss=loss_value, grad_norm=norm_value,
@@ -246,8 +282,7 @@ class _Run:
                 if any_rank(self.stop_signal is not None, world):
                     self._checkpoint()
                     name = signal.Signals(self.stop_signal).name if self.stop_signal else "signal"
-                    self.log.write("event", step=self.step, event="signal",
-                                   detail=f"{name}: checkpoint saved, stopping")  # fmt: skip
+                    self._event("signal", f"{name}: checkpoint saved, stopping")
                     return "stopped"
         finally:
             if bar is not None:
@@ -279,9 +314,8 @@ class _Run:
         self.guard.bad_streak, self.guard.drills = 0, drills  # a drill fires once
         self.clock.move("train", "rollback", since_checkpoint)
         self.clock.lap("rollback")
-        self.log.write("event", step=self.step, event="rollback",
-                       detail=f"to step {self.step} after bad steps up to {failed_at}; the data "
-                       f"of steps {self.step + 1}..{failed_at} is skipped")  # fmt: skip
+        self._event("rollback", f"to step {self.step} after bad steps up to {failed_at}; the "
+                    f"data of steps {self.step + 1}..{failed_at} is skipped")  # fmt: skip
         return self.step
 
     def _checkpoint(self) -> bool:
@@ -299,9 +333,12 @@ class _Run:
         except OSError as e:
             ok, detail = False, f"{e}; the previous checkpoint is still the latest"
         self.clock.lap("checkpoint")
-        self.log.write("event", step=self.step, event="checkpoint" if ok else "checkpoint_failed",
-                       detail=detail)  # fmt: skip
+        self._event("checkpoint" if ok else "checkpoint_failed", detail)
         return ok
+
+    def _event(self, kind: str, detail: str) -> None:
+        self.events[kind] += 1
+        self.log.write("event", step=self.step, event=kind, detail=detail)
 
     # --------------------------------------------------------------------------- evaluate
     @torch.no_grad()
@@ -312,17 +349,17 @@ class _Run:
                               0, world.rank, world.world_size, shuffle=False)  # fmt: skip
         except DataError as e:
             self.clock.lap("eval")
-            self.log.write("event", step=self.step, event="no_validation", detail=str(e))
+            self._event("no_validation", str(e))
             return None
         sums = torch.zeros(3, dtype=torch.float64, device=world.device)  # nats, tokens, bytes
         for _ in range(min(r.eval.batches, len(val))):
             x, y = (t.to(world.device) for t in next(val))
             with self._autocast():
-                logits = self.model(x)
-            nats = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum")
+                nats = next_token_loss(self.model, x, y, reduction="sum")
+            valid = y != IGNORE_INDEX
             sums += torch.stack(
-                [nats.double(), torch.tensor(y.numel(), device=world.device).double(),
-                 self.byte_lengths[y].sum().double()]
+                [nats.double(), valid_targets(y).double(),
+                 (self.byte_lengths[y.where(valid, 0)] * valid).sum().double()]
             )  # fmt: skip
         nats, tokens, nbytes = all_reduce_sum(sums, world).tolist()
         result = {
@@ -337,25 +374,21 @@ class _Run:
         return result
 
     def _sample(self) -> str:
-        """A completion of the sample prompt (every rank decodes in lockstep under FSDP)."""
-        r, tok = self.recipe, self.tokenizer
-        ids = tok.encode(r.eval.sample_prompt, bos=True)
-        start = len(ids)
-        gen = torch.Generator().manual_seed(r.train.seed)
-        stops = {tok.eos_id, tok.eot_id}
-        for _ in range(r.eval.sample_tokens):
-            x = torch.tensor([ids[-self.config.max_seq_len :]], device=self.world.device)
-            with self._autocast():
-                logits = self.model(x)[0, -1].float().cpu()
-            if r.eval.temperature > 0:
-                probs = torch.softmax(logits / r.eval.temperature, dim=-1)
-                nxt = int(torch.multinomial(probs, 1, generator=gen))
-            else:
-                nxt = int(logits.argmax())
-            if nxt in stops:
-                break
-            ids.append(nxt)
-        return tok.decode(ids[start:])
+        """A completion of the sample prompt by the generation engine, with the stop tokens
+        of ``camelid generate``. Every rank decodes in lockstep under FSDP: the same prompt,
+        the same gathered weights and a fixed seed give every rank the same tokens."""
+        r = self.recipe
+        engine = Engine(self.model, self.tokenizer, max_batch_size=1,
+                        cache_dtype=self.compute_dtype)  # fmt: skip
+        params = SamplingParams(max_new_tokens=r.eval.sample_tokens, top_p=1.0,
+                                temperature=r.eval.temperature, seed=r.train.seed,
+                                truncate_prompt=True)  # fmt: skip
+        try:
+            # Compiled blocks are compiled for training shapes; decoding runs them eagerly.
+            with self._autocast(), torch.compiler.set_stance("force_eager"):
+                return engine.generate(r.eval.sample_prompt, params).text
+        finally:
+            self.model.train()
 
     def _autocast(self):
         if self.autocast is None:
@@ -363,50 +396,49 @@ class _Run:
         return torch.autocast(self.world.device.type, dtype=self.autocast)
 
     # ------------------------------------------------------------------------------ finish
-    def _finish(self, status: str) -> dict[str, Any]:
+    def _finish(self, status: str) -> TrainSummary:
         r = self.recipe
-        last = None
         if status == "finished":
             if not (r.eval.interval and self.step % r.eval.interval == 0):
                 self._evaluate()
-            last = getattr(self, "last_eval", None)
             if not (r.checkpoint.interval and self.step % r.checkpoint.interval == 0):
                 self._checkpoint()
             if r.checkpoint.export_hf:
                 self._export()
-        else:
-            last = getattr(self, "last_eval", None)
-        summary = {
-            "status": status,
-            "steps": self.step,
-            "tokens": self.tokens,
-            "wall_s": self.clock.elapsed(),
-            "goodput": self.clock.goodput(),
-            "time_s": dict(self.clock.buckets),
-            "final_val_loss": last["val_loss"] if last else None,
-            "final_val_bpb": last["val_bpb"] if last else None,
-            "model": f"{self.config.name}: {self.config.n_layers} layers, dim {self.config.dim}, "
-            f"{self.config.n_heads}/{self.config.n_kv_heads} heads, vocab {self.config.vocab_size}",
-            "params": self.config.num_params(),
-            "device": device_name(self.world.device),
-            "world_size": self.world.world_size,
-            "run_dir": str(self.run_dir),
-            "export": str(self.run_dir / "hf")
+        last = self.last_eval
+        c = self.config
+        summary = TrainSummary(
+            status=status,
+            steps=self.step,
+            tokens=self.tokens,
+            wall_s=self.clock.elapsed(),
+            goodput=self.clock.goodput(),
+            time_s=dict(self.clock.buckets),
+            final_val_loss=last["val_loss"] if last else None,
+            final_val_bpb=last["val_bpb"] if last else None,
+            sample_prompt=r.eval.sample_prompt,
+            sample=last["sample"] if last else None,
+            model=f"{c.name}: {c.n_layers} layers, dim {c.dim}, {c.n_heads}/{c.n_kv_heads} "
+            f"heads, vocab {c.vocab_size}",
+            params=c.num_params(),
+            param_bytes_per_rank=self.param_bytes,
+            device=device_name(self.world.device),
+            world_size=self.world.world_size,
+            run_dir=str(self.run_dir),
+            export=str(self.run_dir / "hf")
             if status == "finished" and r.checkpoint.export_hf
             else None,
-        }
-        events: dict[str, int] = {}
-        if self.world.is_main:
-            for line in (self.run_dir / "metrics.jsonl").read_text().splitlines():
-                rec = json.loads(line)
-                if rec.get("kind") == "event":
-                    events[rec["event"]] = events.get(rec["event"], 0) + 1
-        summary["events"] = events
-        self.log.write("summary", **summary)
+            events=dict(self.events),
+            reports=self.world.is_main,
+        )
+        record = summary.to_dict()
+        for key in ("sample_prompt", "sample", "reports", "report"):
+            record.pop(key)
+        self.log.write("summary", **record)
         if self.world.is_main:
             from camelid.train.report import write_report
 
-            summary["report"] = str(write_report(self.run_dir))
+            summary.report = str(write_report(self.run_dir))
         return summary
 
     def _export(self) -> None:
@@ -421,15 +453,14 @@ class _Run:
             with torch.device("meta"):
                 model = Transformer(self.config)
             model = model.to_empty(device="cpu")
-            if self.config.tie_embeddings:
-                model.output.weight = model.tok_embeddings.weight
+            model.tie_weights()
             model.load_state_dict({k: v.float() for k, v in state.items()})
             out = self.run_dir / "hf"
             save(model, out)
             self.tokenizer.save(out, model_max_length=self.config.max_seq_len)
         barrier(self.world)
         self.clock.lap("export")
-        self.log.write("event", step=self.step, event="export", detail=str(self.run_dir / "hf"))
+        self._event("export", str(self.run_dir / "hf"))
 
     @contextlib.contextmanager
     def _signals(self):
@@ -446,16 +477,3 @@ class _Run:
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)
-
-
-def _checkpoint_activations(model: Transformer) -> None:
-    """Recompute each block's activations in backward instead of keeping them."""
-    from torch.utils.checkpoint import checkpoint
-
-    for block in model.layers:
-        forward = block.forward
-
-        def wrapped(*args, _forward=forward):
-            return checkpoint(_forward, *args, use_reentrant=False)
-
-        block.forward = wrapped

@@ -121,8 +121,7 @@ def load(
     with torch.device("meta"):
         model = Transformer(config)
     model = model.to(dtype).to_empty(device=device)
-    if config.tie_embeddings:  # to_empty re-creates parameters, which undoes the tie
-        model.output.weight = model.tok_embeddings.weight
+    model.tie_weights()  # to_empty re-creates parameters, which undoes the tie
     params = dict(model.named_parameters())
     bar = _progress(len(targets), f"loading {path.name}", progress)
     with torch.no_grad():

@@ -1,0 +1,119 @@
+"""Next-token losses: the one home of ``IGNORE_INDEX``, cross-entropy and the fused CPU head.
+
+Every consumer — pre-training, fine-tuning masks, validation, evaluation — computes its loss
+here, so a masked target means the same thing everywhere. Losses come as a *sum* over valid
+targets when the caller must normalise over more than one batch (the trainer divides by the
+valid targets of a whole optimizer step, across micro-batches and ranks), or as a mean.
+
+The model never computes a loss: ``next_token_loss`` hands it a ``head`` callable that it
+applies to its final hidden state and output weight, so the loss runs inside the model's
+forward (where an FSDP2-sharded head weight is gathered) and, on a CPU, without ever holding
+the (tokens, vocab) logits.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE_INDEX = -100  # a target that counts neither in the loss nor in its normaliser
+
+Reduction = Literal["mean", "sum"]
+
+
+def cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, reduction: Reduction = "mean"
+) -> torch.Tensor:
+    """Next-token loss of logits (..., vocab) against targets (...), in fp32 whatever the logits'
+    dtype; targets equal to ``IGNORE_INDEX`` are left out of the sum and the mean."""
+    return F.cross_entropy(
+        logits.flatten(0, -2).float(),
+        targets.flatten(),
+        ignore_index=IGNORE_INDEX,
+        reduction=reduction,
+    )
+
+
+def valid_targets(targets: torch.Tensor) -> torch.Tensor:
+    """How many targets count (a 0-d int64 tensor on the targets' device)."""
+    return (targets != IGNORE_INDEX).sum()
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Cross-entropy of ``h @ weight.T`` against ``targets``, summed with a per-row weight,
+    computed in fp32 a chunk of rows at a time. Each chunk's logits become their own gradient
+    (softmax - one-hot) in place and go through the head's two backward matmuls at once, so
+    the (N, vocab) logits are never held whole and backward only scales the two gradients."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, mean, chunk_rows, needs_grad):
+        dtype = torch.promote_types(h.dtype, torch.float32)  # fp32 at least
+        valid = targets != IGNORE_INDEX
+        row_weight = valid.to(dtype)  # each row's share of the result
+        if mean:  # over no valid target: nan, as F.cross_entropy's mean
+            row_weight /= valid.sum()
+        targets = targets.where(valid, 0).unsqueeze(1)
+        loss = torch.zeros((), dtype=dtype, device=h.device)
+        grad_h = torch.empty_like(h) if needs_grad else None
+        grad_w = torch.zeros_like(weight) if needs_grad else None
+        for start in range(0, len(h), chunk_rows):
+            r = slice(start, start + chunk_rows)
+            logits = (h[r] @ weight.t()).to(dtype)
+            target_logit = logits.gather(1, targets[r])
+            shift = logits.amax(1, keepdim=True)
+            probs = logits.sub_(shift).exp_()  # unnormalised, in place
+            total = probs.sum(1, keepdim=True)
+            loss += ((total.log() + shift - target_logit).squeeze(1) * row_weight[r]).sum()
+            if needs_grad:
+                grad = probs.mul_(row_weight[r, None] / total)
+                grad.scatter_add_(1, targets[r], -row_weight[r, None])
+                grad = grad.to(h.dtype)
+                grad_h[r] = grad @ weight
+                grad_w += grad.t() @ h[r]
+        ctx.save_for_backward(grad_h, grad_w)
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_loss, grad_w * grad_loss, None, None, None, None
+
+
+def linear_cross_entropy(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_bytes: int = 16 << 20,
+    reduction: Reduction = "mean",
+) -> torch.Tensor:
+    """``cross_entropy(F.linear(h, weight), targets, reduction)`` for h (..., dim), targets (...).
+
+    On a CPU it runs fused, holding at most ``chunk_bytes`` of fp32 logits at a time: a chunk
+    stays in cache, and no logits-sized buffer is allocated (and page-faulted in) every step.
+    On GPUs the plain form is kept: their fused log-softmax kernels make fewer passes over the
+    logits than this loop (measured on an H100, Llama 3.2 1B, 4 × 2048 tokens, bf16: 4% more
+    tokens/s than the fused form, for 8 GiB more memory).
+    """
+    h, targets = h.flatten(0, -2), targets.flatten()
+    if h.device.type != "cpu":
+        return cross_entropy(F.linear(h, weight), targets, reduction)
+    chunk_rows = max(1, chunk_bytes // (4 * weight.shape[0]))
+    needs_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    mean = reduction == "mean"
+    return _LinearCrossEntropy.apply(h, weight, targets, mean, chunk_rows, needs_grad)
+
+
+def next_token_loss(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    reduction: Reduction = "mean",
+) -> torch.Tensor:
+    """The model's fp32 loss on ``inputs`` (B, T) against ``targets`` (B, T), its head and the
+    cross-entropy fused (see the module docstring)."""
+    return model(inputs, head=partial(linear_cross_entropy, targets=targets, reduction=reduction))
