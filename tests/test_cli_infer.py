@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import hf_model, save_hf
+from conftest import random_llama_dir
 
 import camelid
 from camelid.cli import fit_history, main
@@ -40,7 +40,7 @@ def model_dir(tmp_path_factory) -> Path:
     """A 2-layer random Llama with a 518-token BPE tokenizer (chat tokens included)."""
     root = tmp_path_factory.mktemp("infer") / "model"
     tok = train_tokenizer(TEXTS, 600, num_special=16)
-    save_hf(hf_model(vocab_size=tok.vocab_size), root)
+    random_llama_dir(root, vocab_size=tok.vocab_size)
     tok.save(root)
     return root
 

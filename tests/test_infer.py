@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import hf_model, save_hf
+from conftest import hf_model, random_llama_dir
 from torch import nn
 
 import camelid
@@ -52,8 +52,9 @@ def hf(tok):
 
 
 @pytest.fixture(scope="module")
-def model(hf, tok, tmp_path_factory):
-    path = save_hf(hf, tmp_path_factory.mktemp("infer") / "model")
+def model(tok, tmp_path_factory):
+    """``hf``'s weights (the same seed and shape), loaded by camelid."""
+    path = random_llama_dir(tmp_path_factory.mktemp("infer") / "model", vocab_size=tok.vocab_size)
     return camelid.load(path)
 
 

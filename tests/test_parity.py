@@ -54,6 +54,7 @@ def test_hf_to_camelid(tmp_path, name):
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_camelid_to_hf(tmp_path, name):
+    pytest.importorskip("transformers")
     from transformers import AutoModelForCausalLM
 
     model = camelid.load(save_hf(hf_model(seed=3, **CONFIGS[name]), tmp_path / "hf"))
@@ -78,6 +79,7 @@ def test_transformers_4x_config_style(tmp_path, name):
 
 
 def test_sharded_both_ways(tmp_path):
+    pytest.importorskip("transformers")
     from transformers import AutoModelForCausalLM
 
     hf = hf_model()
@@ -106,6 +108,7 @@ def test_sharded_both_ways(tmp_path):
 
 def test_positions_match_hf_position_ids(tiny_checkpoint):
     """input_pos shifts RoPE exactly as HF's position_ids do (the hook for KV-cache decoding)."""
+    pytest.importorskip("transformers")
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, attn_implementation="eager").eval()
@@ -120,6 +123,7 @@ def test_positions_match_hf_position_ids(tiny_checkpoint):
 
 def test_bfloat16_cpu(tmp_path):
     """bf16 weights load as bf16 on request, run, and stay close to HF's bf16 eager forward."""
+    pytest.importorskip("transformers")
     from transformers import AutoModelForCausalLM
 
     path = save_hf(hf_model(dtype=torch.bfloat16), tmp_path / "hf")
@@ -147,6 +151,7 @@ def test_bfloat16_cpu(tmp_path):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_matches_hf_eager(tmp_path, dtype):
     """On a GPU: fp32 within 1e-4; bf16 against HF eager (fp32 softmax), the exact bf16 oracle."""
+    pytest.importorskip("transformers")
     from transformers import AutoModelForCausalLM
 
     path = save_hf(hf_model(**CONFIGS["gqa-untied-llama3"]), tmp_path / "hf")

@@ -11,12 +11,10 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+from conftest import needs_hf, transformers
 
 from camelid.errors import TokenizerError
 from camelid.tokenizer import LLAMA3_PATTERN, Tokenizer, train_tokenizer
-
-transformers = pytest.importorskip("transformers")
-from transformers.convert_slow_tokenizer import bytes_to_unicode  # noqa: E402
 
 VOCAB = 1200
 LLAMA3_NAMED = {
@@ -139,11 +137,15 @@ def saved(tok, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def hf_tok(saved):
+    needs_hf()
     return transformers.AutoTokenizer.from_pretrained(saved)
 
 
 def write_ranks(tokenizer_json: Path, dst: Path) -> dict[bytes, int]:
     """Meta's tokenizer.model from a tokenizer.json: its byte-level vocab as bytes, rank = id."""
+    needs_hf()
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
     vocab = json.loads(tokenizer_json.read_text())["model"]["vocab"]
     char_to_byte = {c: b for b, c in bytes_to_unicode().items()}
     ranks = {bytes(char_to_byte[c] for c in token): i for token, i in vocab.items()}
@@ -340,6 +342,7 @@ def test_tiktoken_saves_as_json(tiktoken_tok, tmp_path):
     tt, _ = tiktoken_tok
     tt.save(tmp_path)
     again = Tokenizer.load(tmp_path)
+    needs_hf()
     hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
     for text in varied_texts(100, seed=5):
         assert again.encode(text) == tt.encode(text)
@@ -382,6 +385,7 @@ def test_llama4_names(saved, tmp_path):
         "<|header_start|>"
         in json.loads((out / "tokenizer_config.json").read_text())["chat_template"]
     )
+    needs_hf()
     hf = transformers.AutoTokenizer.from_pretrained(out)
     for msgs in CONVERSATIONS:
         ref = hf.apply_chat_template(msgs, add_generation_prompt=True, return_dict=False)

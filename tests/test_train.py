@@ -101,6 +101,7 @@ def test_loss_goes_down_and_everything_is_written(tmp_path, dataset):
 
 
 def test_export_loads_in_transformers_with_matching_logits(tmp_path, dataset):
+    pytest.importorskip("transformers")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import camelid
@@ -297,3 +298,41 @@ def test_shipped_recipes_are_valid():
     for name in names:
         recipe = load_recipe(configs / name)
         assert recipe.model_config(4096).num_params() > 0
+
+
+# --------------------------------------------------------------------------- golden curve
+GOLDEN = Path(__file__).with_name("golden") / "tiny_loss_curve.json"
+GOLDEN_SETTINGS = {
+    "train": {"steps": 20, "batch_size": 4, "seq_len": 32, "grad_accum": 2},
+    "checkpoint": {"interval": 0, "export_hf": False},
+    "eval": {"interval": 0, "sample_tokens": 0},
+}
+# Relative tolerance per step, from measurements (torch 2.13 CPU): the run is bit-identical
+# with 1 or 2 threads and with MKL/ATen held to AVX2 kernels (MKL_ENABLE_INSTRUCTIONS=AVX2,
+# ATEN_CPU_CAPABILITY=avx2) instead of AVX-512; held to SSE4.2 it differs by 2.3e-7. A 0.1%
+# change of the learning rate moves the curve by 4e-4 by step 20 (1%: 4e-3), and a change to
+# the init, data order, loss or optimizer far more. 1e-4 is 400x the measured spread across
+# machines and catches a 0.1% learning-rate change. Another torch release may move the curve
+# by more: regenerate it then, after checking that the change is only numerical noise.
+GOLDEN_RTOL = 1e-4
+
+
+def golden_losses(tmp_path: Path, dataset: Path) -> list[float]:
+    recipe = load_recipe(recipe_file(tmp_path, dataset, **GOLDEN_SETTINGS))
+    train(recipe, progress=False)
+    losses = step_losses(tmp_path / "run")
+    return [losses[s] for s in sorted(losses)]
+
+
+def test_golden_loss_curve(tmp_path, dataset):
+    """A seeded 20-step tiny CPU run reproduces the stored loss curve. To regenerate it after
+    an intended change: CAMELID_REGENERATE_GOLDEN=1 bash scripts/test.sh -k golden"""
+    losses = golden_losses(tmp_path, dataset)
+    if os.environ.get("CAMELID_REGENERATE_GOLDEN"):
+        GOLDEN.parent.mkdir(exist_ok=True)
+        GOLDEN.write_text(json.dumps({"settings": GOLDEN_SETTINGS, "losses": losses}, indent=1))
+    golden = json.loads(GOLDEN.read_text())
+    assert golden["settings"] == GOLDEN_SETTINGS
+    assert len(losses) == len(golden["losses"]) == 20
+    worst = max(abs(a - b) / abs(b) for a, b in zip(losses, golden["losses"], strict=True))
+    assert worst < GOLDEN_RTOL, (worst, losses)
