@@ -30,9 +30,10 @@ import torch
 
 import camelid
 from camelid.config import ModelConfig
+from camelid.loss import cross_entropy
 from camelid.system import cpu_name
 from camelid.train.metrics import measure_matmul_flops
-from camelid.train.step import build_optimizer, clip_grad_norm, cross_entropy, forward_backward
+from camelid.train.step import build_optimizer, clip_grad_norm, forward_backward
 
 
 def main() -> None:
