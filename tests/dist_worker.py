@@ -1,7 +1,7 @@
 """Run under ``torchrun`` by test_parallel.py: one optimizer step's gradients, sharded.
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/dist_worker.py OUT \
-        [--tie] [--ac] [--accum N]
+        [--tie] [--ac] [--compile] [--accum N]
 
 Each rank builds the model with ``build_model`` (meta device, FSDP2, sharded init), runs
 ``forward_backward`` over its rows of the global batch from ``masked_batch`` in ``--accum``
@@ -50,9 +50,11 @@ def main() -> None:
     ap.add_argument("--tie", action="store_true")
     ap.add_argument("--ac", action="store_true")
     ap.add_argument("--accum", type=int, default=1)
+    ap.add_argument("--compile", action="store_true")
     args = ap.parse_args()
     world = init_world("cpu")
-    model = build_model(config(args.tie), world, seed=0, activation_checkpointing=args.ac)
+    model = build_model(config(args.tie), world, seed=0, activation_checkpointing=args.ac,
+                        compile=args.compile)  # fmt: skip
     x, y = masked_batch()
     mine = slice(world.rank, None, world.world_size)  # this rank's rows of the global batch
     xs, ys = x[mine].chunk(args.accum), y[mine].chunk(args.accum)
