@@ -71,3 +71,12 @@ def to_v4_config(path: Path) -> None:
 def tiny_checkpoint(tmp_path: Path) -> Path:
     """A saved tiny HF Llama checkpoint (single safetensors file)."""
     return save_hf(hf_model(), tmp_path / "hf")
+
+
+def camelid_main(argv: list[str]) -> int:
+    """Run the `camelid` command as installed (its console-script entry point), in-process, so
+    monkeypatching and capsys see it; tests never import camelid.cli themselves."""
+    import importlib.metadata
+
+    (ep,) = importlib.metadata.entry_points(group="console_scripts", name="camelid")
+    return ep.load()(argv)

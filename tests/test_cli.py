@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+from conftest import camelid_main as main
 
 import camelid
-from camelid.cli import main
 
 
 def test_help_lists_commands(capsys):
@@ -79,3 +81,72 @@ def test_main_job_script_entry_point():
         check=True,
     )
     assert "8,030,261,248" in res.stdout
+
+
+def test_python_m_camelid():
+    res = subprocess.run([sys.executable, "-m", "camelid", "--version"],
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    assert res.stdout == f"camelid {camelid.__version__}\n"
+
+
+# ---------------------------------------------------------------- nothing imports the front door
+def _imports_cli(source: str, package: str) -> bool:
+    """Whether code in ``package`` imports camelid.cli (absolutely or relatively)."""
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            if node.level:  # relative: resolved against the importing module's package
+                parts = package.split(".")
+                base = parts[: len(parts) - node.level + 1]
+                module = ".".join([*base, *([node.module] if node.module else [])])
+            names = [module, *(f"{module}.{a.name}" for a in node.names)]
+        else:
+            continue
+        if any(n == "camelid.cli" or n.startswith("camelid.cli.") for n in names):
+            return True
+    return False
+
+
+def test_the_import_check_is_real():
+    imports = [
+        "import camelid.cli",
+        "from camelid.cli import main",
+        "from camelid import cli",
+        "from camelid.cli.args import note",
+        "import camelid.cli.chat as c",
+        "from .. import cli",
+        "from ..cli import main",
+        "def f():\n    import camelid.cli",
+    ]
+    for code in imports:
+        assert _imports_cli(code, "camelid.infer"), code
+    others = [
+        "import camelid",
+        "from camelid.client import x",
+        "from camelid import config",
+        "from . import cli",
+        "from .cli import x",
+        "s = 'from camelid.cli import main'",
+    ]
+    for code in others:
+        assert not _imports_cli(code, "camelid.infer"), code
+
+
+def test_nothing_imports_the_cli():
+    """cli/ is the front door: no room of the house, benchmark or test imports it (tests run
+    the installed command instead)."""
+    src = Path(camelid.__file__).parent
+    repo = Path(__file__).resolve().parents[1]
+    files = [
+        f for f in src.rglob("*.py") if f.relative_to(src).parts[0] not in ("cli", "__main__.py")
+    ]
+    files += [*(repo / "tests").glob("*.py"), *(repo / "benchmarks").glob("*.py")]
+    assert src / "infer" / "load.py" in files and len(files) > 30
+    offenders = []
+    for f in files:
+        package = ".".join(f.relative_to(src.parent).parts[:-1]) if f.is_relative_to(src) else ""
+        if _imports_cli(f.read_text(encoding="utf-8"), package):
+            offenders.append(str(f))
+    assert offenders == []
