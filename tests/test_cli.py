@@ -89,6 +89,13 @@ def test_python_m_camelid():
     assert res.stdout == f"camelid {camelid.__version__}\n"
 
 
+def test_inspect_forward_bad_device_is_one_line(capsys):
+    capsys.readouterr()
+    assert main(["inspect", "tiny", "--forward", "--device", "nonsense"]) == 1
+    err = capsys.readouterr().err
+    assert err == "camelid: error: --device 'nonsense': not a device (try cpu, cuda)\n"
+
+
 # ---------------------------------------------------------------- nothing imports the front door
 def _imports_cli(source: str, package: str) -> bool:
     """Whether code in ``package`` imports camelid.cli (absolutely or relatively)."""

@@ -12,6 +12,7 @@ import torch
 
 from camelid.config import PRESETS, ModelConfig
 from camelid.errors import CamelidError
+from camelid.infer.load import resolve_device
 from camelid.io import format_bytes, format_count
 from camelid.model import Transformer
 from camelid.system import available_memory
@@ -135,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _forward(config: ModelConfig, args: argparse.Namespace, checkpoint: bool) -> dict[str, Any]:
     """Run one forward pass: a smoke test that the model runs on this machine."""
-    device = torch.device(args.device)
+    device = resolve_device(args.device)
     need = config.weight_bytes(4)
     avail = available_memory(device)
     if avail is not None and need > 0.8 * avail:
