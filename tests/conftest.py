@@ -106,3 +106,12 @@ def random_llama_dir(path: Path, seed: int = 0, **overrides) -> Path:
 def tiny_checkpoint(tmp_path: Path) -> Path:
     """A saved tiny random Llama checkpoint (single safetensors file)."""
     return random_llama_dir(tmp_path / "hf")
+
+
+def camelid_main(argv: list[str]) -> int:
+    """Run the `camelid` command as installed (its console-script entry point), in-process, so
+    monkeypatching and capsys see it; tests never import camelid.cli themselves."""
+    import importlib.metadata
+
+    (ep,) = importlib.metadata.entry_points(group="console_scripts", name="camelid")
+    return ep.load()(argv)

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import camelid_main as main
 from safetensors.torch import load_file, save_file
 
 import camelid
-from camelid.cli import main
 from camelid.errors import CamelidError
 
 

@@ -8,9 +8,9 @@ import sys
 
 import pytest
 import torch
+from conftest import camelid_main as main
 
 import camelid
-from camelid.cli import main
 
 
 def test_help_lists_commands(capsys):
@@ -79,3 +79,16 @@ def test_main_job_script_entry_point():
         check=True,
     )
     assert "8,030,261,248" in res.stdout
+
+
+def test_python_m_camelid():
+    res = subprocess.run([sys.executable, "-m", "camelid", "--version"],
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    assert res.stdout == f"camelid {camelid.__version__}\n"
+
+
+def test_inspect_forward_bad_device_is_one_line(capsys):
+    capsys.readouterr()
+    assert main(["inspect", "tiny", "--forward", "--device", "nonsense"]) == 1
+    err = capsys.readouterr().err
+    assert err == "camelid: error: --device 'nonsense': not a device (try cpu, cuda)\n"

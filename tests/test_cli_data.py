@@ -7,8 +7,8 @@ import random
 from pathlib import Path
 
 import pytest
+from conftest import camelid_main as main
 
-from camelid.cli import main
 from camelid.data import TokenLoader
 from camelid.tokenizer import Tokenizer
 

@@ -12,12 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import camelid_main as main
 from conftest import random_llama_dir
 
 import camelid
-from camelid.cli import fit_history, main
+from camelid.errors import CheckpointError, RequestError
 from camelid.infer.engine import Engine
+from camelid.infer.load import load_engine, resolve_model_dir
 from camelid.tokenizer import train_tokenizer
+from camelid.tokenizer.chat import fit_history
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog. 你好，世界！🙂🎉 " * 3 + str(i)
@@ -99,6 +102,30 @@ def test_generate_sampled_with_seed_is_repeatable(capsys, model_dir, engine):
         repetition_penalty=1.2, frequency_penalty=0.3, seed=5, ignore_eos=True,
     )  # fmt: skip
     assert first == second == ref.text + "\n"
+
+
+def test_generate_defaults_are_the_library_defaults(capsys, model_dir, engine):
+    """One set of sampling defaults: the command's are SamplingParams'."""
+    _, out, _ = run(capsys, "generate", model_dir, "-p", "The quick", "-n", 16, "--device", "cpu",
+                    "--seed", 9, "--ignore-eos", "-q")  # fmt: skip
+    ref = engine.generate("The quick", max_new_tokens=16, seed=9, ignore_eos=True)
+    assert out == ref.text + "\n"
+
+
+def test_load_engine_takes_plain_arguments(model_dir, tmp_path):
+    """What every consumer (CLI, server) loads a model with; a run directory resolves to hf/."""
+    lines: list[str] = []
+    shutil.copytree(model_dir, tmp_path / "run" / "hf")
+    engine = load_engine(tmp_path / "run", device="cpu", max_seq_len=1000, max_batch_size=2,
+                         log=lines.append)  # fmt: skip
+    assert (engine.max_seq_len, engine.max_batch_size, engine.dtype) == (256, 2, torch.float32)
+    assert lines[0] == "note: the model's context is 256 tokens; using that"
+    assert lines[1].startswith(f"loaded {tmp_path / 'run' / 'hf'} (") and len(lines) == 2
+    assert resolve_model_dir(tmp_path / "run") == tmp_path / "run" / "hf"
+    with pytest.raises(CheckpointError, match="no such directory"):
+        load_engine(tmp_path / "absent")
+    with pytest.raises(RequestError, match="--dtype 'int4'"):
+        load_engine(model_dir, dtype="int4")
 
 
 def test_generate_json(capsys, model_dir, engine):

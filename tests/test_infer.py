@@ -546,6 +546,9 @@ def test_apply_penalties_numbers():
 
 
 def _frequencies(logits, n=2000, **kw) -> torch.Tensor:
+    """Draw frequencies under ``kw``, starting from the model's own distribution (temperature 1,
+    no top-p), not from SamplingParams' defaults."""
+    kw = {"temperature": 1.0, "top_p": 1.0, **kw}
     params, g = SamplingParams(**kw), torch.Generator().manual_seed(0)
     draws = torch.tensor([sample_row(logits, params, g) for _ in range(n)])
     return torch.bincount(draws, minlength=len(logits)).float() / n

@@ -116,7 +116,7 @@ def test_export_loads_in_transformers_with_matching_logits(tmp_path, dataset):
     assert diff < 1e-4
 
 
-SCRIPT = "import sys; from camelid.cli import main; sys.exit(main(sys.argv[1:]))"
+CAMELID = [sys.executable, "-m", "camelid"]  # the command, in a process of its own
 
 
 def test_exact_resume_after_sigterm(tmp_path, dataset):
@@ -130,7 +130,7 @@ def test_exact_resume_after_sigterm(tmp_path, dataset):
     interrupted = tmp_path / "interrupted"
     interrupted.mkdir()
     recipe = recipe_file(interrupted, dataset, train={"steps": steps}, checkpoint={"interval": 0})
-    proc = subprocess.Popen([sys.executable, "-c", SCRIPT, "train", str(recipe)],
+    proc = subprocess.Popen([*CAMELID, "train", str(recipe)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
     metrics = interrupted / "run" / "metrics.jsonl"
     deadline = time.time() + 120
@@ -146,7 +146,7 @@ def test_exact_resume_after_sigterm(tmp_path, dataset):
     assert "--resume" in out.decode()
     assert any(e["event"] == "signal" for e in events(interrupted / "run"))
 
-    res = subprocess.run([sys.executable, "-c", SCRIPT, "train", str(recipe), "--resume"],
+    res = subprocess.run([*CAMELID, "train", str(recipe), "--resume"],
                          capture_output=True, text=True)  # fmt: skip
     assert res.returncode == 0, res.stderr
     assert step_losses(interrupted / "run") == expected  # bit-for-bit the same losses
@@ -273,7 +273,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, dataset, monke
 
 
 def test_quickstart_end_to_end_at_reduced_size(tmp_path, dataset, capsys):
-    from camelid.cli import main
+    from conftest import camelid_main as main
 
     argv = ["quickstart", "--out", str(tmp_path / "qs"), "--corpus", str(dataset / "corpus"),
             "--vocab-size", "600", "--set", "train.steps=6", "--set", "train.batch_size=2",

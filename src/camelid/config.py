@@ -176,6 +176,25 @@ class ModelConfig:
         """Memory for weights, gradients and AdamW moments in fp32 (activations not included)."""
         return self.num_params() * ADAMW_BYTES_PER_PARAM
 
+    def describe(self, seq_len: int) -> dict[str, Any]:
+        """The figures that size a model, in one JSON-ready dict (what ``camelid inspect``
+        shows): the config, parameters by group, FLOPs per token at context ``seq_len`` and
+        memory for the weights and for AdamW training."""
+        return {
+            "config": self.to_dict(),
+            "params": {"total": self.num_params(), **self.param_counts()},
+            "seq_len": seq_len,
+            "flops_per_token": {
+                "training": self.flops_per_token(seq_len),
+                "forward": self.flops_per_token(seq_len, training=False),
+            },
+            "memory_bytes": {
+                "weights_fp32": self.weight_bytes(4),
+                "weights_bf16": self.weight_bytes(2),
+                "adamw_training": self.adamw_training_bytes(),
+            },
+        }
+
     # --------------------------------------------------------------------- Hugging Face
     @classmethod
     def from_hf(cls, hf: dict[str, Any], source: str = "config.json") -> ModelConfig:

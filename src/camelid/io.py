@@ -1,4 +1,4 @@
-"""Small file helpers shared by every stage: atomic writes and human-readable sizes."""
+"""Small file helpers shared by every stage: atomic writes, human-readable sizes and counts."""
 
 from __future__ import annotations
 
@@ -47,6 +47,14 @@ def parse_size(text: str | int) -> int:
     if not m or m.group(2).upper() not in _UNITS:
         raise CamelidError(f"cannot read {text!r} as a size (examples: 5GB, 500MiB, 1048576)")
     return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def format_count(n: float) -> str:
+    """Counts such as parameters, to three significant figures: 266K, 8.03B."""
+    for div, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= div:
+            return f"{n / div:.3g}{unit}"
+    return str(int(n))
 
 
 def format_bytes(n: float) -> str:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -65,6 +66,19 @@ class TokenLogprob:
     rank: int
     top: dict[int, float] = field(default_factory=dict)
 
+    def to_dict(self, tokenizer: Tokenizer) -> dict[str, Any]:
+        """As JSON, each token with its text (ids alone cannot be read)."""
+        return {
+            "token": self.token,
+            "text": tokenizer.decode([self.token]),
+            "logprob": self.logprob,
+            "rank": self.rank,
+            "top": [
+                {"token": t, "text": tokenizer.decode([t]), "logprob": v}
+                for t, v in self.top.items()
+            ],
+        }
+
 
 @dataclass
 class Completion:
@@ -78,6 +92,26 @@ class Completion:
     prompt_token_ids: list[int]
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None  # the first token has none
+
+    def to_dict(self, tokenizer: Tokenizer, *, index: int, prompt: str) -> dict[str, Any]:
+        """As JSON, with the prompt it completes and its place in a batch (one record of
+        ``camelid generate --json``); logprobs only when they were asked for."""
+        out: dict[str, Any] = {
+            "index": index,
+            "prompt": prompt,
+            "text": self.text,
+            "token_ids": self.token_ids,
+            "finish_reason": self.finish_reason,
+            "prompt_tokens": len(self.prompt_token_ids),
+            "completion_tokens": len(self.token_ids),
+        }
+        if self.logprobs is not None:
+            out["logprobs"] = [lp.to_dict(tokenizer) for lp in self.logprobs]
+        if self.prompt_logprobs is not None:
+            out["prompt_logprobs"] = [
+                None if lp is None else lp.to_dict(tokenizer) for lp in self.prompt_logprobs
+            ]
+        return out
 
 
 @dataclass

@@ -22,6 +22,11 @@ from camelid.errors import RequestError
 class SamplingParams:
     """What to generate and how; every field is checked when the object is made.
 
+    The defaults are camelid's one set, used by the API and by ``camelid generate`` and
+    ``chat``: mild sampling (temperature 0.8, top_p 0.95) that cuts the unlikely tail a raw
+    draw wanders into; ``temperature=0`` is greedy, ``temperature=1, top_p=1`` samples the
+    model's own distribution.
+
     - ``max_new_tokens``: at most this many tokens are generated (fewer if the context fills).
     - ``temperature``: 0 is greedy; otherwise logits are divided by it before sampling.
     - ``top_k`` (0 = off), ``top_p`` (1 = off), ``min_p`` (0 = off): keep the k most likely
@@ -42,9 +47,9 @@ class SamplingParams:
     """
 
     max_new_tokens: int = 256
-    temperature: float = 1.0
+    temperature: float = 0.8
     top_k: int = 0
-    top_p: float = 1.0
+    top_p: float = 0.95
     min_p: float = 0.0
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0

@@ -1,6 +1,7 @@
 """The Llama chat format, defined once and emitted two ways: as pieces camelid tokenizes itself
 (so message text can never turn into control tokens), and as the Jinja template other tools
-read from ``tokenizer_config.json``. Both give the same ids for the same conversation.
+read from ``tokenizer_config.json``. Both give the same ids for the same conversation. Also
+here: the prompt for a chat's next turn, and fitting a long history into a fixed context.
 
 Llama 3 (the plain 3.0 form; Llama 4 is the same with its own header and turn-end names)::
 
@@ -12,10 +13,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from camelid.errors import TokenizerError
 from camelid.tokenizer.bpe import BOS
+
+if TYPE_CHECKING:
+    from camelid.tokenizer.tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)
@@ -99,3 +103,36 @@ def chat_pieces(
     if add_generation_prompt:
         header("assistant")
     return pieces
+
+
+def chat_prompt_ids(tokenizer: Tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """The ids that ask the model for the next assistant turn of ``messages``; a tokenizer
+    without a chat format is refused in words a chat user can act on."""
+    try:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    except TokenizerError as e:
+        raise TokenizerError(
+            f"{e}: this tokenizer has no chat format, so it cannot chat; use plain prompts "
+            "(camelid generate without --chat)"
+        ) from None
+
+
+def fit_history(
+    tokenizer: Tokenizer, messages: list[dict[str, str]], budget: int
+) -> tuple[list[int], int]:
+    """The prompt ids for a chat (``messages`` ends with the new user message), dropping the
+    oldest turns until at most ``budget`` tokens remain, so a long conversation goes on in a
+    fixed context. A leading system message is kept, and the history always restarts at a user
+    message. Returns the ids and how many messages were dropped from the front of the history
+    (they are removed from ``messages``)."""
+    system = 1 if messages and messages[0]["role"] == "system" else 0
+    dropped = 0
+    ids = chat_prompt_ids(tokenizer, messages)
+    while len(ids) > budget and len(messages) - system > 1:
+        del messages[system]
+        dropped += 1
+        while len(messages) - system > 1 and messages[system]["role"] != "user":
+            del messages[system]
+            dropped += 1
+        ids = chat_prompt_ids(tokenizer, messages)
+    return ids, dropped

@@ -1,0 +1,104 @@
+"""``camelid prepare``: clean, deduplicate and tokenize a corpus into token shards."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from camelid.cli.args import add_corpus_args, corpus_config
+from camelid.data import prepare
+from camelid.data.clean import CleanConfig
+from camelid.data.pipeline import PrepareConfig
+
+# The cleaning options offered as flags, each with CleanConfig's default.
+_CLEAN_FLAGS = (
+    "normalize",
+    "min_chars",
+    "max_chars",
+    "min_alnum_fraction",
+    "max_repeated_line_fraction",
+    "max_line_chars",
+)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "prepare",
+        help="clean, deduplicate and tokenize a corpus into token shards",
+        description="Clean (Unicode normalisation, quality filters), deduplicate (exact and "
+        "MinHash near-duplicates) and tokenize a corpus in parallel into token shards for "
+        "pre-training, with a manifest.json. Re-running with the same inputs reuses the result; "
+        "an interrupted run is restarted cleanly.",
+    )
+    add_corpus_args(p)
+    p.add_argument("--tokenizer", required=True, help="tokenizer directory or file")
+    p.add_argument("--out", required=True, help="output dataset directory")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.add_argument(
+        "--shard-tokens", type=int, default=PrepareConfig.shard_tokens, help="tokens per shard"
+    )
+    p.add_argument("--no-exact-dedup", action="store_true", help="keep exact duplicates")
+    p.add_argument("--no-near-dedup", action="store_true", help="keep near duplicates")
+    p.add_argument(
+        "--near-dup-threshold",
+        type=float,
+        default=PrepareConfig.near_dup_threshold,
+        help="estimated Jaccard similarity of token 5-gram sets above which a document is a "
+        "near duplicate (default: %(default)s)",
+    )
+    defaults = CleanConfig()
+    for name in _CLEAN_FLAGS:
+        value = getattr(defaults, name)
+        p.add_argument(
+            "--" + name.replace("_", "-"),
+            type=type(value),
+            default=value,
+            help=f"cleaning: {name.replace('_', ' ')} (default: %(default)s)",
+        )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace a different dataset already in --out"
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    config = corpus_config(
+        args,
+        clean=CleanConfig(**{name: getattr(args, name) for name in _CLEAN_FLAGS}),
+        exact_dedup=not args.no_exact_dedup,
+        near_dedup=not args.no_near_dedup,
+        near_dup_threshold=args.near_dup_threshold,
+        shard_tokens=args.shard_tokens,
+    )
+    manifest = Path(args.out) / "manifest.json"
+    before = manifest.stat().st_mtime_ns if manifest.exists() else None
+    m = prepare(config, args.tokenizer, args.out, workers=args.workers, overwrite=args.overwrite,
+                progress=sys.stderr.isatty())  # fmt: skip
+    st, sp = m["stats"], m["splits"]
+    tokens = sum(s["tokens"] for s in sp.values())
+    if before == manifest.stat().st_mtime_ns:
+        print(f"{args.out}: already prepared from the same corpus, options and tokenizer")
+    removed = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in st["removed"].items() if v)
+    read = st["read"]
+    skipped = [
+        f"{read[k]} {label}"
+        for k, label in (
+            ("binary_files", "binary files"),
+            ("non_utf8_files", "non-UTF-8 files"),
+            ("bad_json_lines", "non-JSON lines"),
+            ("missing_field", f"records without '{args.text_field}'"),
+        )
+        if read[k]
+    ]
+    print(f"files        {st['files']}" + (f" (skipped {', '.join(skipped)})" if skipped else ""))
+    if read["first_bad_lines"]:
+        print(f"  first bad  {', '.join(read['first_bad_lines'])}")
+    print(f"documents    {st['documents']} read, {st['kept']} kept" +
+          (f" (removed: {removed})" if removed else ""))  # fmt: skip
+    for name, s in sp.items():
+        print(f"{name:<12} {s['documents']} documents, {s['tokens']:,} tokens, "
+              f"{len(s['shards'])} shard(s) of {m['dtype']}")  # fmt: skip
+    print(f"throughput   {tokens / max(m['seconds'], 1e-9):,.0f} tokens/s ({m['seconds']:.1f}s)")
+    print(f"output       {args.out}/manifest.json")
+    return 0

@@ -1,0 +1,56 @@
+"""``camelid train``: pre-train a model from a TOML recipe."""
+
+from __future__ import annotations
+
+import argparse
+
+from camelid.cli.args import add_set_arg
+from camelid.train.recipe import load_recipe
+from camelid.train.trainer import TrainSummary, train
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="pre-train a model from a TOML recipe (one CPU to many GPUs under torchrun)",
+        description="Pre-train a Llama from a TOML recipe. Run it as is on one device, or under "
+        "'torchrun --nproc_per_node N -m camelid.cli train ...' to shard it with FSDP2. "
+        "Writes metrics.jsonl, checkpoints, report.md and Hugging Face weights to run.out_dir.",
+    )
+    p.add_argument("recipe", metavar="RECIPE.toml", help="the recipe (see configs/)")
+    add_set_arg(p, "override a recipe key, e.g. --set optim.lr=1e-3 (repeatable)")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        default=None,
+        metavar="CHECKPOINT",
+        help="continue from a checkpoint directory (default: the latest in run.out_dir)",
+    )
+    p.add_argument("--fresh", action="store_true", help="discard an earlier run in run.out_dir")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    recipe = load_recipe(args.recipe, args.set)
+    summary = train(recipe, resume=args.resume, fresh=args.fresh)
+    if not summary.reports:
+        return 0  # not the main rank
+    print_summary(summary)
+    return 0 if summary.status == "finished" else 143
+
+
+def print_summary(s: TrainSummary) -> None:
+    """A finished (or stopped) run in a few lines: what was done, where it is, how to resume."""
+    val = s.final_val_loss
+    print(
+        f"{s.status} after {s.steps} steps, {s.tokens:,} tokens in {s.wall_s:.0f}s "
+        f"(goodput {100 * s.goodput:.0f}%)"
+        + (f"; validation loss {val:.3f}, {s.final_val_bpb:.3f} bits/byte" if val else "")
+    )
+    if s.status != "finished":
+        print(f"resume with: camelid train {s.run_dir}/recipe.toml --resume")
+    print(f"run          {s.run_dir}")
+    print(f"report       {s.report}")
+    if s.export:
+        print(f"weights      {s.export} (Hugging Face format, with the tokenizer)")
