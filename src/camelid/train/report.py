@@ -45,6 +45,10 @@ def _finite(value: Any) -> float | None:
     return x if x is not None and math.isfinite(x) else None
 
 
+def _first(value: float | None, fallback: float | None) -> float | None:
+    return fallback if value is None else value
+
+
 def _read_metrics(path: Path) -> _Run:
     """Parse metrics.jsonl; lines that cannot be read (a line cut by a kill) are counted."""
     run = _Run()
@@ -311,21 +315,12 @@ def _summary_section(run: _Run) -> list[str]:
     s = run.summary or {}
     last = run.steps[-1] if run.steps else {}
     last_eval = run.evals[-1] if run.evals else {}
-    steps = _num(s.get("steps"))
-    if steps is None:
-        steps = _num(last.get("step"))
-    tokens = _num(s.get("tokens"))
-    if tokens is None:
-        tokens = _num(last.get("tokens"))
-    wall = _finite(s.get("wall_s"))
-    if wall is None:
-        wall = run.last_time
-    val_loss = _finite(s.get("final_val_loss"))
-    if val_loss is None:
-        val_loss = _finite(last_eval.get("val_loss"))
-    val_bpb = _finite(s.get("final_val_bpb"))
-    if val_bpb is None:
-        val_bpb = _finite(last_eval.get("val_bpb"))
+    # The summary's figure, or, for a run cut short before writing one, the last record's.
+    steps = _first(_num(s.get("steps")), _num(last.get("step")))
+    tokens = _first(_num(s.get("tokens")), _num(last.get("tokens")))
+    wall = _first(_finite(s.get("wall_s")), run.last_time)
+    val_loss = _first(_finite(s.get("final_val_loss")), _finite(last_eval.get("val_loss")))
+    val_bpb = _first(_finite(s.get("final_val_bpb")), _finite(last_eval.get("val_bpb")))
     last_loss = next(
         (v for r in reversed(run.steps) if (v := _finite(r.get("loss"))) is not None), None
     )
