@@ -9,7 +9,9 @@
 Each prompt is prefilled on its own (so batched and unbatched results agree), then all prompts
 of a batch decode together, one token per step, each at its own position in its own cache row.
 Rows that finish keep stepping with the batch until the last one ends (static batching; a
-continuous-batching scheduler can reuse the same cache rows).
+continuous-batching scheduler can reuse the same cache rows). Each step samples the whole batch
+at once, every row with its own settings (:mod:`camelid.infer.sampling`), and moves the chosen
+tokens to the host in one transfer.
 
 Speed: the decode step is the loop's only model call. With ``compile=True`` it is compiled
 as a static graph per (batch, cache length), both rounded up to powers of two; on CUDA as a
