@@ -167,10 +167,11 @@ class SamplingRows:
         ps = self.params
         sampled = [p for p in ps if not p.greedy]
         self.greedy = column([p.greedy for p in ps], torch.bool)
-        self.temperature = column([p.temperature or 1.0 for p in ps])  # greedy rows: unused
-        self.top_k = column([p.top_k for p in ps], torch.int64)
-        self.top_p = column([p.top_p for p in ps])
-        self.min_p = column([p.min_p for p in ps])
+        # A greedy row takes the argmax: its distribution is the plain softmax, untruncated.
+        self.temperature = column([1.0 if p.greedy else p.temperature for p in ps])
+        self.top_k = column([0 if p.greedy else p.top_k for p in ps], torch.int64)
+        self.top_p = column([1.0 if p.greedy else p.top_p for p in ps])
+        self.min_p = column([0.0 if p.greedy else p.min_p for p in ps])
         self.repetition = column([p.repetition_penalty for p in ps])
         self.presence = column([p.presence_penalty for p in ps])
         self.frequency = column([p.frequency_penalty for p in ps])
@@ -257,7 +258,7 @@ def penalise(logits: torch.Tensor, rows: SamplingRows, penalties: Penalties | No
 def probabilities(logits: torch.Tensor, rows: SamplingRows) -> torch.Tensor:
     """Each row's sampling distribution (B, vocab) from its (penalised) logits: temperature,
     top-k, top-p, min-p. Dropped tokens get 0 and the rest are not renormalised (the draw
-    does not need it). Greedy rows get their temperature-1 softmax (they take the argmax)."""
+    does not need it). Greedy rows get their plain softmax (they take the argmax)."""
     logits = logits / rows.temperature[:, None]
     order = None
     if rows.rank_width is not None:
