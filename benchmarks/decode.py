@@ -7,6 +7,12 @@ prefill included (the prompt is short); tokens/s = tokens generated / seconds, t
 ``--repeats`` calls that alternate between the two sides after an untimed warm-up (which also
 compiles). For batch 1 greedy fp32 the two token sequences are checked equal.
 
+``--sampling`` decodes with temperature 0.8 and top-p 0.95 instead (camelid seeded, so its
+runs repeat; transformers ``generate(do_sample=True, temperature=0.8, top_p=0.95, top_k=0)``,
+its top-k of 50 switched off): the path a server's requests take, where every step filters and
+draws from each row's distribution. The two sides' tokens are not compared (their random
+numbers differ).
+
 The roofline is the memory-bandwidth bound of batch-1 decoding: each token reads every weight
 once, so tokens/s ≤ read bandwidth / weight bytes (``camelid.infer.linear.decode_bytes``: all
 weights but the embedding table, of which a step reads one row). The read bandwidth is measured
@@ -14,6 +20,7 @@ in the same run (the best of a few ``sum`` passes over a buffer much larger than
 
     python benchmarks/decode.py                                # llama-16m, CPU fp32, batch 1 and 16
     python benchmarks/decode.py --batches 1 --variants compiled,int8
+    python benchmarks/decode.py --batches 16 --sampling          # sampled decoding
     python benchmarks/decode.py --device cuda --preset llama-3.2-1b --dtype bf16 --no-hf
 
 Variants of camelid: ``eager`` (no compile), ``compiled`` (``Engine(compile=True)``), ``int8``
@@ -37,6 +44,8 @@ from camelid.config import ModelConfig
 from camelid.infer.linear import decode_bytes
 from camelid.system import cpu_name, device_name
 from camelid.tokenizer import train_tokenizer
+
+SAMPLING = dict(temperature=0.8, top_p=0.95)  # --sampling, on both sides
 
 
 def _sync(device: torch.device) -> None:
@@ -78,6 +87,9 @@ def main() -> None:
     )
     ap.add_argument("--repeats", type=int, default=3, help="timed calls per side")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers (roofline only)")
+    ap.add_argument(
+        "--sampling", action="store_true", help=f"sample ({SAMPLING}) instead of greedy"
+    )
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--json", action="store_true", help="also print the results as JSON")
     args = ap.parse_args()
@@ -112,7 +124,8 @@ def main() -> None:
     prompts = torch.randint(0, tok.vocab_size, (max(batches), args.prompt_len), generator=g)
     where = device_name(device) if device.type == "cuda" else cpu_name()
     print(
-        f"{args.preset} {args.dtype} on {where} ({torch.get_num_threads()} threads); "
+        f"{args.preset} {args.dtype} {'sampled' if args.sampling else 'greedy'} on {where} "
+        f"({torch.get_num_threads()} threads); "
         f"weights read per token {weight_bytes / 1e6:.1f} MB; tokenizer vocabulary "
         f"{tok.vocab_size}; measured read bandwidth {bandwidth / 1e9:.1f} GB/s; "
         f"roofline {bandwidth / weight_bytes:.0f} tokens/s"
@@ -130,12 +143,17 @@ def main() -> None:
         )
         engines[v].build_s = time.perf_counter() - t0  # type: ignore[attr-defined]
 
+    decoding = dict(**SAMPLING, seed=0) if args.sampling else dict(temperature=0)
+    hf_decoding = (
+        dict(do_sample=True, top_k=0, **SAMPLING) if args.sampling else {"do_sample": False}
+    )
+
     def run_camelid(v: str, ids: torch.Tensor) -> list[list[int]]:
         out = engines[v].generate(
             [row.tolist() for row in ids],
             max_new_tokens=args.new_tokens,
-            temperature=0,
             ignore_eos=True,
+            **decoding,
         )
         return [c.token_ids for c in out]
 
@@ -144,8 +162,8 @@ def main() -> None:
             ids.to(device),
             attention_mask=torch.ones_like(ids, device=device),
             max_new_tokens=args.new_tokens,
-            do_sample=False,
             pad_token_id=0,
+            **hf_decoding,
         )
         return out[:, ids.shape[1] :].tolist()
 
@@ -186,7 +204,8 @@ def main() -> None:
                     line += f"  {rate[name] * wb / bandwidth:6.1%} of the bandwidth roofline"
                     if name == "int8":
                         line += f" (int8 weights: {wb / 1e6:.1f} MB)"
-                if name in engines and batch == 1 and hf is not None and name != "int8":
+                compared = batch == 1 and hf is not None and not args.sampling
+                if name in engines and compared and name != "int8":
                     same = outputs[name] == outputs["transformers"]
                     line += "  [same tokens]" if same else "  [tokens DIFFER]"
                 print(line)
@@ -197,6 +216,7 @@ def main() -> None:
                 {
                     "preset": args.preset,
                     "dtype": args.dtype,
+                    "sampling": SAMPLING if args.sampling else None,
                     "device": str(device),
                     "weight_bytes": weight_bytes,
                     "read_bandwidth": bandwidth,

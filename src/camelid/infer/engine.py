@@ -9,7 +9,9 @@
 Each prompt is prefilled on its own (so batched and unbatched results agree), then all prompts
 of a batch decode together, one token per step, each at its own position in its own cache row.
 Rows that finish keep stepping with the batch until the last one ends (static batching; a
-continuous-batching scheduler can reuse the same cache rows).
+continuous-batching scheduler can reuse the same cache rows). Each step samples the whole batch
+at once, every row with its own settings (:mod:`camelid.infer.sampling`), and moves the chosen
+tokens to the host in one transfer.
 
 Speed: the decode step is the loop's only model call. With ``compile=True`` it is compiled
 as a static graph per (batch, cache length), both rounded up to powers of two; on CUDA as a
@@ -31,11 +33,12 @@ from camelid.errors import RequestError
 from camelid.infer.detok import TextStream
 from camelid.infer.linear import decode_copy
 from camelid.infer.sampling import (
+    Penalties,
     SamplingParams,
-    apply_penalties,
-    make_generator,
+    SamplingRows,
     params_from,
-    sample_row,
+    request_seed,
+    sample,
     stop_set,
     top_logprobs,
 )
@@ -138,35 +141,19 @@ class _Sequence:
 
     def __init__(self, prompt: list[int], params: SamplingParams, engine: Engine) -> None:
         self.prompt, self.params = prompt, params
-        vocab = engine.config.vocab_size
+        self.seed = request_seed(params)  # an unseeded request draws its seed once, here
         self.out: list[int] = []
         self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
         self.prompt_logprobs: list[TokenLogprob | None] | None = None
         self.stream = TextStream(engine.tokenizer.decode, params.stop)
         self.stops = stop_set(params, engine.stop_token_ids)
         self.finish_reason: str | None = None
-        self.generator = None if params.greedy else make_generator(params.seed, engine.device)
         self.limit = min(params.max_new_tokens, engine.max_seq_len - len(prompt))
-        self.seen = self.counts = None
-        if params.repetition_penalty != 1:
-            self.seen = torch.zeros(vocab, dtype=torch.bool, device=engine.device)
-            self.seen[torch.tensor(prompt, device=engine.device)] = True
-        if params.presence_penalty or params.frequency_penalty:
-            self.counts = torch.zeros(vocab, dtype=torch.int32, device=engine.device)
 
     @property
     def position(self) -> int:
         """Where the last accepted token is fed to the model."""
         return len(self.prompt) + len(self.out) - 1
-
-    def choose(self, logits: torch.Tensor) -> int:
-        """Pick the next token from one row of fp32 logits (vocab,)."""
-        p = self.params
-        processed = apply_penalties(logits, p, self.seen, self.counts) if p.penalised else logits
-        token = sample_row(processed, p, self.generator)
-        if self.logprobs is not None:
-            self.logprobs.append(_token_logprobs(logits[None], [token], p.logprobs)[0])
-        return token
 
     def accept(self, token: int) -> str:
         """Record a chosen token; return the text it releases."""
@@ -176,10 +163,6 @@ class _Sequence:
                 self.logprobs.pop()  # the stop token is not part of the output
             return self.stream.finish()
         self.out.append(token)
-        if self.seen is not None:
-            self.seen[token] = True
-        if self.counts is not None:
-            self.counts[token] += 1
         piece = self.stream.push(token)
         if self.stream.stopped:
             self.finish_reason = "stop"
@@ -426,6 +409,9 @@ class Engine:
         rows = _compiled_shape(B, need, self.max_batch_size)[0] if self.compiled else B
         cache = self._cache_for(rows, need)
         pad = [[0]] * (rows - B)
+        settings = SamplingRows([s.params for s in seqs], [s.seed for s in seqs], dev)
+        penalties = Penalties.start(settings, [s.prompt for s in seqs], self.config.vocab_size, dev)
+        last = []
         for b, s in enumerate(seqs):  # prefill, one prompt at a time
             ids = torch.tensor([s.prompt], device=dev)
             want_prompt = s.params.prompt_logprobs is not None
@@ -440,8 +426,8 @@ class Engine:
             if want_prompt:
                 scored = _token_logprobs(logits[:-1], s.prompt[1:], s.params.prompt_logprobs)
                 s.prompt_logprobs = [None, *scored]
-            yield b, s.accept(s.choose(logits[-1]))
-        fast = all(s.params.greedy and not s.params.penalised and s.logprobs is None for s in seqs)
+            last.append(logits[-1])
+        yield from self._choose(seqs, torch.stack(last), settings, penalties)
         while any(s.finish_reason is None for s in seqs):
             tokens = [[s.out[-1] if s.out else 0] for s in seqs] + pad
             positions = [[max(s.position, 0)] for s in seqs] + pad
@@ -449,8 +435,32 @@ class Engine:
             logits = self._step(
                 torch.tensor(tokens, device=dev), torch.tensor(positions, device=dev), cache, kv_len
             )
-            if fast:
-                chosen = logits.argmax(-1).tolist()
-            for b, s in enumerate(seqs):
-                if s.finish_reason is None:
-                    yield b, s.accept(chosen[b] if fast else s.choose(logits[b]))
+            yield from self._choose(seqs, logits[:B], settings, penalties)
+
+    def _choose(
+        self,
+        seqs: list[_Sequence],
+        logits: torch.Tensor,
+        settings: SamplingRows,
+        penalties: Penalties | None,
+    ) -> Iterator[tuple[int, str]]:
+        """Sample every row's next token from fp32 logits (B, vocab) in one go, move them to
+        the host at once, and hand each running sequence its token (and its logprobs)."""
+        chosen = sample(logits, settings, [len(s.out) for s in seqs], penalties)
+        if penalties is not None:
+            penalties.update(chosen)
+        tokens = chosen.tolist()
+        asked = [
+            b for b, s in enumerate(seqs) if s.logprobs is not None and s.finish_reason is None
+        ]
+        if asked:
+            top = max(seqs[b].params.logprobs for b in asked)
+            index = torch.tensor(asked, device=logits.device)
+            scored = _token_logprobs(logits[index], [tokens[b] for b in asked], top)
+            for b, t in zip(asked, scored, strict=True):
+                n = seqs[b].params.logprobs
+                t.top = dict(list(t.top.items())[:n]) if n < top else t.top
+                seqs[b].logprobs.append(t)
+        for b, s in enumerate(seqs):
+            if s.finish_reason is None:
+                yield b, s.accept(tokens[b])

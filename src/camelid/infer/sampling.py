@@ -1,15 +1,39 @@
-"""Sampling parameters and the logits processing that turns a row of logits into a token.
+"""Sampling parameters and the batched sampler that turns a batch of logits into tokens.
 
 Order of operations (as vLLM and Hugging Face apply them): repetition penalty, presence and
 frequency penalties, temperature, then the truncations top-k, top-p and min-p, then a draw.
 A temperature of 0 means greedy decoding: the penalties still apply, the truncations do not
 matter, and the argmax is taken.
+
+The sampler works on a whole batch of logits (B, vocab) whose rows carry their own settings
+(:class:`SamplingRows`, built when the batch changes) and penalty state (:class:`Penalties`,
+kept on the device by index operations), and returns the tokens as a device tensor. Waiting
+for the device costs far more than the arithmetic of a row, so the caller moves the tokens to
+the host once per step for the whole batch, never row by row. Which stages run is decided from
+the settings on the host (deciding from device data would be a wait): no sort unless a row
+uses top-k or top-p (and only the top ``max(top_k)`` tokens when every such row has a top-k),
+no penalties unless a row is penalised, an all-greedy batch is one argmax.
+
+Randomness is counter-based, not a generator per request (which would cost one small random
+call per row per step, and a generator's state to carry along): a row's draw is inverse
+transform sampling with one uniform number u, the step-th output of SplitMix64 seeded with the
+request's seed. u depends on (seed, step) and nothing else, so a seeded request repeats its
+tokens alone or in any batch, at any row; an unseeded one draws a random 64-bit seed once,
+when it starts. One number per row (not one per token, as Gumbel-max or an exponential race
+needs) is cheap enough to compute on the host with exact 64-bit integers.
+
+A row's result must not depend on its neighbours, so a stage that runs for the batch leaves a
+row that does not use it bit for bit unchanged (top-k at -inf, a top-p threshold of 0, min-p
+0, penalties 1 and 0), every reduction runs along a row, and the top-p cut is a probability
+threshold: every token at least as likely as the last one needed to reach p stays, which is the
+same however ties were ordered and however many tokens were ranked.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -121,57 +145,224 @@ def _check(p: SamplingParams) -> None:
             raise bad(name, "an integer in [0, 20] or None")
 
 
+def request_seed(params: SamplingParams) -> int:
+    """The seed a request samples with: its own, or (unseeded) a random one drawn once, here."""
+    return params.seed if params.seed is not None else secrets.randbits(64)
+
+
+class SamplingRows:
+    """The sampling settings of a batch, one row per request: (B,) tensors on the device for
+    the arithmetic, and host-side flags that say which stages some row needs. Build it once
+    when the batch changes; ``seeds`` come from :func:`request_seed` (default: drawn here)."""
+
+    def __init__(
+        self,
+        params: Sequence[SamplingParams],
+        seeds: Sequence[int] | None = None,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.params = tuple(params)
+        self.seeds = tuple(request_seed(p) for p in params) if seeds is None else tuple(seeds)
+        if len(self.seeds) != len(self.params):
+            raise ValueError(f"{len(self.seeds)} seeds for {len(self.params)} rows")
+
+        def column(values, dtype=torch.float32) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        ps = self.params
+        sampled = [p for p in ps if not p.greedy]
+        self.greedy = column([p.greedy for p in ps], torch.bool)
+        # A greedy row takes the argmax: its distribution is the plain softmax, untruncated.
+        self.temperature = column([1.0 if p.greedy else p.temperature for p in ps])
+        self.top_k = column([0 if p.greedy else p.top_k for p in ps], torch.int64)
+        self.top_p = column([1.0 if p.greedy else p.top_p for p in ps])
+        self.min_p = column([0.0 if p.greedy else p.min_p for p in ps])
+        self.repetition = column([p.repetition_penalty for p in ps])
+        self.presence = column([p.presence_penalty for p in ps])
+        self.frequency = column([p.frequency_penalty for p in ps])
+        # What the batch needs, from the settings alone (a decision on device data would sync).
+        self.all_greedy = not sampled
+        self.any_greedy = len(sampled) < len(ps)
+        self.any_repetition = any(p.repetition_penalty != 1 for p in ps)
+        self.any_presence_frequency = any(p.presence_penalty or p.frequency_penalty for p in ps)
+        self.any_min_p = any(p.min_p > 0 for p in sampled)
+        self.any_top_p = any(p.top_p < 1 for p in sampled)
+        ranked = [p for p in sampled if p.top_k or p.top_p < 1]
+        # How many of the most likely tokens top-k and top-p rank (None: no row truncates; 0:
+        # all, a full sort): max(top_k) when every row that truncates has a top-k, which also
+        # bounds its top-p set.
+        self.rank_width: int | None = None
+        if ranked:
+            self.rank_width = (
+                0 if any(not p.top_k for p in ranked) else max(p.top_k for p in ranked)
+            )
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+
+class Penalties:
+    """Penalty state of a batch on the device: ``seen`` (B, vocab) marks the tokens of each
+    row's prompt and output (repetition penalty), ``counts`` (B, vocab) counts each row's
+    generated tokens (presence and frequency penalties); each is None when no row uses it."""
+
+    def __init__(self, seen: torch.Tensor | None, counts: torch.Tensor | None) -> None:
+        self.seen, self.counts = seen, counts
+
+    @classmethod
+    def start(
+        cls,
+        rows: SamplingRows,
+        prompts: Sequence[Sequence[int]],
+        vocab_size: int,
+        device: torch.device | str = "cpu",
+    ) -> Penalties | None:
+        """The state before the first generated token (None if no row is penalised)."""
+        if not (rows.any_repetition or rows.any_presence_frequency):
+            return None
+        shape = (len(rows), vocab_size)
+        seen = counts = None
+        if rows.any_repetition:
+            seen = torch.zeros(shape, dtype=torch.bool, device=device)
+            row_of = [b for b, prompt in enumerate(prompts) for _ in prompt]
+            token = [t for prompt in prompts for t in prompt]
+            seen[torch.tensor(row_of, device=device), torch.tensor(token, device=device)] = True
+        if rows.any_presence_frequency:
+            counts = torch.zeros(shape, dtype=torch.int32, device=device)
+        return cls(seen, counts)
+
+    def update(self, tokens: torch.Tensor) -> None:
+        """Record one generated token per row, (B,) on the device."""
+        rows = torch.arange(len(tokens), device=tokens.device)
+        if self.seen is not None:
+            self.seen[rows, tokens] = True
+        if self.counts is not None:
+            self.counts[rows, tokens] += 1
+
+
+def penalise(logits: torch.Tensor, rows: SamplingRows, penalties: Penalties | None) -> torch.Tensor:
+    """The logits (B, vocab) with each row's repetition, presence and frequency penalties
+    (a new tensor: the caller's logits stay as the model made them)."""
+    if penalties is None:
+        return logits
+    if rows.any_repetition and penalties.seen is not None:
+        r = rows.repetition[:, None]
+        logits = torch.where(
+            penalties.seen, torch.where(logits > 0, logits / r, logits * r), logits
+        )
+    if rows.any_presence_frequency and penalties.counts is not None:
+        counts = penalties.counts.to(logits.dtype)
+        logits = (
+            logits
+            - rows.presence[:, None] * (counts > 0).to(logits.dtype)
+            - rows.frequency[:, None] * counts
+        )
+    return logits
+
+
+def probabilities(logits: torch.Tensor, rows: SamplingRows) -> torch.Tensor:
+    """Each row's sampling distribution (B, vocab) from its (penalised) logits: temperature,
+    top-k, top-p, min-p. Dropped tokens get 0 and the rest are not renormalised (the draw
+    does not need it). Greedy rows get their plain softmax (they take the argmax)."""
+    logits = logits / rows.temperature[:, None]
+    order = None
+    if rows.rank_width is not None:
+        vocab = logits.shape[-1]
+        width = min(rows.rank_width or vocab, vocab)
+        if width == vocab:
+            ranked, order = logits.sort(dim=-1, descending=True)
+        else:
+            ranked, order = logits.topk(width, dim=-1)
+        k = rows.top_k.clamp(1, width)[:, None]
+        kth = torch.where(rows.top_k[:, None] > 0, ranked.gather(1, k - 1), -math.inf)
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    probs = torch.softmax(logits, dim=-1)
+    if rows.any_top_p:
+        # Keep a token if the mass of the more likely ones is below top_p (the first always
+        # stays), as a threshold: every token at least as likely as the last one kept stays,
+        # so the cut does not depend on how ties were ordered or how many tokens were ranked.
+        ranked_probs = probs.gather(1, order)
+        before = ranked_probs.cumsum(-1) - ranked_probs
+        kept = (before < rows.top_p[:, None]).sum(-1, keepdim=True)
+        cut = ranked_probs.gather(1, kept - 1)
+        cut = torch.where(rows.top_p[:, None] < 1, cut, 0.0)
+        probs = probs.masked_fill(probs < cut, 0.0)
+    if rows.any_min_p:
+        probs = probs.masked_fill(probs < rows.min_p[:, None] * probs.amax(-1, keepdim=True), 0.0)
+    return probs
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def uniform(seed: int, step: int) -> float:
+    """A number in (0, 1) that depends only on (seed, step): the step-th output of SplitMix64
+    seeded with ``seed`` (Steele, Lea & Flood 2014), scaled from its top 53 bits."""
+    z = (seed + (step + 1) * 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    z ^= z >> 31
+    return ((z >> 11) + 0.5) / (1 << 53)
+
+
+def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-transform sampling: for each row of probabilities (B, vocab), not necessarily
+    normalised, the first token whose cumulative probability exceeds ``u`` (B,) × the row's
+    total. float64 keeps u × total below the total, so a token of probability 0 is never
+    drawn."""
+    cdf = probs.double().cumsum(-1)
+    target = u[:, None] * cdf[:, -1:]
+    return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1)
+
+
+def sample(
+    logits: torch.Tensor,
+    rows: SamplingRows,
+    steps: Sequence[int],
+    penalties: Penalties | None = None,
+) -> torch.Tensor:
+    """The next token of every row of fp32 logits (B, vocab) under its own settings, as a
+    (B,) int64 tensor on the logits' device. ``steps[b]`` is how many tokens row b has
+    generated (its draw's counter). Nothing here waits for the device: one ``.tolist()`` of
+    the result per step serves the whole batch."""
+    logits = penalise(logits, rows, penalties)
+    if rows.all_greedy:
+        return logits.argmax(-1)
+    u = torch.tensor(
+        [uniform(seed, step) for seed, step in zip(rows.seeds, steps, strict=True)],
+        dtype=torch.float64,
+        device=logits.device,
+    )
+    tokens = draw(probabilities(logits, rows), u)
+    if rows.any_greedy:
+        tokens = torch.where(rows.greedy, logits.argmax(-1), tokens)
+    return tokens
+
+
 def apply_penalties(
     logits: torch.Tensor,
     params: SamplingParams,
     seen: torch.Tensor | None,
     counts: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Penalise one row of logits (vocab,) in place. ``seen`` marks tokens in the prompt or
-    output (repetition penalty); ``counts`` counts generated tokens (presence/frequency)."""
-    if params.repetition_penalty != 1 and seen is not None:
-        r = params.repetition_penalty
-        penalised = torch.where(logits > 0, logits / r, logits * r)
-        logits = torch.where(seen, penalised, logits)
-    if counts is not None and (params.presence_penalty or params.frequency_penalty):
-        logits = (
-            logits
-            - params.presence_penalty * (counts > 0).to(logits.dtype)
-            - params.frequency_penalty * counts.to(logits.dtype)
-        )
-    return logits
+    """Penalise one row of logits (vocab,): :func:`penalise` on a batch of one. ``seen`` marks
+    tokens in the prompt or output (repetition penalty); ``counts`` counts generated tokens
+    (presence/frequency)."""
+    penalties = Penalties(
+        None if seen is None else seen[None], None if counts is None else counts[None]
+    )
+    return penalise(logits[None], SamplingRows([params], [0], logits.device), penalties)[0]
 
 
 def sample_row(
     logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
 ) -> int:
-    """Draw a token from one row of (already penalised) fp32 logits (vocab,)."""
-    if params.greedy:
-        return int(logits.argmax())
-    logits = logits / params.temperature
-    if params.top_k and params.top_k < logits.numel():
-        kth = torch.topk(logits, params.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, -math.inf)
-    probs = torch.softmax(logits, dim=-1)
-    if params.top_p < 1:
-        sorted_probs, order = probs.sort(descending=True)
-        # Keep a token if the mass strictly before it is below top_p (the first always stays).
-        drop = (sorted_probs.cumsum(0) - sorted_probs) >= params.top_p
-        probs = probs.scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
-    if params.min_p > 0:
-        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
-    return int(torch.multinomial(probs, 1, generator=generator))
-
-
-def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
-    """A generator of its own for each request: seeded ones repeat, whatever they share a
-    batch with; unseeded ones draw a fresh seed."""
-    g = torch.Generator(device=device)
-    if seed is None:
-        g.seed()
-    else:
-        g.manual_seed(seed)
-    return g
+    """Draw a token from one row of (already penalised) fp32 logits (vocab,): :func:`sample`
+    on a batch of one, seeded from ``generator`` (torch's default one if None), so successive
+    calls with one generator draw independently and a reseeded generator repeats them."""
+    device = generator.device if generator is not None else "cpu"
+    seed = int(torch.randint(0, 2**63 - 1, (), generator=generator, device=device))
+    return int(sample(logits[None], SamplingRows([params], [seed], logits.device), [0])[0])
 
 
 def top_logprobs(logprobs: torch.Tensor, n: int) -> list[dict[int, float]]:
