@@ -335,6 +335,8 @@ def test_no_usable_checkpoint_stops_cleanly_and_touches_nothing(tmp_path, datase
     assert line.startswith(f"camelid: error: {step2}: not a usable checkpoint: .metadata is")
     line = failed_cleanly(*cli(capsys, "train", path, "--resume", tmp_path)[::2])
     assert "not a usable checkpoint: no trainer.json" in line
+    line = failed_cleanly(*cli(capsys, "train", path, "--resume", run)[::2])
+    assert f"{run}: a run directory, not a checkpoint" in line
     assert snapshot(run) == before
 
 

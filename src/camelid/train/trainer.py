@@ -255,6 +255,11 @@ class _Run:
         else:
             path = Path(resume)
             reason = ckpt.usable(path)
+            if reason is not None and ckpt.checkpoint_dir(path).is_dir():
+                raise CheckpointError(
+                    f"{path}: a run directory, not a checkpoint; --resume alone takes the newest "
+                    f"of run.out_dir, or name one of {ckpt.checkpoint_dir(path)}/step-N"
+                )
             if reason is not None:
                 raise CheckpointError(f"{path}: not a usable checkpoint: {reason}")
         state = ckpt.read_state(path)
