@@ -52,6 +52,7 @@ def main() -> None:
             f"model.preset='{args.preset}'",
             f"model.vocab_size={vocab}",
             f"train.steps={args.steps}",
+            f"schedule.warmup_steps={min(args.steps, 100)}",  # warm-up fits in the run
             f"train.batch_size={args.batch}",
             f"train.seq_len={args.seq_len}",
             f"train.device='{args.device}'",

@@ -276,10 +276,10 @@ def test_quickstart_end_to_end_at_reduced_size(tmp_path, dataset, capsys):
     from conftest import camelid_main as main
 
     argv = ["quickstart", "--out", str(tmp_path / "qs"), "--corpus", str(dataset / "corpus"),
-            "--vocab-size", "600", "--set", "train.steps=6", "--set", "train.batch_size=2",
-            "--set", "train.seq_len=32", "--set", "model.dim=64", "--set", "model.n_layers=2",
-            "--set", "eval.interval=3", "--set", "eval.batches=1", "--set", "eval.sample_tokens=4",
-            "--set", "checkpoint.interval=3"]  # fmt: skip
+            "--vocab-size", "600", "--set", "train.steps=6", "--set", "schedule.warmup_steps=2",
+            "--set", "train.batch_size=2", "--set", "train.seq_len=32", "--set", "model.dim=64",
+            "--set", "model.n_layers=2", "--set", "eval.interval=3", "--set", "eval.batches=1",
+            "--set", "eval.sample_tokens=4", "--set", "checkpoint.interval=3"]  # fmt: skip
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "trained 600 tokens" in out and "validation loss" in out

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from camelid.cli.args import add_set_arg
-from camelid.train.recipe import load_recipe
+from camelid.train.recipe import load_recipe, shipped_recipes
 from camelid.train.trainer import TrainSummary, train
 
 
@@ -15,9 +15,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="pre-train a model from a TOML recipe (one CPU to many GPUs under torchrun)",
         description="Pre-train a Llama from a TOML recipe. Run it as is on one device, or under "
         "'torchrun --nproc_per_node N -m camelid.cli train ...' to shard it with FSDP2. "
-        "Writes metrics.jsonl, checkpoints, report.md and Hugging Face weights to run.out_dir.",
+        "Writes metrics.jsonl, checkpoints, report.md and Hugging Face weights to run.out_dir. "
+        "Relative paths in a recipe file are relative to its directory (in a shipped recipe "
+        "and in --set values: to the current directory).",
     )
-    p.add_argument("recipe", metavar="RECIPE.toml", help="the recipe (see configs/)")
+    p.add_argument(
+        "recipe",
+        nargs="?",
+        metavar="RECIPE",
+        help="a recipe file, or the name of a shipped one: " + ", ".join(shipped_recipes()),
+    )
     add_set_arg(p, "override a recipe key, e.g. --set optim.lr=1e-3 (repeatable)")
     p.add_argument(
         "--resume",
@@ -25,15 +32,21 @@ def register(sub: argparse._SubParsersAction) -> None:
         const="latest",
         default=None,
         metavar="CHECKPOINT",
-        help="continue from a checkpoint directory (default: the latest in run.out_dir)",
+        help="continue from the newest usable checkpoint in run.out_dir, or from the checkpoint "
+        "directory given (RECIPE may come before or after --resume)",
     )
     p.add_argument("--fresh", action="store_true", help="discard an earlier run in run.out_dir")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, usage_error=p.error)
 
 
 def run(args: argparse.Namespace) -> int:
-    recipe = load_recipe(args.recipe, args.set)
-    summary = train(recipe, resume=args.resume, fresh=args.fresh)
+    recipe, resume = args.recipe, args.resume
+    if recipe is None and resume not in (None, "latest"):
+        recipe, resume = resume, "latest"  # `train --resume RECIPE`: argparse gave --resume it
+    if recipe is None:
+        args.usage_error("a RECIPE is required (a file, or one of: "
+                         f"{', '.join(shipped_recipes())})")  # fmt: skip
+    summary = train(load_recipe(recipe, args.set), resume=resume, fresh=args.fresh)
     if not summary.reports:
         return 0  # not the main rank
     print_summary(summary)

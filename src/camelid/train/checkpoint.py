@@ -5,7 +5,9 @@ state (each rank writes its own shards; DCP re-shards on load, so a run may resu
 number of processes), ``trainer.json`` (step, tokens, data-loader position, guard state, model
 config) and each rank's RNG state. It is written under ``.step-00000200.tmp`` and renamed when
 every rank has finished, with ``trainer.json`` last: a run killed or out of disk mid-write leaves
-the previous checkpoint as the latest usable one.
+the previous checkpoint as the latest usable one. A checkpoint damaged later (a truncated or
+missing tensor file, an unreadable ``.metadata``, ``trainer.json`` or RNG file) is found by
+:func:`usable` before any of it is loaded, and :func:`newest_usable` passes over it.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from camelid.errors import CamelidError
+from camelid.errors import CamelidError, CheckpointError
 from camelid.io import write_text_atomic
 from camelid.train.distributed import World, barrier
 
@@ -98,8 +100,11 @@ def load(
     state = read_state(path)
     model_state, optim_state = get_state_dict(model, optimizer)
     bundle = {"model": model_state, "optim": optim_state}
-    with _quiet_single_process():
-        dcp.load(bundle, checkpoint_id=str(path))
+    try:
+        with _quiet_single_process():
+            dcp.load(bundle, checkpoint_id=str(path))
+    except Exception as e:  # damage usable() cannot see (DCP keeps no checksums)
+        raise CheckpointError(f"{path}: cannot load the checkpoint ({_first_line(e)})") from None
     set_state_dict(
         model, optimizer, model_state_dict=bundle["model"], optim_state_dict=bundle["optim"]
     )
@@ -110,6 +115,71 @@ def load(
         if "cuda" in rng and world.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], world.device)
     return state
+
+
+# The trainer state a resume needs; a trainer.json without them is not a training checkpoint.
+_STATE_KEYS = ("step", "tokens", "loader", "guard")
+
+
+def usable(path: Path) -> str | None:
+    """Why the checkpoint at ``path`` cannot be resumed from, or None when it looks whole.
+
+    Checked without loading a tensor: ``trainer.json`` parses and holds the trainer state; DCP's
+    ``.metadata`` reads; every file it lists exists and is at least as long as the bytes it
+    lists there; each RNG file loads. Flipped bits inside tensor data are not detectable here
+    (DCP stores no checksums): :func:`load` then names the checkpoint if loading fails.
+    """
+    if not path.is_dir():
+        return "no such directory"
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+    except FileNotFoundError:
+        return f"no {STATE_FILE} (not a checkpoint directory, or an unfinished one)"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return f"{STATE_FILE} is unreadable ({_first_line(e)})"
+    missing = [k for k in _STATE_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        return f"{STATE_FILE} lacks {', '.join(missing)}"
+    try:
+        metadata = dcp.FileSystemReader(str(path)).read_metadata()
+    except FileNotFoundError:
+        return "no .metadata (the index of its tensor files)"
+    except Exception as e:  # a truncated or overwritten pickle
+        return f".metadata is unreadable ({_first_line(e)})"
+    needed: dict[str, int] = {}  # file -> bytes the metadata says it holds
+    for info in (getattr(metadata, "storage_data", None) or {}).values():
+        name = getattr(info, "relative_path", None)
+        if name is not None:
+            needed[name] = max(needed.get(name, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size < size:
+            return f"{name} is truncated ({file.stat().st_size:,} of {size:,} bytes)"
+    for rng in sorted(path.glob("rng-*.pt")):
+        try:
+            torch.load(rng, weights_only=True)
+        except Exception as e:
+            return f"{rng.name} is unreadable ({_first_line(e)})"
+    return None
+
+
+def newest_usable(run_dir: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest checkpoint of ``run_dir`` that :func:`usable` passes (None if none does),
+    and each newer one passed over, with the reason."""
+    skipped = []
+    for path in reversed(list_checkpoints(run_dir)):
+        reason = usable(path)
+        if reason is None:
+            return path, skipped
+        skipped.append((path, reason))
+    return None, skipped
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:200]
 
 
 @contextlib.contextmanager

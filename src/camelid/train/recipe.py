@@ -1,19 +1,30 @@
-"""Training recipes: a TOML file of sections, every key typed and validated.
+"""Training recipes: a TOML file of sections, every key typed and range-checked.
 
     camelid train configs/quickstart.toml --set optim.lr=1e-3 --set train.steps=200
+    camelid train quickstart        # a shipped recipe, by name
 
-Unknown sections or keys and wrong types are errors that name the key. The resolved recipe
-(file + overrides + defaults) is written to every run directory as ``recipe.toml``.
+Unknown sections or keys, wrong types and values out of range are errors that name the key,
+raised when the recipe is loaded, before any work starts. Each numeric key declares its range
+next to its default (``_ranged``); the check, :func:`recipe_keys` and the table in
+docs/training.md (a test compares them) all read it from there.
+
+Relative paths (``data.dir``, ``data.tokenizer``, ``run.out_dir``) in a recipe file are relative
+to that file's directory, so the recipe means the same from any directory; in a shipped recipe
+(a template inside the package) and in ``--set`` values they are relative to the current
+directory. A loaded recipe holds absolute paths, and so does the resolved ``recipe.toml``
+written to every run directory.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import tomllib
 import types
 import typing
 from dataclasses import dataclass, field, fields
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +34,103 @@ from camelid.errors import CamelidError, ConfigError
 
 class RecipeError(CamelidError):
     """A recipe that cannot be run as written."""
+
+
+def shipped_dir() -> Path:
+    """The recipes that ship inside the package (``configs/`` at the repository root)."""
+    return Path(str(resources.files("camelid") / "configs"))
+
+
+def shipped_recipes() -> list[str]:
+    """The names ``camelid train NAME`` accepts, sorted."""
+    return sorted(p.stem for p in shipped_dir().glob("*.toml"))
+
+
+def find_recipe(name: str | Path) -> Path:
+    """``name`` as a recipe file: an existing file, else a shipped recipe of that name
+    (``quickstart`` or ``quickstart.toml``). An unknown name lists the shipped ones."""
+    path = Path(name).expanduser()
+    if path.is_file():
+        return path
+    if path.is_dir():
+        run_dir = path.parent.parent if (path / "trainer.json").is_file() else path  # a checkpoint
+        saved = run_dir / "recipe.toml"
+        hint = f"; the run's recipe is {saved}" if saved.is_file() else ""
+        raise RecipeError(f"{path}: is a directory, not a recipe file{hint}")
+    stem = path.name.removesuffix(".toml")
+    if str(path.parent) == "." and stem in shipped_recipes():
+        return shipped_dir() / f"{stem}.toml"
+    raise RecipeError(
+        f"{name}: no such recipe file, nor a shipped recipe of that name "
+        f"(shipped: {', '.join(shipped_recipes())})"
+    )
+
+
+def is_shipped(path: Path) -> bool:
+    """Whether ``path`` is one of the package's own recipes (also through the ``configs/``
+    symlink): a template whose relative paths mean the user's current directory."""
+    return path.resolve().parent == shipped_dir().resolve()
+
+
+# ------------------------------------------------------------------------ declared ranges
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric key accepts. A bound is a number or another key of the recipe
+    (``le="train.steps"``); at most one lower (``ge``/``gt``) and one upper (``le``/``lt``)."""
+
+    ge: float | str | None = None
+    gt: float | str | None = None
+    le: float | str | None = None
+    lt: float | str | None = None
+
+    @property
+    def crosses_keys(self) -> bool:
+        return any(isinstance(b, str) for b in (self.ge, self.gt, self.le, self.lt))
+
+    def text(self) -> str:
+        """As the docs and the errors write it: ``>= 1``, ``> 0``, ``[0, 1)``, ``[0, optim.lr]``."""
+        lo = ("[", self.ge) if self.ge is not None else ("(", self.gt)
+        hi = ("]", self.le) if self.le is not None else (")", self.lt)
+        if lo[1] is not None and hi[1] is not None:
+            return f"{lo[0]}{_bound(lo[1])}, {_bound(hi[1])}{hi[0]}"
+        if lo[1] is not None:
+            return f"{'>=' if lo[0] == '[' else '>'} {_bound(lo[1])}"
+        return f"{'<=' if hi[0] == ']' else '<'} {_bound(hi[1])}"
+
+    def check(self, key: str, value: float, recipe: Recipe) -> None:
+        bounds = {k: recipe.get(b) if isinstance(b, str) else b
+                  for k, b in (("ge", self.ge), ("gt", self.gt), ("le", self.le), ("lt", self.lt))
+                  if b is not None}  # fmt: skip
+        ok = (
+            value >= bounds.get("ge", -math.inf)
+            and value > bounds.get("gt", -math.inf)
+            and value <= bounds.get("le", math.inf)
+            and value < bounds.get("lt", math.inf)
+        )
+        if not ok:
+            text = self.text()
+            where = "in " if text[0] in "[(" else ""
+            refs = [b for b in (self.ge, self.gt, self.le, self.lt) if isinstance(b, str)]
+            given = "".join(f" with {b} = {recipe.get(b)!r}" for b in refs)
+            raise RecipeError(f"{key} must be {where}{text}, got {value!r}{given}")
+
+
+def _bound(b: float | str) -> str:
+    return b if isinstance(b, str) else f"{b:g}"
+
+
+def _ranged(default: Any, **bounds: float | str) -> Any:
+    """A numeric field and the values it accepts, e.g. ``_ranged(0.9, ge=0, lt=1)``."""
+    return field(default=default, metadata={"range": Range(**bounds)})
+
+
+def _one_of(default: str, *choices: str) -> Any:
+    return field(default=default, metadata={"choices": choices})
+
+
+def _path(default: str) -> Any:
+    """A path: relative to the recipe file's directory (see the module docstring)."""
+    return field(default=default, metadata={"path": True})
 
 
 # ModelConfig fields a recipe may not set: the name is the preset's.
@@ -57,70 +165,70 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    dir: str = ""  # a dataset written by `camelid prepare`
-    tokenizer: str = ""  # must be the tokenizer the dataset was prepared with
+    dir: str = _path("")  # a dataset written by `camelid prepare` (required)
+    tokenizer: str = _path("")  # must be the tokenizer the dataset was prepared with
 
 
 @dataclass
 class OptimSection:
-    lr: float = 3e-3
-    min_lr: float = 3e-4
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0
+    lr: float = _ranged(3e-3, gt=0)
+    min_lr: float = _ranged(3e-4, ge=0, le="optim.lr")
+    weight_decay: float = _ranged(0.1, ge=0)
+    beta1: float = _ranged(0.9, ge=0, lt=1)
+    beta2: float = _ranged(0.95, ge=0, lt=1)
+    eps: float = _ranged(1e-8, gt=0)
+    grad_clip: float = _ranged(1.0, ge=0)  # 0: measure the norm only, never clip
 
 
 @dataclass
 class ScheduleSection:
-    kind: str = "cosine"  # cosine | wsd | constant
-    warmup_steps: int = 100
-    decay_fraction: float = 0.2  # wsd: share of the steps spent decaying to min_lr
+    kind: str = _one_of("cosine", "cosine", "wsd", "constant")
+    warmup_steps: int = _ranged(100, ge=0, le="train.steps")
+    decay_fraction: float = _ranged(0.2, ge=0, le=1)  # wsd: share of the steps spent decaying
 
 
 @dataclass
 class TrainSection:
-    steps: int = 1000
-    batch_size: int = 8  # sequences per micro-batch, per rank
-    grad_accum: int = 1
-    seq_len: int = 256
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    steps: int = _ranged(1000, ge=1)
+    batch_size: int = _ranged(8, ge=1)  # sequences per micro-batch, per rank
+    grad_accum: int = _ranged(1, ge=1)
+    seq_len: int = _ranged(256, ge=1)
+    seed: int = _ranged(0, ge=0)
+    device: str = _one_of("auto", "auto", "cpu", "cuda")
+    precision: str = _one_of("auto", "auto", "fp32", "bf16")  # auto: bf16 on GPU, fp32 on CPU
     compile: bool = False
     activation_checkpointing: bool = False
 
 
 @dataclass
 class CheckpointSection:
-    interval: int = 500  # steps; 0: only at the end
-    keep: int = 3
+    interval: int = _ranged(500, ge=0)  # steps; 0: only at the end
+    keep: int = _ranged(3, ge=0)  # 0: keep every checkpoint
     export_hf: bool = True  # write Hugging Face weights + tokenizer at the end
 
 
 @dataclass
 class EvalSection:
-    interval: int = 200  # steps; 0: only at the end
-    batches: int = 20
+    interval: int = _ranged(200, ge=0)  # steps; 0: only at the end
+    batches: int = _ranged(20, ge=1)
     sample_prompt: str = "def fibonacci(n):\n"
-    sample_tokens: int = 64
-    temperature: float = 0.0  # 0: greedy
+    sample_tokens: int = _ranged(64, ge=0)  # 0: no sample
+    temperature: float = _ranged(0.0, ge=0)  # 0: greedy
 
 
 @dataclass
 class LogSection:
-    interval: int = 10
+    interval: int = _ranged(10, ge=1)
     tensorboard: bool = False
 
 
 @dataclass
 class GuardSection:
     enabled: bool = True
-    window: int = 50  # recent good losses the spike detector compares with
-    z_threshold: float = 6.0  # robust z-score (median / MAD) above which a loss is a spike
-    min_history: int = 20  # no spike detection before this many good steps
-    max_bad_steps: int = 3  # consecutive bad steps before rolling back (0: never roll back)
+    window: int = _ranged(50, ge=1)  # recent good losses the spike detector compares with
+    z_threshold: float = _ranged(6.0, gt=0)  # robust z-score (median / MAD) of a spike
+    min_history: int = _ranged(20, ge=1, le="guard.window")  # good steps before detecting
+    max_bad_steps: int = _ranged(3, ge=0)  # bad steps in a row before a roll-back (0: never)
     # A fire drill: "nan:STEP" or "spike:STEP" corrupts that step's loss on purpose, to check
     # that the guard reacts (each fires once).
     drill: list[str] = field(default_factory=list)
@@ -128,8 +236,8 @@ class GuardSection:
 
 @dataclass
 class RunSection:
-    out_dir: str = "runs/run"
-    peak_tflops: float = 0.0  # for MFU; 0: known GPU peak, or measured on CPU at start-up
+    out_dir: str = _path("runs/run")
+    peak_tflops: float = _ranged(0.0, ge=0)  # for MFU; 0: a known GPU's, or measured on CPU
 
 
 @dataclass
@@ -145,26 +253,22 @@ class Recipe:
     guard: GuardSection = field(default_factory=GuardSection)
     run: RunSection = field(default_factory=RunSection)
 
+    def get(self, key: str) -> Any:
+        """The value of ``section.key``."""
+        section, _, name = key.partition(".")
+        return getattr(getattr(self, section), name)
+
     def validate(self) -> None:
-        """Checks that span keys; per-key types were checked on the way in."""
-        t, s, o = self.train, self.schedule, self.optim
-        for key, value in (
-            ("train.steps", t.steps),
-            ("train.batch_size", t.batch_size),
-            ("train.grad_accum", t.grad_accum),
-            ("train.seq_len", t.seq_len),
-        ):
-            if value <= 0:
-                raise RecipeError(f"{key} must be positive, got {value}")
-        _choice("train.device", t.device, ("auto", "cpu", "cuda"))
-        _choice("train.precision", t.precision, ("auto", "fp32", "bf16"))
-        _choice("schedule.kind", s.kind, ("cosine", "wsd", "constant"))
-        if not o.lr > 0 or o.min_lr < 0 or o.min_lr > o.lr:
-            raise RecipeError(
-                f"need 0 <= optim.min_lr <= optim.lr and lr > 0, got {o.min_lr}, {o.lr}"
-            )
-        if s.warmup_steps < 0 or not 0 <= s.decay_fraction <= 1:
-            raise RecipeError("schedule.warmup_steps must be >= 0 and decay_fraction in [0, 1]")
+        """Every declared range and choice (keys whose bounds name other keys last, so those
+        are checked first), then the checks that span sections."""
+        declared = [(key, f) for key, f in _declared_fields() if "range" in f.metadata]
+        declared.sort(key=lambda kf: kf[1].metadata["range"].crosses_keys)
+        for key, f in declared:
+            f.metadata["range"].check(key, self.get(key), self)
+        for key, f in _declared_fields():
+            if "choices" in f.metadata:
+                _choice(key, self.get(key), f.metadata["choices"])
+        t = self.train
         if self.model.preset not in PRESETS:
             raise RecipeError(
                 f"model.preset: unknown preset {self.model.preset!r}; known: {', '.join(PRESETS)}"
@@ -202,26 +306,74 @@ class Recipe:
         return out
 
     def to_toml(self) -> str:
+        """The recipe as a file that reads back to the same run. Paths are written absolute
+        (a relative one in memory means the current directory, in a file the file's)."""
         lines = ["# The resolved recipe of this run (file + --set overrides + defaults)."]
+        paths = {key for key, f in _declared_fields() if f.metadata.get("path")}
         for section, values in self.to_dict().items():
             lines.append(f"\n[{section}]")
             for key, value in values.items():
+                if f"{section}.{key}" in paths and value:
+                    value = os.path.abspath(value)
                 if value is not None:
                     lines.append(f"{key} = {_toml_value(value)}")
         return "\n".join(lines) + "\n"
 
 
+def _declared_fields() -> list[tuple[str, dataclasses.Field]]:
+    """``(section.key, field)`` for every key outside [model] (whose keys are ModelConfig's)."""
+    out = []
+    for section in fields(Recipe):
+        if section.name != "model":
+            out += [(f"{section.name}.{f.name}", f) for f in fields(section.default_factory)]
+    return out
+
+
+@dataclass(frozen=True)
+class RecipeKey:
+    """One documented key: what docs/training.md's table shows for it."""
+
+    key: str
+    type: str  # int, float, bool, str, list[str]
+    default: str  # as TOML
+    allowed: str  # the range (``[0, 1)``), the choices (``cosine, wsd, constant``) or ""
+
+
+def recipe_keys() -> list[RecipeKey]:
+    """Every key outside [model], with its type, default and allowed values."""
+    out = []
+    for key, f in _declared_fields():
+        section = key.split(".")[0]
+        hint = typing.get_type_hints(type(getattr(Recipe(), section)))[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if "range" in f.metadata:
+            allowed = f.metadata["range"].text()
+        elif "choices" in f.metadata:
+            allowed = ", ".join(f.metadata["choices"])
+        else:
+            allowed = ""
+        name = getattr(hint, "__name__", None) if typing.get_origin(hint) is None else None
+        out.append(RecipeKey(key, name or str(hint), _toml_value(default), allowed))
+    return out
+
+
 def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
-    """Read ``path`` (or only defaults when None), apply ``section.key=value`` overrides."""
+    """Read ``path`` (a file or a shipped recipe's name; None: only defaults), apply
+    ``section.key=value`` overrides, resolve paths, and check every key."""
     raw: dict[str, Any] = {}
+    base = None  # the directory the file's relative paths are relative to (None: the cwd)
     if path is not None:
-        path = Path(path)
+        path = find_recipe(path)
         try:
             raw = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            raise RecipeError(f"{path}: recipe file not found") from None
+        except OSError as e:
+            raise RecipeError(f"{path}: cannot read the recipe ({e.strerror or e})") from None
+        except UnicodeDecodeError:
+            raise RecipeError(f"{path}: not a text file, so not a TOML recipe") from None
         except tomllib.TOMLDecodeError as e:
             raise RecipeError(f"{path}: not valid TOML ({e})") from None
+        base = None if is_shipped(path) else path.parent
+    from_file = {(s, k) for s, v in raw.items() if isinstance(v, dict) for k in v}
     for item in overrides or []:
         key, sep, text = item.partition("=")
         section, dot, name = key.strip().partition(".")
@@ -232,6 +384,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
         except tomllib.TOMLDecodeError:
             value = text.strip()  # a bare word: take it as a string
         raw.setdefault(section, {})[name] = value
+        from_file.discard((section, name))  # typed on the command line: relative to the cwd
     recipe = Recipe()
     sections = {f.name: f for f in fields(Recipe)}
     for section, values in raw.items():
@@ -255,6 +408,14 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
                 target.overrides[key] = value
             else:
                 setattr(target, key, value)
+    for key, f in _declared_fields():
+        value = recipe.get(key)
+        if f.metadata.get("path") and value:
+            section, name = key.split(".")
+            value = Path(value).expanduser()
+            if base is not None and (section, name) in from_file:
+                value = base / value  # an absolute value stays as it is
+            setattr(getattr(recipe, section), name, os.path.abspath(value))
     recipe.validate()
     return recipe
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import math
 import shutil
 import signal
@@ -25,7 +26,7 @@ from typing import Any
 import torch
 
 from camelid.data import TokenLoader, read_manifest
-from camelid.errors import CamelidError, DataError
+from camelid.errors import CamelidError, CheckpointError, DataError
 from camelid.infer import Engine, SamplingParams
 from camelid.io import write_text_atomic
 from camelid.loss import IGNORE_INDEX, next_token_loss, valid_targets
@@ -107,7 +108,9 @@ class _Run:
     # ------------------------------------------------------------------------------ set-up
     def run(self, resume: str | None, fresh: bool) -> TrainSummary:
         r, world = self.recipe, self.world
-        self._prepare_dir(resume, fresh)
+        # Everything a user can get wrong is checked before the run directory is touched: a
+        # failed start leaves no empty run directory and changes nothing of an existing run.
+        self._check_run_dir(resume, fresh)
         manifest = read_manifest(r.data.dir)
         tok_path = r.data.tokenizer or manifest["tokenizer"]["path"]
         self.tokenizer = Tokenizer.load(tok_path)
@@ -122,7 +125,15 @@ class _Run:
                 f"model.vocab_size {self.config.vocab_size} is smaller than the tokenizer's "
                 f"{self.tokenizer.vocab_size}"
             )
+        self._check_training_windows(manifest)
+        self.loader = TokenLoader(r.data.dir, "train", r.train.batch_size, r.train.seq_len,
+                                  r.train.seed, world.rank, world.world_size)  # fmt: skip
+        if r.log.tensorboard and importlib.util.find_spec("tensorboard") is None:
+            raise RecipeError(
+                "log.tensorboard = true needs the tensorboard package (pip install tensorboard)"
+            )
         start_state = self._resume_state(resume)
+        self._prepare_dir(fresh)  # the first write of this run
 
         torch.manual_seed(r.train.seed)
         bf16 = r.train.precision == "bf16" or (
@@ -134,8 +145,6 @@ class _Run:
         self.model = model
         o = r.optim
         self.optimizer = build_optimizer(model, o.lr, o.weight_decay, (o.beta1, o.beta2), o.eps)
-        self.loader = TokenLoader(r.data.dir, "train", r.train.batch_size, r.train.seq_len,
-                                  r.train.seed, world.rank, world.world_size)  # fmt: skip
         self.guard = Guard(r.guard)
         # bf16: under FSDP2 its mixed-precision policy casts the parameters; a single process
         # keeps fp32 weights and autocasts the forward.
@@ -155,6 +164,8 @@ class _Run:
         self.step, self.tokens = 0, 0
         if start_state is not None:
             self._restore(start_state[0], start_state[1])
+            for detail in self.unusable:  # newer checkpoints that _resume_state passed over
+                self._event("checkpoint_unusable", detail)
             self._event("resume", str(start_state[0]))
         elif r.guard.enabled and r.guard.max_bad_steps > 0:
             self._checkpoint()  # something to roll back to from the very first steps
@@ -168,34 +179,89 @@ class _Run:
         finally:
             self.log.close()
 
-    def _prepare_dir(self, resume: str | None, fresh: bool) -> None:
-        existing = self.run_dir / "metrics.jsonl"
+    def _check_run_dir(self, resume: str | None, fresh: bool) -> None:
+        """Refuse, before anything is read or written, what would clobber or confuse a run."""
+        if fresh and resume is not None:
+            raise RecipeError("--fresh discards the run that --resume continues: give one of them")
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise RecipeError(f"run.out_dir {self.run_dir} is a file, not a directory")
+        if resume is None and not fresh and (self.run_dir / "metrics.jsonl").exists():
+            raise RecipeError(
+                f"{self.run_dir} already holds a run; resume it with --resume, start over with "
+                "--fresh, or choose another run.out_dir"
+            )
+
+    def _check_training_windows(self, manifest: dict[str, Any]) -> None:
+        """One step needs ``batch_size`` windows of ``seq_len + 1`` tokens per rank, each within
+        one shard (the TokenLoader's rule); say what the split holds when it cannot."""
+        t, world = self.recipe.train, self.world
+        shards = manifest["splits"]["train"]["shards"]
+        windows = sum(max((s["tokens"] - 1) // t.seq_len, 0) for s in shards)
+        needed = t.batch_size * world.world_size
+        if windows < needed:
+            tokens = sum(s["tokens"] for s in shards)
+            longest = max((s["tokens"] for s in shards), default=0)
+            raise RecipeError(
+                f"{self.recipe.data.dir}: the train split holds {tokens:,} tokens in "
+                f"{len(shards)} shard(s) (the longest {longest:,}), which make {windows} windows "
+                f"of train.seq_len + 1 = {t.seq_len + 1} tokens; one step needs "
+                f"train.batch_size x ranks = {needed}: lower train.batch_size or train.seq_len, "
+                "or prepare more data"
+            )
+
+    def _prepare_dir(self, fresh: bool) -> None:
+        """Make the run directory (``--fresh``: after clearing an earlier run's files), once
+        every check has passed."""
         if fresh and self.world.is_main and self.run_dir.exists():
             for name in ("checkpoints", "hf", "tensorboard"):
                 shutil.rmtree(self.run_dir / name, ignore_errors=True)
             for p in self.run_dir.glob("*"):
                 if p.is_file():
                     p.unlink()
-        elif resume is None and existing.exists():
-            raise RecipeError(
-                f"{self.run_dir} already holds a run; resume it with --resume, start over with "
-                "--fresh, or choose another run.out_dir"
-            )
         barrier(self.world)
         if self.world.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         barrier(self.world)
 
     def _resume_state(self, resume: str | None) -> tuple[Path, dict[str, Any]] | None:
+        """The checkpoint to continue from and its trainer state, checked against this recipe.
+
+        ``latest`` takes the newest usable checkpoint: a newer one that is truncated or
+        corrupt is named in a warning (and an event once the log is open) and passed over.
+        A checkpoint named explicitly must be usable: no silent substitute.
+        """
+        self.unusable: list[str] = []
         if resume is None:
             return None
         if resume == "latest":
-            found = ckpt.list_checkpoints(self.run_dir)
-            if not found:
-                raise RecipeError(f"{self.run_dir}: no checkpoint to resume from")
-            path = found[-1]
+            path, skipped = ckpt.newest_usable(self.run_dir)
+            for bad, reason in skipped:
+                self.unusable.append(f"{bad}: {reason}")
+                if self.world.is_main:
+                    print(f"camelid: warning: {bad} is not usable: {reason}; passing over it",
+                          file=sys.stderr, flush=True)  # fmt: skip
+            if path is None:
+                if skipped:
+                    raise CheckpointError(
+                        f"{self.run_dir}: no usable checkpoint to resume from; "
+                        + "; ".join(self.unusable)
+                    )
+                raise RecipeError(
+                    f"{self.run_dir}: no checkpoint to resume from (start without --resume)"
+                )
+            if skipped and self.world.is_main:
+                print(f"camelid: warning: resuming from {path} instead", file=sys.stderr,
+                      flush=True)  # fmt: skip
         else:
             path = Path(resume)
+            reason = ckpt.usable(path)
+            if reason is not None and ckpt.checkpoint_dir(path).is_dir():
+                raise CheckpointError(
+                    f"{path}: a run directory, not a checkpoint; --resume alone takes the newest "
+                    f"of run.out_dir, or name one of {ckpt.checkpoint_dir(path)}/step-N"
+                )
+            if reason is not None:
+                raise CheckpointError(f"{path}: not a usable checkpoint: {reason}")
         state = ckpt.read_state(path)
         saved = state.get("model_config", {})
         mine = self.config.to_dict()
@@ -205,6 +271,7 @@ class _Run:
             raise RecipeError(
                 f"{path}: checkpoint of another model shape than this recipe ({detail})"
             )
+        self.loader.load_state_dict(state["loader"])  # the same data and global batch?
         return path, state
 
     def _restore(self, path: Path, state: dict[str, Any]) -> None:
@@ -304,12 +371,14 @@ class _Run:
     def _roll_back(self, since_checkpoint: float) -> int:
         """Back to the last checkpoint, keeping the loader where it is: the data since that
         checkpoint — which led to the bad steps — is skipped."""
-        found = ckpt.list_checkpoints(self.run_dir)
-        if not found:
-            raise CamelidError("the guard asked for a roll-back but no checkpoint exists")
+        target, skipped = ckpt.newest_usable(self.run_dir)
+        for bad, reason in skipped:
+            self._event("checkpoint_unusable", f"{bad}: {reason}")
+        if target is None:
+            raise CamelidError("the guard asked for a roll-back but no usable checkpoint exists")
         failed_at, position, drills = self.step, self.loader.state_dict(), self.guard.drills
-        state = ckpt.read_state(found[-1])
-        self._restore(found[-1], state)
+        state = ckpt.read_state(target)
+        self._restore(target, state)
         self.loader.load_state_dict(position)
         self.guard.bad_streak, self.guard.drills = 0, drills  # a drill fires once
         self.clock.move("train", "rollback", since_checkpoint)
