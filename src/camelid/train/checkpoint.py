@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 import shutil
 import warnings
 from collections.abc import Iterator
@@ -28,12 +27,9 @@ from camelid.errors import CamelidError
 from camelid.io import write_text_atomic
 from camelid.train.distributed import World, barrier
 
-_NAME = re.compile(r"step-(\d{8})")
-STATE_FILE = "trainer.json"
-
-
-def checkpoint_dir(run_dir: Path) -> Path:
-    return run_dir / "checkpoints"
+# The format's names have one home, shared with what reads weights out of checkpoints.
+from camelid.weights.checkpoint import STATE_FILE, checkpoint_dir, list_checkpoints, step_dir_name
+from camelid.weights.checkpoint import STEP_NAME as _NAME  # noqa: F401
 
 
 def save(
@@ -47,7 +43,7 @@ def save(
 ) -> Path:
     """Write a checkpoint for ``step``; keep only the newest ``keep``. Returns its path."""
     root = checkpoint_dir(run_dir)
-    final, tmp = root / f"step-{step:08d}", root / f".step-{step:08d}.tmp"
+    final, tmp = root / step_dir_name(step), root / f".{step_dir_name(step)}.tmp"
     if world.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -73,15 +69,6 @@ def save(
         raise
     barrier(world)
     return final
-
-
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
-    root = checkpoint_dir(run_dir)
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if _NAME.fullmatch(p.name) and (p / STATE_FILE).exists()]
-    return sorted(found, key=lambda p: p.name)
 
 
 def read_state(path: Path) -> dict[str, Any]:
