@@ -119,8 +119,11 @@ def test_load_engine_takes_plain_arguments(model_dir, tmp_path):
     engine = load_engine(tmp_path / "run", device="cpu", max_seq_len=1000, max_batch_size=2,
                          log=lines.append)  # fmt: skip
     assert (engine.max_seq_len, engine.max_batch_size, engine.dtype) == (256, 2, torch.float32)
-    assert lines[0] == "note: the model's context is 256 tokens; using that"
-    assert lines[1].startswith(f"loaded {tmp_path / 'run' / 'hf'} (") and len(lines) == 2
+    assert (
+        lines[0] == f"{tmp_path / 'run'}: training run; using its export {tmp_path / 'run' / 'hf'}"
+    )
+    assert lines[1] == "note: the model's context is 256 tokens; using that"
+    assert lines[2].startswith(f"loaded {tmp_path / 'run' / 'hf'} (") and len(lines) == 3
     assert resolve_model_dir(tmp_path / "run") == tmp_path / "run" / "hf"
     with pytest.raises(CheckpointError, match="no such directory"):
         load_engine(tmp_path / "absent")

@@ -273,10 +273,10 @@ def damage(checkpoint: Path, kind: str) -> str:
     if kind == "truncated":
         data = distcp.read_bytes()
         distcp.write_bytes(data[: len(data) // 2])
-        return f"{distcp.name} is truncated"
+        return f"{distcp.name}: truncated"
     if kind == "missing":
         distcp.unlink()
-        return f"{distcp.name} is missing"
+        return f"{distcp.name}, which its .metadata lists, is missing"
     if kind == "metadata":
         (checkpoint / ".metadata").write_bytes(b"\x80\x04garbage")
         return ".metadata is unreadable"

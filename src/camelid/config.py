@@ -268,8 +268,18 @@ class ModelConfig:
         except (TypeError, ValueError) as e:
             raise ConfigError(f"{source}: bad value: {e}") from None
 
-    def to_hf(self, dtype: str = "float32") -> dict[str, Any]:
-        """A ``LlamaConfig`` dict in the 4.x style, which transformers 4.x and 5.x both read."""
+    def to_hf(
+        self,
+        dtype: str = "float32",
+        *,
+        bos_token_id: int | None = None,
+        eos_token_id: int | list[int] | None = None,
+    ) -> dict[str, Any]:
+        """A ``LlamaConfig`` dict in the 4.x style, which transformers 4.x and 5.x both read.
+
+        The token ids belong to the tokenizer, not the architecture, so they are passed in;
+        given, they are written as ``bos_token_id``/``eos_token_id``, which ``transformers``
+        falls back on when a directory has no generation_config.json."""
         rope_scaling = None
         if self.rope_scaling is not None:
             s = self.rope_scaling
@@ -298,6 +308,8 @@ class ModelConfig:
             "tie_word_embeddings": self.tie_embeddings,
             "attention_bias": self.attention_bias,
             "mlp_bias": self.mlp_bias,
+            **({} if bos_token_id is None else {"bos_token_id": bos_token_id}),
+            **({} if eos_token_id is None else {"eos_token_id": eos_token_id}),
             "torch_dtype": dtype,
         }
 

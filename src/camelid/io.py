@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +17,8 @@ def atomic_path(dst: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``dst``; on success it is synced and renamed over ``dst``.
 
     A job killed mid-write leaves at most a ``.tmp`` file behind, never a half-written file under
-    the final name.
+    the final name. The file gets the mode a plain ``open()`` gives (0644 under umask 022),
+    whatever wrote it: some writers (safetensors' ``save_file``) create theirs 0600.
     """
     dst = Path(dst)
     tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
@@ -24,6 +26,7 @@ def atomic_path(dst: str | Path) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
         os.replace(tmp, dst)
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -33,6 +36,24 @@ def atomic_path(dst: str | Path) -> Iterator[Path]:
 def write_text_atomic(dst: str | Path, text: str) -> None:
     with atomic_path(dst) as tmp:
         tmp.write_text(text)
+
+
+def copy_file_atomic(src: str | Path, dst: str | Path) -> None:
+    """Copy the bytes of ``src`` to ``dst`` atomically (the mode as :func:`atomic_path` sets)."""
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
+
+
+def _umask() -> int:
+    """The process's umask: read from /proc where it can be, since setting it to read it back
+    briefly changes it for every thread."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}

@@ -12,10 +12,21 @@ import os
 import sys
 
 from camelid import __version__
-from camelid.cli import chat, convert, generate, inspect, prepare, quickstart, tokenizer, train
+from camelid.cli import (
+    chat,
+    convert,
+    export,
+    generate,
+    inspect,
+    prepare,
+    quickstart,
+    tokenizer,
+    train,
+)
 from camelid.errors import CamelidError
 
-COMMANDS = (quickstart, inspect, convert, tokenizer, prepare, train, generate, chat)  # help order
+# help order
+COMMANDS = (quickstart, inspect, convert, tokenizer, prepare, train, export, generate, chat)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,19 +28,24 @@ def register(sub: argparse._SubParsersAction) -> None:
         "chat",
         help="chat with a model interactively, in its tokenizer's chat template",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Chat with an instruction-tuned Llama (a Hugging Face Llama directory or a "
-        "training run).\nThe conversation is kept and sent with each message in the "
-        "tokenizer's chat template;\nwhen it no longer fits the context, the oldest turns are "
-        "dropped (the system message\nstays). Commands: /reset clears the history, /help, "
-        "/exit or /quit (or Ctrl-D) leaves.\nCtrl-C stops an answer being written (what was "
-        "shown stays in the history); at the\nprompt it leaves. Input is read line by line, so "
-        "piped stdin works too.",
+        description="Chat with an instruction-tuned Llama (a Hugging Face Llama directory, a "
+        "training run or\none of its checkpoints). The conversation is kept and sent with each "
+        "message in the\ntokenizer's chat template; when it no longer fits the context, the "
+        "oldest turns are\ndropped (the system message stays). Commands: /reset clears the "
+        "history, /help, /exit\nor /quit (or Ctrl-D) leaves. Ctrl-C stops an answer being "
+        "written (what was shown stays\nin the history); at the prompt it leaves. Input is "
+        "read line by line, so piped stdin\nworks too.",
         epilog="""examples:
   camelid chat path/to/Llama-3.2-1B-Instruct
   camelid chat MODEL --system "You are a terse assistant." --temperature 0.6 --top-p 0.9
   printf 'hello\\n/reset\\nhi again\\n' | camelid chat MODEL --greedy --quiet""",
     )
-    p.add_argument("model", metavar="MODEL", help="model directory or training run directory")
+    p.add_argument(
+        "model",
+        metavar="MODEL",
+        help="a Hugging Face directory, a training run (its export, or its newest checkpoint "
+        "if it has none yet) or one checkpoint (RUN/checkpoints/step-N)",
+    )
     p.add_argument("--system", metavar="TEXT", help="a system message at the start of the chat")
     add_sampling_args(p, max_new_tokens=512, chat=True)
     add_engine_args(p, chat=True)

@@ -1,25 +1,29 @@
-"""``camelid convert``: re-save and validate a checkpoint."""
+"""``camelid convert``: re-save and validate a model directory, run or checkpoint."""
 
 from __future__ import annotations
 
 import argparse
-import time
+import sys
 
 import torch
 
+from camelid.infer.export import convert
 from camelid.infer.load import DTYPES
 from camelid.io import format_bytes, format_count
-from camelid.weights.hf import inspect_checkpoint, load, save
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "convert",
         help="re-save and validate a checkpoint (Hugging Face safetensors)",
-        description="Load a Hugging Face Llama checkpoint, check every tensor, and write it to "
-        "DST as a Hugging Face directory (optionally in another dtype or shard size).",
+        description="Load a Hugging Face Llama directory (or a training run, or one of its "
+        "checkpoints), check every tensor, and write it to DST as a complete Hugging Face "
+        "directory (optionally in another dtype or shard size): the tokenizer files, "
+        "generation_config.json and config.json's token ids are kept.",
     )
-    p.add_argument("src", metavar="SRC", help="source checkpoint directory")
+    p.add_argument(
+        "src", metavar="SRC", help="a Hugging Face directory, a training run or a checkpoint"
+    )
     p.add_argument("dst", metavar="DST", help="destination directory (created if needed)")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="cast weights (default: keep)")
     p.add_argument(
@@ -31,15 +35,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    t0 = time.perf_counter()
-    dtype = getattr(torch, args.dtype) if args.dtype else None
-    src = inspect_checkpoint(args.src)
-    model = load(args.src, dtype=dtype or src.dtype)
-    save(model, args.dst, max_shard_size=args.max_shard_size)
-    out = inspect_checkpoint(args.dst)  # read back what was written
+    done = convert(
+        args.src,
+        args.dst,
+        dtype=getattr(torch, args.dtype) if args.dtype else None,
+        max_shard_size=args.max_shard_size,
+        log=lambda text: print(text, file=sys.stderr, flush=True),
+    )
+    out = done.info  # read back from what was written
     print(
         f"converted {args.src} -> {args.dst}: {format_count(out.config.num_params())} "
         f"parameters, {out.dtype}, {len(out.files)} file(s), {format_bytes(out.nbytes)} "
-        f"in {time.perf_counter() - t0:.1f}s"
+        f"in {done.seconds:.1f}s"
     )
     return 0

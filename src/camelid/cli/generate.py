@@ -25,17 +25,22 @@ def register(sub: argparse._SubParsersAction) -> None:
         "generate",
         help="complete one or more prompts with a model, streaming the text",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Complete prompts with a Hugging Face Llama directory (or a training run, "
-        "whose RUN/hf\nis used). One prompt streams to stdout as it is generated; several are "
-        "decoded together\nand printed in order under a '=== i/n' header. A one-line summary "
-        "goes to stderr.",
+        description="Complete prompts with a Hugging Face Llama directory, a training run (its "
+        "export RUN/hf, or\nits newest checkpoint while it has none) or one of its checkpoints. "
+        "One prompt streams to\nstdout as it is generated; several are decoded together and "
+        "printed in order under a\n'=== i/n' header. A one-line summary goes to stderr.",
         epilog="""examples:
   camelid generate runs/quickstart --prompt "def fibonacci(n):" --greedy
   camelid generate MODEL -p "Once upon a time" -p "The capital of France is" -n 64
   echo "Why is the sky blue?" | camelid generate MODEL --prompt - --chat --temperature 0.6
   camelid generate MODEL -p "2 + 2 =" --json --logprobs 5 --max-new-tokens 8""",
     )
-    p.add_argument("model", metavar="MODEL", help="model directory or training run directory")
+    p.add_argument(
+        "model",
+        metavar="MODEL",
+        help="a Hugging Face directory, a training run (its export, or its newest checkpoint "
+        "if it has none yet) or one checkpoint (RUN/checkpoints/step-N)",
+    )
     p.add_argument(
         "-p",
         "--prompt",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,13 @@ import torch
 
 from camelid.config import PRESETS, ModelConfig
 from camelid.errors import CamelidError
-from camelid.infer.load import resolve_device
+from camelid.infer.load import (
+    ModelSource,
+    inspect_model,
+    load_model,
+    resolve_device,
+    resolve_model,
+)
 from camelid.io import format_bytes, format_count
 from camelid.model import Transformer
 from camelid.system import available_memory
@@ -23,11 +30,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "inspect",
         help="describe a preset or checkpoint: architecture, parameters, FLOPs, memory",
-        description="Describe a model preset or a Hugging Face Llama checkpoint directory "
-        "without loading its weights: architecture, parameter counts, training FLOPs per "
-        "token and memory needs. Presets: " + ", ".join(PRESETS) + ".",
+        description="Describe a model preset, a Hugging Face Llama directory, a training run or "
+        "one of its checkpoints without loading its weights: architecture, parameter counts, "
+        "training FLOPs per token and memory needs. Presets: " + ", ".join(PRESETS) + ".",
     )
-    p.add_argument("model", metavar="PRESET_OR_PATH", help="a preset name or a checkpoint dir")
+    p.add_argument(
+        "model",
+        metavar="PRESET_OR_PATH",
+        help="a preset name, a Hugging Face directory, a training run or a checkpoint dir",
+    )
     p.add_argument(
         "--seq-len",
         type=int,
@@ -46,22 +57,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _resolve(model: str) -> tuple[ModelConfig, hf.CheckpointInfo | None]:
-    """A preset name or a checkpoint path → (config, checkpoint info or None)."""
+def _resolve(model: str) -> tuple[ModelConfig, ModelSource | None, hf.CheckpointInfo | None]:
+    """A preset name or a path → (config, the resolved source and its info, or None)."""
     if model in PRESETS:
-        return ModelConfig.from_preset(model), None
+        return ModelConfig.from_preset(model), None, None
     looks_like_path = "/" in model or model.startswith(".") or Path(model).exists()
     if not looks_like_path:
         raise CamelidError(
             f"{model!r} is neither a known preset nor an existing path; "
             f"known presets: {', '.join(PRESETS)}"
         )
-    info = hf.inspect_checkpoint(model)
-    return info.config, info
+    source = resolve_model(model, need_tokenizer=False)
+    if source.note is not None:
+        print(source.note, file=sys.stderr, flush=True)
+    info = inspect_model(source)
+    return info.config, source, info
 
 
 def run(args: argparse.Namespace) -> int:
-    config, info = _resolve(args.model)
+    config, source, info = _resolve(args.model)
     seq_len = args.seq_len or min(config.max_seq_len, 8192)
     if seq_len <= 0:
         raise CamelidError(f"--seq-len must be positive, got {seq_len}")
@@ -73,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
             "bytes": info.nbytes,
         }
     if args.forward:
-        figures["forward"] = _forward(config, args, info is not None)
+        figures["forward"] = _forward(config, args, source)
     if args.json:
         print(json.dumps(figures, indent=2))
         return 0
@@ -134,7 +148,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _forward(config: ModelConfig, args: argparse.Namespace, checkpoint: bool) -> dict[str, Any]:
+def _forward(
+    config: ModelConfig, args: argparse.Namespace, source: ModelSource | None
+) -> dict[str, Any]:
     """Run one forward pass: a smoke test that the model runs on this machine."""
     device = resolve_device(args.device)
     need = config.weight_bytes(4)
@@ -147,8 +163,8 @@ def _forward(config: ModelConfig, args: argparse.Namespace, checkpoint: bool) ->
     if args.batch <= 0:
         raise CamelidError(f"--batch must be positive, got {args.batch}")
     torch.manual_seed(0)
-    if checkpoint:
-        model = hf.load(args.model, device=device)
+    if source is not None:
+        model = load_model(source, device=device)
     else:
         with device:
             model = Transformer(config)

@@ -42,6 +42,7 @@ from camelid.tokenizer.chat import (
 JSON_NAME = "tokenizer.json"
 MODEL_NAME = "tokenizer.model"
 CONFIG_NAME = "tokenizer_config.json"
+SPECIAL_TOKENS_NAME = "special_tokens_map.json"
 
 # The parts of a tokenizer.json that decide which ids a text gets and which text ids decode to.
 # (The post-processor is left out: camelid adds BOS/EOS itself.)
@@ -278,8 +279,9 @@ class Tokenizer:
         return (ids, mask) if return_assistant_mask else ids
 
     def save(self, directory: str | Path, *, model_max_length: int = 131072) -> None:
-        """Write tokenizer.json and tokenizer_config.json, loadable by ``transformers``'
-        ``AutoTokenizer`` with the same ids (it adds BOS, as ``encode(text, bos=True)``)."""
+        """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json, loadable by
+        ``transformers``' ``AutoTokenizer`` with the same ids (it adds BOS, as
+        ``encode(text, bos=True)``), each file atomically."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         config = {
@@ -294,6 +296,8 @@ class Tokenizer:
             config["chat_template"] = self._chat.jinja()
         write_text_atomic(directory / JSON_NAME, self._backend.to_hf().to_str(pretty=True))
         write_text_atomic(directory / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
+        specials = {"bos_token": BOS, "eos_token": EOS}
+        write_text_atomic(directory / SPECIAL_TOKENS_NAME, json.dumps(specials, indent=2) + "\n")
 
     def _chat_format(self) -> ChatFormat:
         if self._chat is None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 import shutil
 import warnings
 from collections.abc import Iterator
@@ -30,12 +29,15 @@ from camelid.errors import CamelidError, CheckpointError
 from camelid.io import write_text_atomic
 from camelid.train.distributed import World, barrier
 
-_NAME = re.compile(r"step-(\d{8})")
-STATE_FILE = "trainer.json"
-
-
-def checkpoint_dir(run_dir: Path) -> Path:
-    return run_dir / "checkpoints"
+# The format's names have one home, shared with what reads weights out of checkpoints.
+from camelid.weights.checkpoint import (
+    STATE_FILE,
+    check_lengths,
+    checkpoint_dir,
+    list_checkpoints,
+    step_dir_name,
+)
+from camelid.weights.checkpoint import STEP_NAME as _NAME  # noqa: F401
 
 
 def save(
@@ -49,7 +51,7 @@ def save(
 ) -> Path:
     """Write a checkpoint for ``step``; keep only the newest ``keep``. Returns its path."""
     root = checkpoint_dir(run_dir)
-    final, tmp = root / f"step-{step:08d}", root / f".step-{step:08d}.tmp"
+    final, tmp = root / step_dir_name(step), root / f".{step_dir_name(step)}.tmp"
     if world.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -75,15 +77,6 @@ def save(
         raise
     barrier(world)
     return final
-
-
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
-    root = checkpoint_dir(run_dir)
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if _NAME.fullmatch(p.name) and (p / STATE_FILE).exists()]
-    return sorted(found, key=lambda p: p.name)
 
 
 def read_state(path: Path) -> dict[str, Any]:
@@ -146,17 +139,10 @@ def usable(path: Path) -> str | None:
         return "no .metadata (the index of its tensor files)"
     except Exception as e:  # a truncated or overwritten pickle
         return f".metadata is unreadable ({_first_line(e)})"
-    needed: dict[str, int] = {}  # file -> bytes the metadata says it holds
-    for info in (getattr(metadata, "storage_data", None) or {}).values():
-        name = getattr(info, "relative_path", None)
-        if name is not None:
-            needed[name] = max(needed.get(name, 0), info.offset + info.length)
-    for name, size in sorted(needed.items()):
-        file = path / name
-        if not file.is_file():
-            return f"{name} is missing"
-        if file.stat().st_size < size:
-            return f"{name} is truncated ({file.stat().st_size:,} of {size:,} bytes)"
+    try:
+        check_lengths(path, getattr(metadata, "storage_data", None) or {})
+    except CheckpointError as e:
+        return str(e).removeprefix(f"{path}: ").removeprefix(f"{path}/")
     for rng in sorted(path.glob("rng-*.pt")):
         try:
             torch.load(rng, weights_only=True)

@@ -28,6 +28,7 @@ import torch
 from camelid.data import TokenLoader, read_manifest
 from camelid.errors import CamelidError, CheckpointError, DataError
 from camelid.infer import Engine, SamplingParams
+from camelid.infer.export import keep_run_tokenizer, save_pretrained
 from camelid.io import write_text_atomic
 from camelid.loss import IGNORE_INDEX, next_token_loss, valid_targets
 from camelid.model import Transformer
@@ -134,6 +135,8 @@ class _Run:
             )
         start_state = self._resume_state(resume)
         self._prepare_dir(fresh)  # the first write of this run
+        if world.is_main:  # the run's own copy: its checkpoints stay exportable
+            keep_run_tokenizer(self.tokenizer, self.run_dir)
 
         torch.manual_seed(r.train.seed)
         bf16 = r.train.precision == "bf16" or (
@@ -511,10 +514,10 @@ class _Run:
         return summary
 
     def _export(self) -> None:
-        """Hugging Face weights + tokenizer in run_dir/hf, loadable by transformers and camelid."""
+        """The complete Hugging Face directory run_dir/hf (weights, config with token ids,
+        generation_config, tokenizer), loadable by transformers and camelid: what
+        ``camelid export`` makes of the run's last checkpoint, written by the same function."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        from camelid.weights.hf import save
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         state = get_model_state_dict(self.model, options=options)
@@ -524,9 +527,7 @@ class _Run:
             model = model.to_empty(device="cpu")
             model.tie_weights()
             model.load_state_dict({k: v.float() for k, v in state.items()})
-            out = self.run_dir / "hf"
-            save(model, out)
-            self.tokenizer.save(out, model_max_length=self.config.max_seq_len)
+            save_pretrained(model, self.tokenizer, self.run_dir / "hf")
         barrier(self.world)
         self.clock.lap("export")
         self._event("export", str(self.run_dir / "hf"))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +25,7 @@ from camelid.io import atomic_path, parse_size, write_text_atomic
 from camelid.model import Transformer
 
 CONFIG_NAME = "config.json"
+GENERATION_CONFIG_NAME = "generation_config.json"
 SINGLE_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 _SHARD_RE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
@@ -281,12 +282,24 @@ def _stream(file: Path, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 # ------------------------------------------------------------------------------------- save
-def save(model: Transformer, path: str | Path, max_shard_size: int | str = "5GB") -> None:
+def save(
+    model: Transformer,
+    path: str | Path,
+    max_shard_size: int | str = "5GB",
+    *,
+    bos_token_id: int | None = None,
+    eos_token_id: int | list[int] | None = None,
+    stop_token_ids: Sequence[int] | None = None,
+) -> None:
     """Write ``model`` as a Hugging Face Llama directory that ``transformers`` loads.
 
     Above ``max_shard_size`` the weights are split into ``model-0000k-of-0000n.safetensors``
     with a ``model.safetensors.index.json``. Each file is written atomically, and weight files
     left by an earlier save into the same directory are removed.
+
+    The token ids come from the tokenizer (this room does not read tokenizers): ``bos_token_id``
+    and ``eos_token_id`` go into config.json; ``stop_token_ids``, every id generation ends on,
+    into generation_config.json, so ``transformers``' ``generate`` stops where camelid does.
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
@@ -326,7 +339,16 @@ def save(model: Transformer, path: str | Path, max_shard_size: int | str = "5GB"
             save_file(tensors, str(tmp), metadata={"format": "pt"})
         del tensors
     dtype_name = str(dtype).removeprefix("torch.")
-    write_text_atomic(path / CONFIG_NAME, json.dumps(config.to_hf(dtype_name), indent=2) + "\n")
+    hf_config = config.to_hf(dtype_name, bos_token_id=bos_token_id, eos_token_id=eos_token_id)
+    write_text_atomic(path / CONFIG_NAME, json.dumps(hf_config, indent=2) + "\n")
+    if stop_token_ids is not None:
+        generation = {
+            "bos_token_id": bos_token_id,
+            "eos_token_id": [int(i) for i in stop_token_ids],
+        }
+        if bos_token_id is None:
+            del generation["bos_token_id"]
+        write_text_atomic(path / GENERATION_CONFIG_NAME, json.dumps(generation, indent=2) + "\n")
     index = path / INDEX_NAME
     if n > 1:
         body = {"metadata": {"total_size": total}, "weight_map": weight_map}

@@ -1,0 +1,66 @@
+"""``camelid export``: a training checkpoint → a complete Hugging Face directory."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from camelid.infer.export import export_checkpoint
+from camelid.infer.load import DTYPES
+from camelid.io import format_bytes, format_count
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="turn a training run or checkpoint into a Hugging Face directory with its tokenizer",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Export a training checkpoint as a complete Hugging Face Llama directory: "
+        "safetensors,\nconfig.json (with bos/eos token ids), generation_config.json (every "
+        "stop id) and the\ntokenizer the run was trained with. RUN_OR_CHECKPOINT is a run "
+        "directory (its newest\ncomplete checkpoint is exported) or one "
+        "RUN/checkpoints/step-N directory. The run is\nonly read; OUT must be new or empty "
+        "unless --overwrite.",
+        epilog="""examples:
+  camelid export runs/quickstart runs/quickstart/hf        # after Ctrl-C: the newest checkpoint
+  camelid export runs/quickstart/checkpoints/step-00000200 exports/step-200
+  camelid export runs/big exports/big --dtype bfloat16 --max-shard-size 2GB
+then: camelid generate OUT --prompt "..." or transformers' from_pretrained(OUT)""",
+    )
+    p.add_argument("src", metavar="RUN_OR_CHECKPOINT", help="a training run or checkpoint dir")
+    p.add_argument("out", metavar="OUT", help="the Hugging Face directory to write")
+    p.add_argument(
+        "--dtype", choices=DTYPES, default=None, help="cast weights (default: keep, float32)"
+    )
+    p.add_argument(
+        "--max-shard-size",
+        default="5GB",
+        help="split weights into shards of at most this size (default: 5GB)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into an OUT that is not empty, replacing its model and tokenizer files",
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    done = export_checkpoint(
+        args.src,
+        args.out,
+        dtype=getattr(torch, args.dtype) if args.dtype else None,
+        max_shard_size=args.max_shard_size,
+        overwrite=args.overwrite,
+        log=lambda text: print(text, file=sys.stderr, flush=True),
+    )
+    info = done.info
+    print(
+        f"exported {done.source.path} (step {done.source.step}) -> {done.out}: "
+        f"{format_count(info.config.num_params())} parameters, "
+        f"{str(info.dtype).removeprefix('torch.')}, {len(info.files)} weight file(s), "
+        f"{format_bytes(info.nbytes)}, with its tokenizer, in {done.seconds:.1f}s"
+    )
+    return 0
