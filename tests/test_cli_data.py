@@ -70,6 +70,7 @@ def test_train_then_prepare_then_load(capsys, tmp_path, corpus):
     assert code == 0, out
     assert "skipped 1 non-JSON lines, 1 records without 'text'" in out
     assert "more.jsonl:21 (not JSON)" in out and "more.jsonl:22" in out
+    assert "they hold  other (choose with --text-field)" in out
     assert "train" in out and "validation" in out
     x, _ = next(TokenLoader(data_dir, batch_size=2, seq_len=16))
     assert x.shape == (2, 16)
@@ -200,3 +201,38 @@ def test_bad_input(capsys, tmp_path, corpus, argv, needle):
     assert code == 1, err
     assert err.startswith("camelid: error: ") and err.count("\n") == 1
     assert needle in err
+
+
+def test_failed_prepare_does_not_block_the_corrected_rerun(capsys, tmp_path, corpus):
+    tok = tmp_path / "tok"
+    assert run(capsys, "tokenizer", "train", "--corpus", str(corpus), "--vocab-size", "300",
+               "--num-special", "16", "--out", str(tok))[0] == 0  # fmt: skip
+    records = tmp_path / "records"
+    records.mkdir()
+    rows = [{"body": f"record {i} " + " ".join(["river stone"] * 20), "url": i} for i in range(8)]
+    (records / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "data"
+    argv = ["prepare", "--corpus", str(records), "--tokenizer", str(tok), "--out", str(out)]
+    code, _, err = run(capsys, *argv)  # the field is 'body', not the default 'text'
+    assert code == 1 and err.startswith("camelid: error: ") and err.count("\n") == 1
+    assert "has a string field 'text'; fields found: body, url" in err
+    assert not out.exists()
+    code, out_text, _ = run(capsys, *argv, "--text-field", "body")
+    assert code == 0 and "documents    8 read, 8 kept" in out_text
+
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    (blobs / "a.bin").write_bytes(b"\0" * 64)
+    argv = [
+        "prepare",
+        "--corpus",
+        str(blobs),
+        "--tokenizer",
+        str(tok),
+        "--out",
+        str(tmp_path / "d2"),
+    ]
+    code, _, err = run(capsys, *argv)
+    assert code == 1 and "skipped 1 binary file" in err and not (tmp_path / "d2").exists()
+    argv[2] = str(corpus)
+    assert run(capsys, *argv)[0] == 0
