@@ -144,8 +144,10 @@ def _check(p: SamplingParams) -> None:
 
     def number(name: str, ok, want: str) -> None:
         value = getattr(p, name)
-        if not _is_number(value) or not ok(value):
+        if not _is_number(value):
             raise bad(name, f"a number {want}")
+        if not ok(value):
+            raise bad(name, want)
         set_(name, float(value))
 
     def sequence(name: str, single: type | None = None) -> tuple:
