@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import select
 import signal
 import subprocess
@@ -150,7 +151,8 @@ def test_generate_ctrl_c_while_streaming(model_dir):
 
 def test_chat_ctrl_c_at_the_prompt(model_dir):
     cmd = Command("chat", model_dir, "--device", "cpu", stdin=subprocess.PIPE)
-    cmd.wait_for(lambda: b"type a message" in cmd.err, "the prompt")
+    # The whole note (its newline is a write of its own), then the prompt is read.
+    cmd.wait_for(lambda: re.search(rb"type a message.*\n", cmd.err), "the prompt")
     code, _, err = cmd.interrupt()
     assert_interrupted(code, err)
 
