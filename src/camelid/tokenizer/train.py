@@ -65,15 +65,18 @@ def train_tokenizer(
     return Tokenizer(_HFBackend(hf_from_ranks(ranks, specials, LLAMA3_PATTERN)), "trained")
 
 
-def _train_interruptibly(hf: HFTokenizer, trainer: trainers.BpeTrainer, texts: Iterable[str]):
+def _train_interruptibly(
+    hf: HFTokenizer, trainer: trainers.BpeTrainer, texts: Iterable[str]
+) -> None:
     """``hf.train_from_iterator``, but a Ctrl-C while it reads the corpus stops it soon.
 
     The trainer is Rust: it holds the main thread until it ends and reads the texts on threads
     of its own, so Python would act on a Ctrl-C only when the whole training is done. Here the
     signal's wakeup byte is watched: at a Ctrl-C the feed ends, the trainer finishes on what it
     has (only its merge step, which cannot be stopped, still runs) and KeyboardInterrupt is
-    raised, never a tokenizer trained on part of the corpus. Nothing is left running: a thread
-    abandoned in Rust could touch Python while the interpreter shuts down, and abort it.
+    raised, never a tokenizer trained on part of the corpus. The training stays on the main
+    thread and is waited for: one left running in Rust (on a thread given up on) could call
+    into Python while the interpreter shuts down, which aborts the process.
     """
     main = threading.current_thread() is threading.main_thread()
     if not main or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
