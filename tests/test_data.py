@@ -148,6 +148,16 @@ def test_jsonl_bad_lines_are_counted_with_line_numbers(tmp_path):
     assert (stats.bad_json_lines, stats.missing_field) == (1, 2)
     assert stats.first_bad_lines[0].startswith("d.jsonl.gz:2 (not JSON)")
     assert "d.jsonl.gz:3" in stats.first_bad_lines[1]
+    assert stats.fields_found == ["body"]  # what the records without 'text' do have
+
+
+def test_fields_found_merge_the_same_whatever_the_order():
+    a, b = sources.ReadStats(), sources.ReadStats()
+    a.note_fields(["id", "content"])
+    b.note_fields(["url", "content"])
+    ab, ba = sources.ReadStats(), sources.ReadStats()
+    ab.merge(a), ab.merge(b), ba.merge(b), ba.merge(a)
+    assert ab.fields_found == ba.fields_found == ["content", "id", "url"]
 
 
 def test_parquet_column(tmp_path):
@@ -275,6 +285,58 @@ def test_empty_or_all_filtered_corpus(tmp_path, tokenizer_dir):
     (tiny / "a.txt").write_text("hi")
     with pytest.raises(DataError, match="all 1 documents were removed: too_short 1"):
         prepare(_config(tiny), tokenizer_dir, tmp_path / "o2", workers=1, progress=False)
+
+
+def test_missing_text_field_lists_the_fields_and_leaves_nothing(tmp_path, tokenizer_dir):
+    src = tmp_path / "records"
+    src.mkdir()
+    rows = [{"content": _doc(random.Random(i)), "id": i} for i in range(6)]
+    (src / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "new" / "ds"  # neither directory exists yet
+    with pytest.raises(DataError) as err:
+        prepare(_config(src), tokenizer_dir, out, workers=1, progress=False)
+    assert "none of its 6 record(s) has a string field 'text'" in str(err.value)
+    assert "fields found: content, id" in str(err.value) and "--text-field" in str(err.value)
+    assert not (tmp_path / "new").exists()  # what it created, it removed
+    m = prepare(_config(src, text_field="content"), tokenizer_dir, out, workers=1, progress=False)
+    assert m["stats"]["kept"] == 6
+
+
+def test_failed_run_takes_back_its_shards_and_nothing_else(tmp_path, corpus, tokenizer_dir):
+    src = tmp_path / "src"
+    src.mkdir()
+    for p in sorted(corpus.iterdir()):
+        (src / p.name).write_bytes(p.read_bytes())
+    (src / "zz.jsonl.gz").write_bytes(b"not gzip at all")  # read last, after shards are cut
+    out = tmp_path / "ds"
+    out.mkdir()
+    (out / "notes.txt").write_text("the user's own")
+    # An earlier dataset beside a file of the user's: --overwrite replaces the dataset's files
+    # only, and the failed run then removes only what it wrote.
+    first = prepare(_config(corpus), tokenizer_dir, tmp_path / "ok", workers=1, progress=False)
+    for name in os.listdir(tmp_path / "ok"):
+        (out / name).write_bytes((tmp_path / "ok" / name).read_bytes())
+    cfg = _config(src, shard_tokens=500)
+    with pytest.raises(DataError, match=r"zz\.jsonl\.gz: not a readable gzip file"):
+        prepare(cfg, tokenizer_dir, out, workers=2, progress=False, overwrite=True)
+    assert sorted(os.listdir(out)) == ["notes.txt"]  # its shards and marker gone, notes kept
+    (src / "zz.jsonl.gz").unlink()  # the corrected re-run: the same command
+    m = prepare(cfg, tokenizer_dir, out, workers=1, progress=False, overwrite=True)
+    assert m["stats"]["kept"] == first["stats"]["kept"]
+    assert len(m["splits"]["train"]["shards"]) > 1
+
+
+def test_binary_corpus_then_the_right_one(tmp_path, corpus, tokenizer_dir):
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    for i in range(3):
+        (blobs / f"b{i}.dat").write_bytes(b"\0\1" * 50)
+    out = tmp_path / "ds"
+    out.mkdir()  # an empty directory of the user's: kept, and still empty
+    with pytest.raises(DataError, match="skipped 3 binary file"):
+        prepare(_config(blobs), tokenizer_dir, out, workers=1, progress=False)
+    assert out.is_dir() and not any(out.iterdir())
+    assert prepare(_config(corpus), tokenizer_dir, out, workers=1, progress=False)["stats"]["kept"]
 
 
 SCRIPT = """

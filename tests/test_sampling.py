@@ -278,3 +278,73 @@ def test_engine_syncs_per_step_not_per_row(model, tok, syncs):
         engine.generate(["The quick brown"] * batch, **kw)
         counts.append(len(syncs))
     assert counts[0] == counts[1] and counts[0] > 0, counts
+
+
+# Values a server passes straight through from JSON: each wrong type names its field, and
+# nothing is coerced (int(1.5) or bool("no") would answer a different request).
+BAD_TYPES = [
+    ("stop", 5, "a string or a list"),
+    ("stop", [5], "a string or a list"),
+    ("stop", None, "a string or a list"),
+    ("stop", {"a": 1}, "a string or a list"),
+    ("stop_token_ids", ["a"], "integer token ids"),
+    ("stop_token_ids", [1.5], "integer token ids"),
+    ("stop_token_ids", [2.0], "integer token ids"),
+    ("stop_token_ids", [True], "integer token ids"),
+    ("stop_token_ids", 5, "integer token ids"),
+    ("stop_token_ids", "12", "integer token ids"),
+    ("ignore_eos", "no", "boolean"),
+    ("ignore_eos", 1, "boolean"),
+    ("ignore_eos", None, "boolean"),
+    ("truncate_prompt", "yes", "boolean"),
+    ("truncate_prompt", 0, "boolean"),
+    ("max_new_tokens", True, "integer"),
+    ("max_new_tokens", 8.0, "integer"),
+    ("max_new_tokens", "8", "integer"),
+    ("top_k", 2.5, "integer"),
+    ("seed", 1.0, "integer"),
+    ("seed", "7", "integer"),
+    ("logprobs", True, "integer"),
+    ("prompt_logprobs", 1.5, "integer"),
+    ("temperature", "0.7", "number"),
+    ("temperature", True, "number"),
+    ("temperature", None, "number"),
+    ("temperature", 10**400, "number"),  # an int no float can hold
+    ("top_p", "1", "number"),
+    ("min_p", float("nan"), "number"),
+    ("repetition_penalty", float("inf"), "number"),
+    ("presence_penalty", [0.5], "number"),
+    ("frequency_penalty", False, "number"),
+]
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "want"), BAD_TYPES, ids=[f"{f}={v!r}"[:40] for f, v, _ in BAD_TYPES]
+)
+def test_sampling_types_are_checked_not_coerced(field, value, want):
+    for make in (lambda: SamplingParams(**{field: value}),
+                 lambda: SamplingParams().replace(**{field: value})):  # fmt: skip
+        with pytest.raises(camelid.RequestError) as err:
+            make()
+        message = str(err.value)
+        assert message.startswith(f"invalid {field}=") and want in message, message
+
+
+def test_sampling_accepts_what_json_and_numpy_give():
+    np = pytest.importorskip("numpy")
+    p = SamplingParams(
+        stop="###",
+        stop_token_ids=[np.int64(7), 3],
+        max_new_tokens=np.int32(5),
+        temperature=1,
+        top_p=np.float32(0.5),
+        seed=np.uint64(2**63),
+        ignore_eos=True,
+    )
+    assert p.stop == ("###",) and p.stop_token_ids == (7, 3)
+    assert type(p.max_new_tokens) is int and p.max_new_tokens == 5
+    assert type(p.temperature) is float and type(p.top_p) is float and p.top_p == 0.5
+    assert type(p.seed) is int and p.seed == 2**63
+    assert SamplingParams(stop=["a", "b"], stop_token_ids=(1,)).stop == ("a", "b")
+    assert SamplingParams(stop_token_ids={4}).stop_token_ids == (4,)
+    assert hash(p) == hash(p.replace())  # still hashable: the containers are tuples

@@ -74,9 +74,9 @@ def run(args: argparse.Namespace) -> int:
             if interactive:
                 print()
             return 0
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # at the prompt: leave, with Ctrl-C's status (130)
             print()
-            return 0
+            raise
         text = line.strip()
         if not text:
             continue

@@ -94,6 +94,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"files        {st['files']}" + (f" (skipped {', '.join(skipped)})" if skipped else ""))
     if read["first_bad_lines"]:
         print(f"  first bad  {', '.join(read['first_bad_lines'])}")
+    if read["missing_field"] and read.get("fields_found"):
+        print(f"  they hold  {', '.join(read['fields_found'])} (choose with --text-field)")
     print(f"documents    {st['documents']} read, {st['kept']} kept" +
           (f" (removed: {removed})" if removed else ""))  # fmt: skip
     for name, s in sp.items():

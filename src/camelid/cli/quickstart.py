@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from camelid.cli.args import add_set_arg
 from camelid.cli.train import print_summary
@@ -17,7 +18,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Train a tokenizer on this Python's standard library, prepare deduplicated "
         "token shards, pre-train a small Llama for a few minutes on whatever device is present, "
         "report its validation loss, print a sample Python completion and export Hugging Face "
-        "weights. Re-running reuses the tokenizer and data; the model is trained afresh.",
+        "weights. Re-running reuses the tokenizer and data made from the same corpus and "
+        "vocabulary size (other ones are refused unless --overwrite); the model is trained "
+        "afresh. Ctrl-C during training saves a checkpoint, says how to resume, and exits 130.",
     )
     p.add_argument(
         "--out", default="runs/quickstart", help="output directory (default: %(default)s)"
@@ -28,13 +31,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--vocab-size", type=int, default=4096, help="tokenizer size (default: %(default)s)"
     )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="retrain the tokenizer and re-prepare the data in --out even if they were made "
+        "from another corpus or vocabulary size",
+    )
     add_set_arg(p, "override a key of the quickstart recipe, e.g. --set train.steps=50")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    summary = quickstart(args.out, args.corpus, args.vocab_size, args.set)
+    summary = quickstart(args.out, args.corpus, args.vocab_size, args.set, overwrite=args.overwrite)
     print_summary(summary)
+    if summary.status != "finished":  # stopped by Ctrl-C: the trainer saved a checkpoint
+        print(
+            f"camelid: interrupted: checkpoint saved; resume with: camelid train "
+            f"{summary.run_dir}/recipe.toml --resume",
+            file=sys.stderr,
+        )
+        return 130
     if summary.sample is not None:
         print(f"\nsample completion of {summary.sample_prompt!r}:")
         print("    " + (summary.sample_prompt + summary.sample).replace("\n", "\n    "))

@@ -10,12 +10,14 @@ without one is never mistaken for a finished dataset.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -90,6 +92,9 @@ def _init_worker(tokenizer_dir: str, config: PrepareConfig, parallel: bool) -> N
 
     if parallel:  # the processes are the parallelism: no thread pool inside each
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        # Ctrl-C reaches the whole process group: only the main process acts on it (it stops
+        # the pool), so the workers print no tracebacks of their own.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     _worker["tokenizer"] = Tokenizer.load(tokenizer_dir)
     _worker["config"] = config
     _worker["minhash"] = MinHasher(config.num_perm, config.ngram) if config.near_dedup else None
@@ -208,74 +213,81 @@ def prepare(
     existing = _check_out_dir(out, wanted, tasks, overwrite)
     if existing is not None:
         return existing
+    created = [d for d in (out, *out.parents) if not d.exists()]  # deepest first
     out.mkdir(parents=True, exist_ok=True)
+    # The marker goes first: a run killed past here is recognised and restarted cleanly.
     write_text_atomic(out / IN_PROGRESS, json.dumps({"recipe_digest": _digest(wanted)}) + "\n")
 
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32)
     writers = {s: _ShardWriter(out, s, config.shard_tokens, dtype) for s in SPLITS}
-    bos, eos = np.array([tokenizer.bos_id], np.uint32), np.array([tokenizer.eos_id], np.uint32)
-    read_stats = sources.ReadStats()
-    counts = dict.fromkeys(FILTERS, 0) | {"exact_duplicates": 0, "near_duplicates": 0}
-    seen: set[bytes] = set()
-    lsh = LSHIndex(config.num_perm, config.lsh_bands, config.near_dup_threshold)
-    files, documents = [], 0
-    t0 = time.perf_counter()
-    bar = _bar(len(tasks), progress)
-    for result in _results(tasks, str(tokenizer_dir), config, workers):
-        files.append({"name": result.name, "sha256": result.sha256, "bytes": result.nbytes})
-        read_stats.merge(result.stats)
-        for doc in result.docs:
-            documents += 1
-            if doc.rejected:
-                counts[doc.rejected] += 1
-                continue
-            if config.exact_dedup:
-                if doc.exact in seen:
-                    counts["exact_duplicates"] += 1
-                    continue
-                seen.add(doc.exact)
-            if config.near_dedup and not lsh.add_if_new(doc.sig):
-                counts["near_duplicates"] += 1
-                continue
-            writers[doc.split].add(np.concatenate([bos, doc.tokens, eos]))
-        tokens = sum(w.tokens for w in writers.values())
-        bar.update(1)
-        bar.set_postfix_str(f"{tokens / (time.perf_counter() - t0):,.0f} tok/s", refresh=False)
-    bar.close()
-    for w in writers.values():
-        w.close()
-    kept = sum(w.documents for w in writers.values())
-    if documents == 0:
-        raise DataError(_nothing_read(config, read_stats))
-    if kept == 0:
-        raise DataError(f"all {documents} documents were removed: {_removed(counts)}")
+    # What it wrote is taken back if the run stops with an error (a wrong --text-field, a
+    # binary corpus, nothing kept) or on Ctrl-C, so the corrected re-run starts from scratch.
+    with _undo_on_failure(out, writers, created):
+        bos, eos = np.array([tokenizer.bos_id], np.uint32), np.array([tokenizer.eos_id], np.uint32)
+        read_stats = sources.ReadStats()
+        counts = dict.fromkeys(FILTERS, 0) | {"exact_duplicates": 0, "near_duplicates": 0}
+        seen: set[bytes] = set()
+        lsh = LSHIndex(config.num_perm, config.lsh_bands, config.near_dup_threshold)
+        files, documents = [], 0
+        t0 = time.perf_counter()
+        with _bar(len(tasks), progress) as bar:
+            for result in _results(tasks, str(tokenizer_dir), config, workers):
+                files.append({"name": result.name, "sha256": result.sha256, "bytes": result.nbytes})
+                read_stats.merge(result.stats)
+                for doc in result.docs:
+                    documents += 1
+                    if doc.rejected:
+                        counts[doc.rejected] += 1
+                        continue
+                    if config.exact_dedup:
+                        if doc.exact in seen:
+                            counts["exact_duplicates"] += 1
+                            continue
+                        seen.add(doc.exact)
+                    if config.near_dedup and not lsh.add_if_new(doc.sig):
+                        counts["near_duplicates"] += 1
+                        continue
+                    writers[doc.split].add(np.concatenate([bos, doc.tokens, eos]))
+                tokens = sum(w.tokens for w in writers.values())
+                bar.update(1)
+                bar.set_postfix_str(
+                    f"{tokens / (time.perf_counter() - t0):,.0f} tok/s", refresh=False
+                )
+        for w in writers.values():
+            w.close()
+        kept = sum(w.documents for w in writers.values())
+        if documents == 0:
+            raise DataError(_nothing_read(config, read_stats))
+        if kept == 0:
+            raise DataError(f"all {documents} documents were removed: {_removed(counts)}")
 
-    manifest = {
-        "format": FORMAT,
-        "recipe": wanted,
-        "recipe_digest": _digest(wanted),
-        "tokenizer": {
-            "path": str(Path(tokenizer_dir).resolve()),
-            "digest": tokenizer.digest,
-            "vocab_size": tokenizer.vocab_size,
-            "bos_id": tokenizer.bos_id,
-            "eos_id": tokenizer.eos_id,
-        },
-        "dtype": dtype.name,
-        "sources": files,
-        "splits": {
-            s: {"documents": w.documents, "tokens": w.tokens, "shards": w.shards}
-            for s, w in writers.items()
-        },
-        "stats": {
-            "files": len(files),
-            "documents": documents,
-            "kept": kept,
-            "removed": counts,
-            "read": dataclasses.asdict(read_stats),
-        },
-        "seconds": round(time.perf_counter() - t0, 3),
-    }
+        manifest = {
+            "format": FORMAT,
+            "recipe": wanted,
+            "recipe_digest": _digest(wanted),
+            "tokenizer": {
+                "path": str(Path(tokenizer_dir).resolve()),
+                "digest": tokenizer.digest,
+                "vocab_size": tokenizer.vocab_size,
+                "bos_id": tokenizer.bos_id,
+                "eos_id": tokenizer.eos_id,
+            },
+            "dtype": dtype.name,
+            "sources": files,
+            "splits": {
+                s: {"documents": w.documents, "tokens": w.tokens, "shards": w.shards}
+                for s, w in writers.items()
+            },
+            "stats": {
+                "files": len(files),
+                "documents": documents,
+                "kept": kept,
+                "removed": counts,
+                "read": dataclasses.asdict(read_stats),
+            },
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+    # Last: from here on the shards are a dataset (a failure now leaves the marker: restart).
     write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     (out / IN_PROGRESS).unlink(missing_ok=True)
     return manifest
@@ -340,6 +352,31 @@ def _check_out_dir(
     return None
 
 
+@contextlib.contextmanager
+def _undo_on_failure(
+    out: Path, writers: dict[str, _ShardWriter], created: list[Path]
+) -> Iterator[None]:
+    """On any exception, remove what the run wrote (its shards and its marker; a shard cut short
+    was never renamed) and the directories it created if they are empty; nothing else."""
+    try:
+        yield
+    except BaseException:
+        _undo(out, writers, created)
+        raise
+
+
+def _undo(out: Path, writers: dict[str, _ShardWriter], created: list[Path]) -> None:
+    for w in writers.values():
+        for shard in w.shards:
+            (out / shard["file"]).unlink(missing_ok=True)
+    (out / IN_PROGRESS).unlink(missing_ok=True)
+    for d in created:
+        try:
+            d.rmdir()
+        except OSError:  # not empty (something else lives there now) or already gone
+            break
+
+
 def _remove_dataset_files(out: Path) -> None:
     for p in out.iterdir():
         is_shard = p.suffix == ".bin" and p.name.startswith(SPLITS)
@@ -356,6 +393,11 @@ def _sha256(path: str) -> str:
 
 
 def _nothing_read(config: PrepareConfig, stats: sources.ReadStats) -> str:
+    corpus, field = ", ".join(config.corpus), repr(config.text_field)
+    fields = ""
+    if stats.missing_field:
+        found = ", ".join(stats.fields_found) or "none"
+        fields = f"; fields found: {found} (choose one with --text-field)"
     skipped = []
     if stats.binary_files:
         skipped.append(f"{stats.binary_files} binary file(s)")
@@ -363,11 +405,16 @@ def _nothing_read(config: PrepareConfig, stats: sources.ReadStats) -> str:
         skipped.append(f"{stats.non_utf8_files} non-UTF-8 file(s)")
     if stats.bad_json_lines:
         skipped.append(f"{stats.bad_json_lines} line(s) that are not JSON")
+    if skipped == [] and stats.missing_field:  # records, but none with the text field
+        return (
+            f"the corpus {corpus} holds no documents: none of its {stats.missing_field} "
+            f"record(s) has a string field {field}{fields}"
+        )
     if stats.missing_field:
-        skipped.append(f"{stats.missing_field} record(s) without a string '{config.text_field}'")
+        skipped.append(f"{stats.missing_field} record(s) without a string field {field}")
     detail = f"; skipped {', '.join(skipped)}" if skipped else ""
     first = f" (first: {', '.join(stats.first_bad_lines)})" if stats.first_bad_lines else ""
-    return f"the corpus {', '.join(config.corpus)} holds no documents{detail}{first}"
+    return f"the corpus {corpus} holds no documents{detail}{first}{fields}"
 
 
 def _removed(counts: dict[str, int]) -> str:

@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 import sysconfig
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +25,7 @@ JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
 PARQUET_SUFFIXES = (".parquet",)
 _BINARY_PROBE = 8192
 _MAX_REPORTED_LINES = 5
+_MAX_REPORTED_FIELDS = 30
 
 
 @dataclass(frozen=True)
@@ -52,10 +53,17 @@ class ReadStats:
     bad_json_lines: int = 0
     missing_field: int = 0
     first_bad_lines: list[str] = field(default_factory=list)
+    #: The fields the records without the text field do have (sorted, at most a few dozen), so
+    #: that a wrong ``--text-field`` is answered with the names to choose from.
+    fields_found: list[str] = field(default_factory=list)
 
     def note_bad_line(self, where: str) -> None:
         if len(self.first_bad_lines) < _MAX_REPORTED_LINES:
             self.first_bad_lines.append(where)
+
+    def note_fields(self, names: Iterable[str]) -> None:
+        # The first few in sorted order: the same whichever worker read which file.
+        self.fields_found = sorted(set(self.fields_found).union(names))[:_MAX_REPORTED_FIELDS]
 
     def merge(self, other: ReadStats) -> None:
         self.binary_files += other.binary_files
@@ -64,6 +72,7 @@ class ReadStats:
         self.missing_field += other.missing_field
         for where in other.first_bad_lines:
             self.note_bad_line(where)
+        self.note_fields(other.fields_found)
 
 
 def builtin_root() -> Path:
@@ -165,6 +174,8 @@ def _jsonl(task: FileTask, data: bytes, stats: ReadStats) -> Iterator[Document]:
         text = record.get(task.text_field) if isinstance(record, dict) else None
         if not isinstance(text, str):
             stats.missing_field += 1
+            if isinstance(record, dict) and set(record) - set(stats.fields_found):
+                stats.note_fields(str(k) for k in record)
             stats.note_bad_line(f"{task.name}:{n} (no string field {task.text_field!r})")
             continue
         yield Document(text, f"{task.name}:{n}")

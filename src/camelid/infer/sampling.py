@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -44,7 +45,7 @@ from camelid.errors import RequestError
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """What to generate and how; every field is checked when the object is made.
+    """What to generate and how; every field's type and range are checked when it is made.
 
     The defaults are camelid's one set, used by the API and by ``camelid generate`` and
     ``chat``: mild sampling (temperature 0.8, top_p 0.95) that cuts the unlikely tail a raw
@@ -87,11 +88,6 @@ class SamplingParams:
     truncate_prompt: bool = False
 
     def __post_init__(self) -> None:
-        # Accept a single stop string or any sequence, keep a tuple (hashable, immutable).
-        if isinstance(self.stop, str):
-            object.__setattr__(self, "stop", (self.stop,))
-        object.__setattr__(self, "stop", tuple(self.stop))
-        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
         _check(self)
 
     @property
@@ -110,39 +106,92 @@ class SamplingParams:
         return dataclasses.replace(self, **changes)
 
 
+def _is_int(value: object) -> bool:
+    """An integer, NumPy's included, but not a bool (``True`` is not a token count)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    """A finite real number (an int or a float), not a bool and not a numeric string."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an int too large for a float
+        return False
+
+
 def _check(p: SamplingParams) -> None:
+    """Check every field's type and range, and normalise the containers to tuples.
+
+    The types are checked, not coerced: a server passes JSON values straight through, and
+    ``int(1.5)`` or ``bool("no")`` would silently answer a different request than was asked.
+    """
+
     def bad(name: str, want: str) -> RequestError:
         return RequestError(f"invalid {name}={getattr(p, name)!r}: must be {want}")
 
-    def finite(name: str) -> bool:
-        value = getattr(p, name)
-        return isinstance(value, (int, float)) and math.isfinite(value)
+    def set_(name: str, value: object) -> None:
+        object.__setattr__(p, name, value)
 
-    if not isinstance(p.max_new_tokens, int) or p.max_new_tokens < 1:
-        raise bad("max_new_tokens", "an integer >= 1")
-    if not finite("temperature") or p.temperature < 0:
-        raise bad("temperature", ">= 0 (0 is greedy)")
-    if not isinstance(p.top_k, int) or p.top_k < 0:
-        raise bad("top_k", "an integer >= 0 (0 is off)")
-    if not finite("top_p") or not 0 < p.top_p <= 1:
-        raise bad("top_p", "in (0, 1]")
-    if not finite("min_p") or not 0 <= p.min_p <= 1:
-        raise bad("min_p", "in [0, 1]")
-    if not finite("repetition_penalty") or p.repetition_penalty <= 0:
-        raise bad("repetition_penalty", "> 0 (1 is off)")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if not finite(name) or not -2 <= getattr(p, name) <= 2:
-            raise bad(name, "in [-2, 2] (0 is off)")
-    if p.seed is not None and (not isinstance(p.seed, int) or not 0 <= p.seed < 2**64):
-        raise bad("seed", "an integer in [0, 2**64)")  # what torch.Generator accepts
-    if any(not isinstance(s, str) or not s for s in p.stop):
-        raise bad("stop", "non-empty strings")
-    if any(t < 0 for t in p.stop_token_ids):
-        raise bad("stop_token_ids", "non-negative token ids")
-    for name in ("logprobs", "prompt_logprobs"):
+    def integer(name: str, low: int, high: int | None, want: str, optional: bool = False):
         value = getattr(p, name)
-        if value is not None and (not isinstance(value, int) or not 0 <= value <= 20):
-            raise bad(name, "an integer in [0, 20] or None")
+        if optional and value is None:
+            return
+        if not _is_int(value) or value < low or (high is not None and value > high):
+            raise bad(name, want)
+        set_(name, int(value))
+
+    def number(name: str, ok, want: str) -> None:
+        value = getattr(p, name)
+        if not _is_number(value):
+            raise bad(name, f"a number {want}")
+        if not ok(value):
+            raise bad(name, want)
+        set_(name, float(value))
+
+    def sequence(name: str, single: type | None = None) -> tuple:
+        value = getattr(p, name)
+        if single is not None and isinstance(value, single):
+            return (value,)
+        if isinstance(value, (str, bytes, bytearray)) or not isinstance(
+            value, (Sequence, set, frozenset)
+        ):
+            raise bad(name, _SEQUENCE_WANT[name])
+        return tuple(value)
+
+    integer("max_new_tokens", 1, None, "an integer >= 1")
+    number("temperature", lambda v: v >= 0, ">= 0 (0 is greedy)")
+    integer("top_k", 0, None, "an integer >= 0 (0 is off)")
+    number("top_p", lambda v: 0 < v <= 1, "in (0, 1]")
+    number("min_p", lambda v: 0 <= v <= 1, "in [0, 1]")
+    number("repetition_penalty", lambda v: v > 0, "> 0 (1 is off)")
+    for name in ("presence_penalty", "frequency_penalty"):
+        number(name, lambda v: -2 <= v <= 2, "in [-2, 2] (0 is off)")
+    # What torch.Generator accepts.
+    integer("seed", 0, 2**64 - 1, "an integer in [0, 2**64) or None", optional=True)
+
+    # A single stop string is accepted as a one-element list; keep tuples (hashable, immutable).
+    stop = sequence("stop", single=str)
+    if any(not isinstance(s, str) or not s for s in stop):
+        raise bad("stop", _SEQUENCE_WANT["stop"])
+    set_("stop", stop)
+    ids = sequence("stop_token_ids")
+    if any(not _is_int(t) or t < 0 for t in ids):
+        raise bad("stop_token_ids", _SEQUENCE_WANT["stop_token_ids"])
+    set_("stop_token_ids", tuple(int(t) for t in ids))
+
+    for name in ("ignore_eos", "truncate_prompt"):
+        if not isinstance(getattr(p, name), bool):
+            raise bad(name, "true or false (a boolean)")
+    for name in ("logprobs", "prompt_logprobs"):
+        integer(name, 0, 20, "an integer in [0, 20] or None", optional=True)
+
+
+_SEQUENCE_WANT = {
+    "stop": "a string or a list of non-empty strings",
+    "stop_token_ids": "a list of non-negative integer token ids",
+}
 
 
 def request_seed(params: SamplingParams) -> int:
