@@ -41,12 +41,24 @@ def run(args: argparse.Namespace) -> int:
 
 
 def print_summary(s: TrainSummary) -> None:
-    """A finished (or stopped) run in a few lines: what was done, where it is, how to resume."""
-    val = s.final_val_loss
+    """A finished (or stopped) run in a few lines: what was done, where it is, how to resume.
+    Time and goodput are the whole run's, over every process that worked on it."""
+    if s.already_finished:
+        where = f"report {s.report}" + (f", weights {s.export}" if s.export else "")
+        print(
+            f"{s.run_dir}: already finished at step {s.steps}, nothing to do (raise "
+            f"train.steps to train further); {where}"
+        )
+        return
+    processes = f" over {s.invocations} processes" if s.invocations > 1 else ""
+    val = ""
+    if s.final_val_loss is not None:
+        val = f"; validation loss {s.final_val_loss:.3f}"
+        if s.final_val_bpb is not None:
+            val += f", {s.final_val_bpb:.3f} bits/byte"
     print(
-        f"{s.status} after {s.steps} steps, {s.tokens:,} tokens in {s.wall_s:.0f}s "
-        f"(goodput {100 * s.goodput:.0f}%)"
-        + (f"; validation loss {val:.3f}, {s.final_val_bpb:.3f} bits/byte" if val else "")
+        f"{s.status} after {s.steps} steps, {s.tokens:,} tokens in {s.wall_s:.0f}s{processes} "
+        f"(goodput {100 * s.goodput:.0f}%){val}"
     )
     if s.status != "finished":
         print(f"resume with: camelid train {s.run_dir}/recipe.toml --resume")
