@@ -44,7 +44,9 @@ def print_summary(s: TrainSummary) -> None:
     """A finished (or stopped) run in a few lines: what was done, where it is, how to resume.
     Time and goodput are the whole run's, over every process that worked on it."""
     if s.already_finished:
-        where = f"report {s.report}" + (f", weights {s.export}" if s.export else "")
+        where = ", ".join(
+            f"{name} {path}" for name, path in (("report", s.report), ("weights", s.export)) if path
+        )
         print(
             f"{s.run_dir}: already finished at step {s.steps}, nothing to do (raise "
             f"train.steps to train further); {where}"
