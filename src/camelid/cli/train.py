@@ -49,7 +49,7 @@ def print_summary(s: TrainSummary) -> None:
         )
         print(
             f"{s.run_dir}: already finished at step {s.steps}, nothing to do (raise "
-            f"train.steps to train further); {where}"
+            f"train.steps to train further)" + (f"; {where}" if where else "")
         )
         return
     processes = f" over {s.invocations} processes" if s.invocations > 1 else ""
