@@ -179,7 +179,16 @@ def test_quickstart_ctrl_c_during_training_saves_a_checkpoint(tmp_path):
 
     cmd.wait_for(stepping, "a training step")
     code, _, err = cmd.interrupt()
-    assert_interrupted(code, err, "camelid: interrupted: checkpoint saved; resume with: camelid "
-                       f"train {(out / 'run').resolve()}/recipe.toml --resume")  # fmt: skip
+    resume = f"resume with: camelid train {(out / 'run').resolve()}/recipe.toml --resume"
+    assert_interrupted(code, err, "camelid: interrupted (SIGINT): checkpoint saved at step ")
+    assert err.rstrip("\n").endswith(resume), err
     checkpoints = sorted((out / "run" / "checkpoints").glob("step-*"))
     assert checkpoints and checkpoints[-1].name != "step-00000000"  # the step it stopped at
+
+    # `camelid train --resume` stopped by Ctrl-C in turn: the same status and line.
+    before = len(metrics.read_text().splitlines())
+    cmd = Command("train", out / "run" / "recipe.toml", "--resume")
+    cmd.wait_for(lambda: len(metrics.read_text().splitlines()) > before + 3, "a resumed step")
+    code, _, err = cmd.interrupt()
+    assert_interrupted(code, err, "camelid: interrupted (SIGINT): checkpoint saved at step ")
+    assert err.rstrip("\n").endswith(resume), err

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from camelid.errors import CamelidError
-from camelid.train.report import write_report
+from camelid.train.report import read_invocations, run_time, write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 RECIPE = '[model]\npreset = "tiny"\n\n[train]\nsteps = 120\nlr = 3e-4\n'
@@ -181,3 +181,99 @@ def test_nan_losses_skips_and_rollback(tmp_path):
 def test_missing_metrics_names_the_file(tmp_path):
     with pytest.raises(CamelidError, match=r"metrics\.jsonl"):
         write_report(tmp_path / "nowhere")
+
+
+# ----------------------------------------------------------------- runs of several processes
+PEAK = {
+    "flops": 1e11,
+    "source": "measured",
+    "detail": "100.0 GFLOP/s, fp32 matmul",
+    "reliable": True,
+}
+
+
+def _start(resumed_from: int | None = None, **extra) -> dict:
+    rec = {"kind": "start", "started_at": "2026-01-01 00:00:00 UTC", "resumed_from": resumed_from,
+           "model": "tiny: 2 layers", "params": 1000, "device": "cpu", "world_size": 1,
+           "peak": PEAK, "time": 1.0}  # fmt: skip
+    rec.update(extra)
+    return rec
+
+
+def _killed_then_finished() -> list[dict]:
+    """Process 1 killed after step 10 (last checkpoint: step 8) without a summary; process 2
+    resumed from step 8, redid steps 9 and 10, and finished at step 20."""
+    p1 = [_start(), *(_step(i, time=1.0 + 0.4 * i) for i in range(1, 11))]
+    p1.insert(
+        9, {"kind": "event", "step": 8, "event": "checkpoint", "detail": "step-8", "time": 4.3}
+    )
+    p2 = [_start(8, time=2.0)]
+    p2 += [
+        _step(i, time=2.0 + 0.4 * (i - 8), tokens_per_s=500.0 if i <= 11 else 10_000.0)
+        for i in range(9, 21)
+    ]  # its own warm-up steps, 9..11, are slow
+    p2.append({"kind": "summary", "status": "finished", "steps": 20, "tokens": 4096 * 20,
+               "wall_s": 15.0, "goodput": 0.53, "invocations": 2, "invocation_wall_s": 10.0,
+               "invocation_time_s": {"startup": 2.0, "train": 4.8, "eval": 1.0},
+               "time": 10.0})  # fmt: skip
+    return p1 + p2
+
+
+def test_a_resumed_run_is_accounted_over_every_process(tmp_path):
+    run = _write(tmp_path / "resumed", _killed_then_finished())
+    first, second = read_invocations(run / "metrics.jsonl")
+    # Process 1 counts up to its last record; its steps 9 and 10, redone later, are lost.
+    assert first.summary is None and first.wall_s == pytest.approx(5.0)
+    assert first.time_s == pytest.approx({"train": 3.2, "lost": 0.8})
+    assert second.wall_s == 10.0 and second.time_s["train"] == 4.8
+    wall, buckets = run_time([first, second])
+    assert wall == pytest.approx(15.0) and buckets["train"] == pytest.approx(8.0)
+
+    text = write_report(run).read_text()
+    for row in (
+        "| steps | 20 |",
+        "| processes | 2 (1 resumed) |",
+        "| wall time | 15.0 s |",
+        "| goodput | 53.3% |",
+        "| lost | 0.8 s | 5.3% |",
+        "| other | 3.2 s | 21.3% |",
+        "| mean tokens/s | 10,000 |",  # each process's own warm-up steps left out
+    ):
+        assert row in text, row
+    assert "no summary record" not in text  # the last process wrote one
+    assert "Process 1 wrote no summary" in text
+    assert "| 1 | 2026-01-01 00:00:00 UTC | 0 | 10 | 5.0 s | 64.0% | no summary" in text
+    assert "| 2 | 2026-01-01 00:00:00 UTC | 8 | 20 | 10.0 s | 48.0% | finished |" in text
+    assert "| model | tiny: 2 layers |" in text  # from the start records
+
+
+def test_summaries_written_before_start_records_still_add_up(tmp_path):
+    records = [_step(i) for i in range(1, 6)]
+    records.append({"kind": "summary", "status": "stopped", "steps": 5, "wall_s": 3.0,
+                    "goodput": 0.5, "time_s": {"train": 1.5}})  # fmt: skip
+    records += [_step(i) for i in range(6, 11)]
+    records.append({"kind": "summary", "status": "finished", "steps": 10, "wall_s": 4.0,
+                    "goodput": 0.5, "time_s": {"train": 2.0}})  # fmt: skip
+    text = write_report(_write(tmp_path / "old", records)).read_text()
+    assert "| processes | 2 (1 resumed) |" in text
+    assert "| wall time | 7.0 s |" in text and "| goodput | 50.0% |" in text
+    assert "| 1 | – | – | 5 | 3.0 s | 50.0% | stopped |" in text
+
+
+@pytest.mark.parametrize("case", ["unreliable", "above-100", "plain"])
+def test_mfu_shows_its_peak_and_is_marked_when_doubtful(tmp_path, case):
+    peak = {**PEAK, "reliable": case != "unreliable", "note": "the machine was busy"}
+    mfu = 1.2 if case == "above-100" else 0.4
+    records = [_start(peak=peak), *(_step(i, mfu=mfu) for i in range(1, 11))]
+    text = write_report(_write(tmp_path / case, records)).read_text()
+    assert "| MFU peak (per device) | 100.0 GFLOP/s, fp32 matmul" in text
+    if case == "plain":
+        assert f"| mean MFU | {100 * mfu:.1f}% |" in text and "marked '?'" not in text
+        return
+    assert f"| mean MFU | {100 * mfu:.1f}%? |" in text
+    assert "MFU is marked '?', not a plain fact" in text
+    if case == "unreliable":
+        assert "process 1's peak is unreliable: the machine was busy" in text
+        assert "fp32 matmul (unreliable) |" in text
+    else:
+        assert "an MFU above 100% means the peak is lower" in text

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from camelid.cli.args import add_set_arg
-from camelid.cli.train import print_summary
+from camelid.cli.train import exit_status, print_summary
 from camelid.data import sources
 from camelid.quickstart import quickstart
 
@@ -45,12 +44,7 @@ def run(args: argparse.Namespace) -> int:
     summary = quickstart(args.out, args.corpus, args.vocab_size, args.set, overwrite=args.overwrite)
     print_summary(summary)
     if summary.status != "finished":  # stopped by Ctrl-C: the trainer saved a checkpoint
-        print(
-            f"camelid: interrupted: checkpoint saved; resume with: camelid train "
-            f"{summary.run_dir}/recipe.toml --resume",
-            file=sys.stderr,
-        )
-        return 130
+        return exit_status(summary)
     if summary.sample is not None:
         print(f"\nsample completion of {summary.sample_prompt!r}:")
         print("    " + (summary.sample_prompt + summary.sample).replace("\n", "\n    "))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import signal
+import sys
 
 from camelid.cli.args import add_set_arg
 from camelid.train.recipe import load_recipe, shipped_recipes
@@ -50,16 +52,46 @@ def run(args: argparse.Namespace) -> int:
     if not summary.reports:
         return 0  # not the main rank
     print_summary(summary)
-    return 0 if summary.status == "finished" else 143
+    return exit_status(summary)
+
+
+def exit_status(s: TrainSummary) -> int:
+    """0 for a finished run; for one stopped by a signal, 128 + the signal, as a shell reports
+    a process killed by it (Ctrl-C: 130, SIGTERM: 143), with one line on stderr saying that
+    the checkpoint is safe and how to go on."""
+    if s.status == "finished":
+        return 0
+    signum = s.stop_signal or signal.SIGTERM
+    print(
+        f"camelid: interrupted ({signal.Signals(signum).name}): checkpoint saved at step "
+        f"{s.steps}; resume with: camelid train {s.run_dir}/recipe.toml --resume",
+        file=sys.stderr,
+        flush=True,
+    )
+    return 128 + signum
 
 
 def print_summary(s: TrainSummary) -> None:
-    """A finished (or stopped) run in a few lines: what was done, where it is, how to resume."""
-    val = s.final_val_loss
+    """A finished (or stopped) run in a few lines: what was done, where it is, how to resume.
+    Time and goodput are the whole run's, over every process that worked on it."""
+    if s.already_finished:
+        where = ", ".join(
+            f"{name} {path}" for name, path in (("report", s.report), ("weights", s.export)) if path
+        )
+        print(
+            f"{s.run_dir}: already finished at step {s.steps}, nothing to do (raise "
+            f"train.steps to train further)" + (f"; {where}" if where else "")
+        )
+        return
+    processes = f" over {s.invocations} processes" if s.invocations > 1 else ""
+    val = ""
+    if s.final_val_loss is not None:
+        val = f"; validation loss {s.final_val_loss:.3f}"
+        if s.final_val_bpb is not None:
+            val += f", {s.final_val_bpb:.3f} bits/byte"
     print(
-        f"{s.status} after {s.steps} steps, {s.tokens:,} tokens in {s.wall_s:.0f}s "
-        f"(goodput {100 * s.goodput:.0f}%)"
-        + (f"; validation loss {val:.3f}, {s.final_val_bpb:.3f} bits/byte" if val else "")
+        f"{s.status} after {s.steps} steps, {s.tokens:,} tokens in {s.wall_s:.0f}s{processes} "
+        f"(goodput {100 * s.goodput:.0f}%){val}"
     )
     if s.status != "finished":
         print(f"resume with: camelid train {s.run_dir}/recipe.toml --resume")

@@ -1,17 +1,27 @@
-"""Metrics: MFU against a known or measured peak, goodput, and the metrics.jsonl log.
+"""Metrics: MFU against a named peak, goodput, and the metrics.jsonl log.
 
-MFU = FLOPs per token (``ModelConfig.flops_per_token``, the one formula) × tokens/s ÷ the
-device's peak. Goodput = time spent in steps whose update was kept ÷ wall time; start-up,
-checkpointing, evaluation, rolled-back and skipped steps and export all count against it.
+MFU = FLOPs per token (``ModelConfig.flops_per_token``, the one formula) × tokens/s ÷ the peak
+of every device of the run. The peak has a provenance that the live line, metrics.jsonl and the
+report carry with it (:class:`Peak`): *configured* (``run.peak_tflops``), *nominal* (a GPU's
+data-sheet figure) or *measured* (a CPU's fp32 matmul rate, timed at start-up). A measured peak
+is only as good as the machine's calm while it was timed: when other processes took the cores,
+it comes out low and MFU high, so such a measurement is flagged, and so is any MFU above 100%.
+
+Goodput = time spent in steps whose update was kept ÷ wall time; start-up, checkpointing,
+evaluation, rolled-back and skipped steps and export all count against it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
+import os
 import time
 from collections import defaultdict
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -35,39 +45,120 @@ GPU_PEAK_TFLOPS = {
     "RTX 3090": 71.0,
 }
 
+# A CPU peak is timed with torch.mm of this size, repeated (best of) while the budget lasts.
+MATMUL_SIZE = 4096
+MATMUL_REPS = 5
+MATMUL_BUDGET_S = 3.0
+# The timed matmul must have kept this share of its threads busy (process CPU time ÷ wall time
+# ÷ threads) for the figure to be trusted: below it, other processes had the cores.
+MIN_CPU_SHARE = 0.8
 
-def device_peak_flops(device: torch.device, configured_tflops: float = 0.0) -> float | None:
-    """Peak FLOP/s for MFU: the recipe's figure, a known GPU's, or a CPU's measured fp32 peak."""
+
+@dataclass(frozen=True)
+class Peak:
+    """The FLOP/s one device is measured against, and where that figure comes from."""
+
+    flops: float | None  # None: no peak known, MFU is not computed
+    source: str  # "configured" | "nominal" | "measured" | "unknown"
+    detail: str  # what the figure is, for the header and the report
+    reliable: bool = True
+    note: str = ""  # why it is not reliable
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def mfu_doubtful(mfu: float | None, peak_reliable: bool) -> bool:
+    """An MFU that must not be shown as a plain fact: one above 100% (the peak is too low for
+    what the model's matmuls reach), or one against a peak the machine's load made unreliable."""
+    return mfu is not None and (mfu > 1.0 or not peak_reliable)
+
+
+def format_mfu(mfu: float | None, peak: Peak) -> str:
+    """``MFU 41.2% (measured peak)``; a doubtful figure carries a ``?``: ``MFU 112.0%?``."""
+    if mfu is None:
+        return ""
+    mark = "?" if mfu_doubtful(mfu, peak.reliable) else ""
+    return f"MFU {100 * mfu:.1f}%{mark} ({peak.source} peak)"
+
+
+def device_peak(device: torch.device, configured_tflops: float = 0.0) -> Peak:
+    """The peak for MFU: the recipe's figure, a known GPU's data sheet, or a CPU's measured
+    fp32 matmul rate (measured once per process)."""
     if configured_tflops > 0:
-        return configured_tflops * 1e12
+        return Peak(configured_tflops * 1e12, "configured",
+                    f"{configured_tflops:g} TFLOP/s, from run.peak_tflops")  # fmt: skip
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, tflops in GPU_PEAK_TFLOPS.items():
             if key in name:
-                return tflops * 1e12
-        return None
+                sheet = f"{tflops:g} TFLOP/s, dense bf16 from the {key} data sheet"
+                return Peak(tflops * 1e12, "nominal", sheet)
+        return Peak(None, "unknown", f"no data-sheet peak known for {name}; set run.peak_tflops")
     return _cpu_peak()
 
 
+def device_peak_flops(device: torch.device, configured_tflops: float = 0.0) -> float | None:
+    """The peak's figure alone (FLOP/s), for callers that need no provenance."""
+    return device_peak(device, configured_tflops).flops
+
+
 @functools.cache
-def _cpu_peak() -> float:
-    """Measured once per process (about 2 s)."""
-    return measure_matmul_flops()
+def _cpu_peak() -> Peak:
+    """Measured once per process (a few seconds)."""
+    return cpu_peak_from(_matmul_timings(), torch.get_num_threads())
 
 
-def measure_matmul_flops(n: int = 4096, reps: int = 3) -> float:
-    """This CPU's fp32 matmul rate: the best of ``reps`` timed n × n ``torch.mm`` after a
-    warm-up; what MFU is relative to. Smaller matrices measure well below the peak here, and a
-    busy machine measures low, which inflates MFU: set run.peak_tflops to pin it."""
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _matmul_timings(
+    n: int = MATMUL_SIZE, reps: int = MATMUL_REPS, budget_s: float = MATMUL_BUDGET_S
+) -> list[tuple[float, float]]:
+    """(wall, process CPU) seconds of each timed n × n ``torch.mm`` after a warm-up: ``reps``
+    of them, or as many as ``budget_s`` allows (at least two)."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     out = torch.empty(n, n)
     torch.mm(a, b, out=out)
-    best = math.inf
-    for _ in range(reps):
-        t0 = time.perf_counter()
+    timings: list[tuple[float, float]] = []
+    t_start = time.perf_counter()
+    while len(timings) < reps and (len(timings) < 2 or time.perf_counter() - t_start < budget_s):
+        t0, c0 = time.perf_counter(), time.process_time()
         torch.mm(a, b, out=out)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
+        timings.append((time.perf_counter() - t0, time.process_time() - c0))
+    return timings
+
+
+def cpu_peak_from(timings: list[tuple[float, float]], threads: int, n: int = MATMUL_SIZE) -> Peak:
+    """The measured peak from matmul timings: the best repetition's rate, trusted only when
+    that repetition kept its threads busy (other processes had the cores otherwise)."""
+    wall, cpu = min(timings)
+    flops = 2 * n**3 / wall
+    expected = max(1, min(threads, _usable_cores()))
+    share = cpu / wall / expected
+    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    detail = (f"{flops / 1e9:,.1f} GFLOP/s, fp32 matmul {n}x{n} measured at start-up ({when}), "
+              f"best of {len(timings)} in {sum(w for w, _ in timings):.1f} s")  # fmt: skip
+    if share >= MIN_CPU_SHARE:
+        return Peak(flops, "measured", detail)
+    note = (
+        f"the timed matmul kept {cpu / wall:.1f} of its {expected} threads busy: other "
+        "processes had the cores, so the peak came out low and MFU high; set run.peak_tflops "
+        "to pin it"
+    )
+    return Peak(flops, "measured", detail, reliable=False, note=note)
+
+
+def measure_matmul_flops(n: int = MATMUL_SIZE, reps: int = 3) -> float:
+    """This CPU's fp32 matmul rate: the best of ``reps`` timed n × n ``torch.mm`` after a
+    warm-up. Smaller matrices measure well below the peak on some CPUs, and a busy machine
+    measures low, which inflates MFU: set run.peak_tflops to pin it."""
+    timings = _matmul_timings(n, reps, budget_s=math.inf)
+    return 2 * n**3 / min(w for w, _ in timings)
 
 
 def peak_memory(device: torch.device) -> int | None:
@@ -82,7 +173,7 @@ def peak_memory(device: torch.device) -> int | None:
 
 
 class Clock:
-    """Wall time split into named buckets, for the goodput figure and the report."""
+    """This process's wall time split into named buckets, for goodput and the report."""
 
     def __init__(self) -> None:
         self.start = time.perf_counter()
@@ -108,12 +199,20 @@ class Clock:
 
 
 class MetricsLog:
-    """Appends one JSON object per line to metrics.jsonl (main rank only); optional TensorBoard."""
+    """Appends one JSON object per line to metrics.jsonl (main rank only); optional TensorBoard.
+
+    Every record carries ``time``: this process's seconds since ``train()`` began. A file that
+    ends without a newline (a kill mid-write) gets one first, so the cut record stays one
+    unreadable line and the next record starts whole (``torn`` says it happened).
+    """
 
     def __init__(self, run_dir: Path, enabled: bool, clock: Clock, tensorboard: bool) -> None:
         self.enabled, self.clock = enabled, clock
         self.path = run_dir / "metrics.jsonl"
+        self.torn = enabled and _ends_mid_line(self.path)
         self._file = open(self.path, "a", buffering=1) if enabled else None  # noqa: SIM115
+        if self._file is not None and self.torn:
+            self._file.write("\n")
         self._tb = None
         if enabled and tensorboard:
             try:
@@ -141,3 +240,15 @@ class MetricsLog:
             self._file = None
         if self._tb is not None:
             self._tb.close()
+
+
+def _ends_mid_line(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell() == 0:
+                return False
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) != b"\n"
+    except FileNotFoundError:
+        return False

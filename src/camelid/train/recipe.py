@@ -28,7 +28,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from camelid.config import PRESETS, ModelConfig
+from camelid.config import PRESETS, ModelConfig, RopeScaling
 from camelid.errors import CamelidError, ConfigError
 
 
@@ -294,11 +294,13 @@ class Recipe:
         if "max_seq_len" not in overrides:
             base["max_seq_len"] = max(base.get("max_seq_len", 0), self.train.seq_len)
         try:
-            return ModelConfig(**base, name=self.model.preset)
+            config = ModelConfig(**base)
         except ConfigError as e:  # name the recipe key when the message starts with a field
             text = str(e)
             named = text.split(" ", 1)[0] in ModelSection.schema()
             raise RecipeError(f"model.{text}" if named else f"[model] {text}") from None
+        name = _model_name(self.model.preset, config, [*overrides, "max_seq_len"])
+        return dataclasses.replace(config, name=name)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -355,6 +357,20 @@ def recipe_keys() -> list[RecipeKey]:
         name = getattr(hint, "__name__", None) if typing.get_origin(hint) is None else None
         out.append(RecipeKey(key, name or str(hint), _toml_value(default), allowed))
     return out
+
+
+def _model_name(preset: str, config: ModelConfig, keys: list[str]) -> str:
+    """The preset's name, or, when the recipe (or the tokenizer's vocabulary) changes the
+    shape, ``llama-16m (modified: dim=64, n_layers=2)``: a 5M model is not a "llama-16m"."""
+    original = ModelConfig.from_preset(preset)
+    changed = []
+    for key in dict.fromkeys(keys):
+        value = getattr(config, key)
+        if value != getattr(original, key):
+            if isinstance(value, RopeScaling):
+                value = f"llama3 x{value.factor:g}"
+            changed.append(f"{key}={value}")
+    return f"{preset} (modified: {', '.join(changed)})" if changed else preset
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:

@@ -17,6 +17,7 @@ from typing import Any
 
 from camelid.errors import CamelidError
 from camelid.io import atomic_path, format_bytes
+from camelid.train.metrics import mfu_doubtful
 
 WARMUP_STEPS = 3  # first steps left out of throughput means (compilation, allocator warm-up)
 MAX_EVENT_ROWS = 50
@@ -24,13 +25,56 @@ GUARD_EVENTS = ("nonfinite", "spike")
 
 
 @dataclass
+class Invocation:
+    """One process's part of a run, as metrics.jsonl shows it: from its ``start`` record (in
+    files written before those existed: from the end of the previous summary) to its
+    ``summary`` record, which a killed process never wrote."""
+
+    index: int  # 1-based, in file order
+    start: dict | None = None
+    summary: dict | None = None
+    last_time: float | None = None  # the latest ``time`` of its records: how far it got
+    steps: list[dict] = field(default_factory=list)
+    # Filled in by _account: the process's wall time and its split into buckets.
+    wall_s: float = 0.0
+    time_s: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def peak(self) -> dict | None:
+        for rec in (self.start, self.summary):
+            if rec is not None and isinstance(rec.get("peak"), dict):
+                return rec["peak"]
+        return None
+
+    @property
+    def ended(self) -> str:
+        status = (self.summary or {}).get("status")
+        if self.summary is None:
+            return "no summary (killed, or running)"
+        return str(status) if status else "summary"
+
+
+@dataclass
 class _Run:
     steps: list[dict] = field(default_factory=list)
     evals: list[dict] = field(default_factory=list)
     events: list[dict] = field(default_factory=list)
-    summary: dict | None = None
+    invocations: list[Invocation] = field(default_factory=list)
     bad_lines: int = 0
-    last_time: float | None = None
+
+    @property
+    def summary(self) -> dict | None:
+        """The last process's summary; None when it wrote none (killed, or still running)."""
+        return self.invocations[-1].summary if self.invocations else None
+
+    def info(self, key: str) -> Any:
+        """A fact about the run that every process records alike (model, params, device):
+        the latest start or summary record that has it."""
+        for inv in reversed(self.invocations):
+            for rec in (inv.summary, inv.start):
+                if rec is not None and rec.get(key) is not None:
+                    return rec[key]
+        return None
 
 
 def _num(value: Any) -> float | None:
@@ -52,6 +96,7 @@ def _first(value: float | None, fallback: float | None) -> float | None:
 def _read_metrics(path: Path) -> _Run:
     """Parse metrics.jsonl; lines that cannot be read (a line cut by a kill) are counted."""
     run = _Run()
+    inv: Invocation | None = None
     with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
             line = line.strip()
@@ -66,18 +111,78 @@ def _read_metrics(path: Path) -> _Run:
                 run.bad_lines += 1
                 continue
             t = _finite(rec.get("time"))
-            if t is not None:
-                run.last_time = t if run.last_time is None else max(run.last_time, t)
             kind = rec.get("kind")
+            new_process = kind == "start" or inv is None or inv.summary is not None
+            if new_process:
+                inv = Invocation(len(run.invocations) + 1, start=rec if kind == "start" else None)
+                run.invocations.append(inv)
+            if t is not None:
+                inv.last_time = t if inv.last_time is None else max(inv.last_time, t)
             if kind == "step" and _finite(rec.get("step")) is not None:
                 run.steps.append(rec)
+                inv.steps.append(rec)
             elif kind == "eval" and _finite(rec.get("step")) is not None:
                 run.evals.append(rec)
             elif kind == "event":
                 run.events.append(rec)
             elif kind == "summary":
-                run.summary = rec  # a resumed run may append several; the last one wins
+                inv.summary = rec
+    _account(run)
     return run
+
+
+def _account(run: _Run) -> None:
+    """Each process's wall time and buckets. A process that wrote its summary says them
+    itself; one that did not (killed) counts up to its last record, and its steps' own times
+    give its buckets: ``train`` for updates the run kept, ``skipped``, and ``lost`` for steps
+    that a later record redoes (the run resumed from an earlier checkpoint, or rolled back);
+    whatever else it did (start-up, checkpoints, evaluation) shows as the rest of its time."""
+    kept, lowest = set(), math.inf
+    for rec in reversed(run.steps):  # a step is kept unless a later record redoes its number
+        step = _finite(rec.get("step"))
+        if step < lowest:
+            kept.add(id(rec))
+        lowest = min(lowest, step)
+    for inv in run.invocations:
+        s = inv.summary
+        if s is not None and "invocation_wall_s" in s:
+            wall, buckets = _finite(s.get("invocation_wall_s")), s.get("invocation_time_s")
+        elif s is not None:  # summaries written before whole-run accounting held the process's
+            wall, buckets = _finite(s.get("wall_s")), s.get("time_s")
+        else:
+            wall, buckets = None, None
+        if wall is not None:
+            inv.wall_s = wall
+            if isinstance(buckets, dict):
+                inv.time_s = {
+                    str(k): x for k, v in buckets.items() if (x := _finite(v)) is not None
+                }
+            continue
+        inv.wall_s = inv.last_time or 0.0
+        for rec in inv.steps:
+            seconds = _finite(rec.get("step_time_s")) or 0.0
+            if rec.get("skipped") is True:
+                bucket = "skipped"
+            else:
+                bucket = "train" if id(rec) in kept else "lost"
+            inv.time_s[bucket] = inv.time_s.get(bucket, 0.0) + seconds
+
+
+def read_invocations(path: str | Path) -> list[Invocation]:
+    """The processes that worked on the run whose metrics.jsonl is ``path``, in order, each
+    with its wall time and buckets (see :func:`run_time`)."""
+    return _read_metrics(Path(path)).invocations
+
+
+def run_time(invocations: Sequence[Invocation]) -> tuple[float, dict[str, float]]:
+    """Wall time and buckets summed over processes: the whole run's, however often it was
+    stopped and resumed. The time between processes (waiting to be resumed) is not in it."""
+    wall, buckets = 0.0, {}
+    for inv in invocations:
+        wall += inv.wall_s
+        for k, v in inv.time_s.items():
+            buckets[k] = buckets.get(k, 0.0) + v
+    return wall, buckets
 
 
 # --- formatting -----------------------------------------------------------------------------
@@ -93,7 +198,8 @@ def _si(n: float | None) -> str:
     return f"{n:.0f}"
 
 
-def _duration(s: float | None) -> str:
+def format_duration(s: float | None) -> str:
+    """8.3 s, 4m 05s, 2h 03m."""
     if s is None:
         return "–"
     if s < 60:
@@ -288,7 +394,9 @@ def _plot_throughput(run: _Run, dst: Path) -> None:
     mfu = [(x, 100 * y) for x, y in mfu if y is not None]
     if mfu:
         ax2 = ax.twinx()
-        handles += ax2.plot(*_line(*zip(*mfu, strict=True)), color="C1", lw=1.2, label="MFU")
+        unreliable = any((inv.peak or {}).get("reliable") is False for inv in run.invocations)
+        label = "MFU?" if unreliable or max(y for _, y in mfu) > 100 else "MFU"
+        handles += ax2.plot(*_line(*zip(*mfu, strict=True)), color="C1", lw=1.2, label=label)
         ax2.set_ylabel("MFU (%)", color="C1")
         ax2.set_ylim(bottom=0, top=max(1.0, 1.15 * max(y for _, y in mfu)))
         ax2.legend(handles=handles, loc="lower right", fontsize="small")
@@ -298,17 +406,58 @@ def _plot_throughput(run: _Run, dst: Path) -> None:
 # --- report ---------------------------------------------------------------------------------
 
 
-def _throughput_means(steps: list[dict]) -> tuple[float | None, float | None]:
-    """Mean tokens/s and MFU over applied steps, past the first few warm-up steps."""
-    applied = [r for r in steps if r.get("skipped") is not True]
-    if len(applied) > WARMUP_STEPS:
-        applied = applied[WARMUP_STEPS:]
+def _throughput_means(run: _Run) -> tuple[float | None, float | None, bool]:
+    """Mean tokens/s and MFU over applied steps, past each process's first few (warm-up)
+    steps; and whether that MFU is doubtful (above 100%, or against an unreliable peak)."""
+    applied: list[tuple[dict, Invocation]] = []
+    for inv in run.invocations:
+        mine = [r for r in inv.steps if r.get("skipped") is not True]
+        applied += [(r, inv) for r in (mine[WARMUP_STEPS:] if len(mine) > WARMUP_STEPS else mine)]
 
     def mean(key: str) -> float | None:
-        vals = [v for r in applied if (v := _finite(r.get(key))) is not None]
+        vals = [v for r, _ in applied if (v := _finite(r.get(key))) is not None]
         return sum(vals) / len(vals) if vals else None
 
-    return mean("tokens_per_s"), mean("mfu")
+    mfu = mean("mfu")
+    unreliable = any(
+        (inv.peak or {}).get("reliable") is False
+        for r, inv in applied
+        if _finite(r.get("mfu")) is not None
+    )
+    return mean("tokens_per_s"), mfu, mfu_doubtful(mfu, not unreliable)
+
+
+def _peak_text(run: _Run) -> str:
+    """The peak MFU is relative to, per process when they differ."""
+    peaks = [(inv.index, p) for inv in run.invocations if (p := inv.peak) is not None]
+    texts = []
+    for index, p in peaks:
+        text = str(p.get("detail") or p.get("source") or "?")
+        if p.get("reliable") is False:
+            text += " (unreliable)"
+        texts.append((index, text))
+    if not texts:
+        return "–"
+    if len({t for _, t in texts}) == 1:
+        return _cell(texts[-1][1])
+    return _cell("; ".join(f"process {i}: {t}" for i, t in texts))
+
+
+def _mfu_note(run: _Run, mfu: float | None) -> list[str]:
+    notes = []
+    for inv in run.invocations:
+        p = inv.peak or {}
+        if p.get("reliable") is False:
+            note = p.get("note") or "the machine was busy while the peak was measured"
+            notes.append(f"process {inv.index}'s peak is unreliable: {note}")
+    if mfu is not None and mfu > 1.0:
+        notes.append(
+            "an MFU above 100% means the peak is lower than what this model's matmuls reach "
+            "here; set run.peak_tflops to the device's real peak"
+        )
+    if not notes:
+        return []
+    return ["", "MFU is marked '?', not a plain fact: " + "; ".join(notes) + "."]
 
 
 def _summary_section(run: _Run) -> list[str]:
@@ -318,62 +467,106 @@ def _summary_section(run: _Run) -> list[str]:
     # The summary's figure, or, for a run cut short before writing one, the last record's.
     steps = _first(_num(s.get("steps")), _num(last.get("step")))
     tokens = _first(_num(s.get("tokens")), _num(last.get("tokens")))
-    wall = _first(_finite(s.get("wall_s")), run.last_time)
+    wall, buckets = run_time(run.invocations)
+    if "train" in buckets and wall > 0:
+        goodput = buckets["train"] / wall
+    else:
+        goodput = _finite(s.get("goodput"))
     val_loss = _first(_finite(s.get("final_val_loss")), _finite(last_eval.get("val_loss")))
     val_bpb = _first(_finite(s.get("final_val_bpb")), _finite(last_eval.get("val_bpb")))
     last_loss = next(
         (v for r in reversed(run.steps) if (v := _finite(r.get("loss"))) is not None), None
     )
-    tps, mfu = _throughput_means(run.steps)
+    tps, mfu, doubtful = _throughput_means(run)
     mems = [v for r in run.steps if (v := _finite(r.get("peak_mem_bytes"))) is not None]
-    world = _num(s.get("world_size"))
+    world = _num(run.info("world_size"))
+    processes = len(run.invocations)
 
     rows = [
-        ("model", _cell(s.get("model") or "–")),
-        ("parameters", _si(_num(s.get("params")))),
-        ("device", _cell(s.get("device") or "–")),
+        ("model", _cell(run.info("model") or "–")),
+        ("parameters", _si(_num(run.info("params")))),
+        ("device", _cell(run.info("device") or "–")),
         ("world size", "–" if world is None else f"{world:.0f}"),
         ("steps", "–" if steps is None else f"{steps:.0f}"),
         ("tokens", _si(tokens)),
-        ("wall time", _duration(wall)),
-        ("goodput", _pct(_finite(s.get("goodput")))),
+        ("processes", f"{processes}" + (f" ({processes - 1} resumed)" if processes > 1 else "")),
+        ("wall time", format_duration(wall if wall > 0 else None)),
+        ("goodput", _pct(goodput)),
         ("final val loss", _float(val_loss)),
         ("final val bpb", _float(val_bpb)),
         ("last train loss", _float(last_loss)),
         ("mean tokens/s", "–" if tps is None else f"{tps:,.0f}"),
-        ("mean MFU", _pct(mfu)),
+        ("mean MFU", _pct(mfu) + ("?" if doubtful else "")),
+        ("MFU peak (per device)", _peak_text(run)),
         ("peak memory", format_bytes(max(mems)) if mems else "–"),
     ]
     lines = ["## Summary", ""]
     if run.summary is None:
         lines += [
-            "The run has no summary record (still running, or stopped early): the figures "
-            "below come from the last logged records.",
+            "The run's last process wrote no summary record (still running, or killed): the "
+            "figures below come from the last logged records.",
             "",
         ]
     lines += _table(("", "value"), rows)
     lines += [
         "",
-        f"Means of tokens/s and MFU leave out skipped updates and the first {WARMUP_STEPS} "
-        "steps (warm-up).",
+        "Wall time and goodput cover every process of the run (the time between a stop and "
+        "its resume is not counted). Means of tokens/s and MFU leave out skipped updates and "
+        f"each process's first {WARMUP_STEPS} steps (warm-up).",
+        *_mfu_note(run, mfu),
     ]
     return lines
 
 
 def _time_section(run: _Run) -> list[str]:
-    time_s = (run.summary or {}).get("time_s")
-    if not isinstance(time_s, dict):
-        return []
-    parts = [(str(k), x) for k, v in time_s.items() if (x := _finite(v)) is not None]
+    wall, buckets = run_time(run.invocations)
+    parts = list(buckets.items())
     if not parts:
         return []
     total = sum(v for _, v in parts)
-    wall = _finite((run.summary or {}).get("wall_s"))
-    if wall is not None and wall > total:
+    if wall > total:
         parts.append(("other", wall - total))
         total = wall
-    rows = [(_cell(k), _duration(v), _pct(v / total if total > 0 else None)) for k, v in parts]
-    return ["## Time", "", *_table(("phase", "time", "share"), rows)]
+    rows = [(_cell(k), format_duration(v), _pct(v / total if total > 0 else None))
+            for k, v in parts]  # fmt: skip
+    lines = ["## Time", "", *_table(("phase", "time", "share"), rows)]
+    killed = [inv for inv in run.invocations if inv.summary is None and inv.steps]
+    if killed:
+        which = ", ".join(str(inv.index) for inv in killed)
+        lines += [
+            "",
+            f"Process {which} wrote no summary: its time counts up to its last record, its "
+            "steps' own times give train, skipped and lost (steps redone after a resume or "
+            "roll-back), and the rest of its time shows as other.",
+        ]
+    return lines
+
+
+def _processes_section(run: _Run) -> list[str]:
+    if len(run.invocations) < 2:
+        return []
+    rows = []
+    for inv in run.invocations:
+        start = inv.start or {}
+        first = _num(start.get("resumed_from"))
+        if first is None and inv.start is not None:
+            first = 0.0  # a fresh start
+        steps = [s for r in inv.steps if (s := _finite(r.get("step"))) is not None]
+        last = _first(_num((inv.summary or {}).get("steps")), max(steps) if steps else None)
+        train = inv.time_s.get("train")
+        rows.append(
+            (
+                str(inv.index),
+                _cell(start.get("started_at") or "–"),
+                "–" if first is None else f"{first:.0f}",
+                "–" if last is None else f"{last:.0f}",
+                format_duration(inv.wall_s),
+                _pct(train / inv.wall_s if train is not None and inv.wall_s > 0 else None),
+                _cell(inv.ended),
+            )
+        )
+    header = ("process", "started", "from step", "to step", "wall time", "goodput", "ended")
+    return ["## Processes", "", *_table(header, rows)]
 
 
 def _events_section(run: _Run) -> list[str]:
@@ -460,6 +653,8 @@ def write_report(run_dir: str | Path) -> Path:
     lines += [*_summary_section(run), ""]
     if time_lines := _time_section(run):
         lines += [*time_lines, ""]
+    if process_lines := _processes_section(run):
+        lines += [*process_lines, ""]
 
     try:
         lines += ["## Plots", "", *_write_plots(run, run_dir)]

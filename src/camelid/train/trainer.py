@@ -18,8 +18,10 @@ import math
 import shutil
 import signal
 import sys
+import time
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +31,7 @@ from camelid.data import TokenLoader, read_manifest
 from camelid.errors import CamelidError, CheckpointError, DataError
 from camelid.infer import Engine, SamplingParams
 from camelid.infer.export import keep_run_tokenizer, save_pretrained
-from camelid.io import write_text_atomic
+from camelid.io import format_count, write_text_atomic
 from camelid.loss import IGNORE_INDEX, next_token_loss, valid_targets
 from camelid.model import Transformer
 from camelid.system import device_name
@@ -38,20 +40,30 @@ from camelid.train import checkpoint as ckpt
 from camelid.train.distributed import World, all_reduce_sum, any_rank, barrier, init_world
 from camelid.train.distributed import close as close_world
 from camelid.train.guard import Guard
-from camelid.train.metrics import Clock, MetricsLog, device_peak_flops, peak_memory
+from camelid.train.metrics import Clock, MetricsLog, device_peak, format_mfu, peak_memory
 from camelid.train.parallelize import build_model, local_param_bytes
 from camelid.train.recipe import Recipe, RecipeError
+from camelid.train.report import format_duration, read_invocations, run_time
 from camelid.train.schedule import lr_at
 from camelid.train.step import build_optimizer, clip_grad_norm, forward_backward
 
 # Roll-backs to the same checkpoint before the run gives up: the data is not the problem then.
 MAX_ROLLBACKS = 5
+# A validation split under this many tokens draws a warning: per-token losses spread by 2-3
+# nats, so a mean over N tokens is uncertain by at least ~2.5/sqrt(N) nats (0.025 at 10,000;
+# more, as neighbouring tokens are not independent) — the size of the gaps runs are judged by.
+VAL_MIN_TOKENS = 10_000
 
 
 @dataclass
 class TrainSummary:
     """What a training run did, as this rank saw it. Every rank returns one; only the rank
     that ``reports`` (rank 0) wrote the log, the report and the export.
+
+    ``steps``, ``tokens``, ``wall_s``, ``goodput`` and ``time_s`` are the whole run's, over
+    every process that worked on it (a run stopped and resumed twice: three processes; the time
+    between them is not counted); the ``invocation_*`` fields are this process's alone. Other
+    ranks than the reporting one do not read the log: for them the run's figures are their own.
 
     Fields can also be read as ``summary["status"]``, for code written against the plain dict
     the trainer used to return.
@@ -60,9 +72,9 @@ class TrainSummary:
     status: str  # "finished", or "stopped" by a signal (resume it)
     steps: int
     tokens: int
-    wall_s: float
-    goodput: float
-    time_s: dict[str, float]
+    wall_s: float  # the run's wall time: the sum of its processes'
+    goodput: float  # the run's: time in kept updates / wall_s
+    time_s: dict[str, float]  # the run's wall time by bucket (train, eval, checkpoint, ...)
     final_val_loss: float | None
     final_val_bpb: float | None
     sample_prompt: str
@@ -77,12 +89,34 @@ class TrainSummary:
     events: dict[str, int] = field(default_factory=dict)  # event kind -> count, this invocation
     reports: bool = True
     report: str | None = None  # report.md, on the reporting rank
+    invocations: int = 1  # processes that worked on the run, this one included
+    invocation_steps: int = 0  # steps this process ran (redone ones after a roll-back too)
+    invocation_wall_s: float = 0.0
+    invocation_goodput: float = 0.0
+    invocation_time_s: dict[str, float] = field(default_factory=dict)
+    peak: dict[str, Any] = field(default_factory=dict)  # the MFU peak and its provenance
+    # True when --resume found the run already finished: nothing was done or written.
+    already_finished: bool = False
+    # The signal that stopped the run (SIGINT 2, SIGTERM 15), or None when it was not stopped.
+    stop_signal: int | None = None
 
     def __getitem__(self, key: str) -> Any:
         return getattr(self, key)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# What a finished run's summary record says of the whole run (not of its last process).
+_RUN_FIELDS = ("steps", "tokens", "wall_s", "goodput", "time_s", "final_val_loss",
+               "final_val_bpb", "model", "params", "param_bytes_per_rank", "device",
+               "world_size", "export", "invocations", "peak")  # fmt: skip
+
+
+def _n(count: int, word: str) -> str:
+    """``1 rank``, ``2 ranks``, ``3 batches``."""
+    plural = word + ("es" if word.endswith(("s", "sh", "ch", "x")) else "s")
+    return f"{count:,} {word if count == 1 else plural}"
 
 
 def train(
@@ -105,6 +139,11 @@ class _Run:
         self.stop_signal: int | None = None
         self.events: Counter[str] = Counter()
         self.last_eval: dict[str, Any] | None = None
+        self.last_eval_step: int | None = None
+        self.saved_step: int | None = None  # the step of the newest checkpoint
+        self.steps_run = 0  # steps this process ran
+        self.bar: Any = None
+        self.val_batch_size, self.val_batches = recipe.train.batch_size, recipe.eval.batches
 
     # ------------------------------------------------------------------------------ set-up
     def run(self, resume: str | None, fresh: bool) -> TrainSummary:
@@ -134,6 +173,8 @@ class _Run:
                 "log.tensorboard = true needs the tensorboard package (pip install tensorboard)"
             )
         start_state = self._resume_state(resume)
+        if start_state is not None and (done := self._already_finished(*start_state)):
+            return done  # a finished run: nothing is written
         self._prepare_dir(fresh)  # the first write of this run
         if world.is_main:  # the run's own copy: its checkpoints stay exportable
             keep_run_tokenizer(self.tokenizer, self.run_dir)
@@ -158,13 +199,15 @@ class _Run:
         self.param_bytes = [int(b) for b in all_reduce_sum(mine, world).tolist()]
         self.byte_lengths = torch.tensor(self.tokenizer.token_byte_lengths() + [0] * (
             self.config.vocab_size - self.tokenizer.vocab_size), device=world.device)  # fmt: skip
-        self.peak = device_peak_flops(world.device, r.run.peak_tflops)
+        self.peak = device_peak(world.device, r.run.peak_tflops)
         self.flops_per_token = self.config.flops_per_token(r.train.seq_len)
         self.tokens_per_step = (
             r.train.batch_size * r.train.seq_len * r.train.grad_accum * world.world_size
         )
         self.log = MetricsLog(self.run_dir, world.is_main, self.clock, r.log.tensorboard)
         self.step, self.tokens = 0, 0
+        self._header(manifest, start_state)
+        self.clock.lap("startup")  # before the first checkpoint, which laps "checkpoint"
         if start_state is not None:
             self._restore(start_state[0], start_state[1])
             for detail in self.unusable:  # newer checkpoints that _resume_state passed over
@@ -277,9 +320,207 @@ class _Run:
         self.loader.load_state_dict(state["loader"])  # the same data and global batch?
         return path, state
 
+    def _already_finished(self, path: Path, state: dict[str, Any]) -> TrainSummary | None:
+        """``--resume`` on a run that is done — its checkpoint at or past train.steps, and its
+        last process's summary says it finished there — has nothing to do: the summary of that
+        run comes back (``already_finished``) and nothing is written. A run killed after its
+        last checkpoint but before its summary is not done: it goes on to evaluate, export and
+        report. A recipe asking for more steps trains on."""
+        step = int(state["step"])
+        if step < self.recipe.train.steps:
+            return None
+        record = None
+        metrics = self.run_dir / "metrics.jsonl"
+        if self.world.is_main and metrics.is_file():
+            try:
+                invocations = read_invocations(metrics)
+            except OSError:
+                invocations = []
+            last = invocations[-1].summary if invocations else None
+            if last is not None and last.get("status") == "finished" and last.get("steps") == step:
+                record = last
+        if not any_rank(record is not None, self.world):
+            return None
+        report = self.run_dir / "report.md"
+        summary = TrainSummary(
+            status="finished",
+            steps=step,
+            tokens=int(state.get("tokens", 0)),
+            wall_s=0.0,
+            goodput=0.0,
+            time_s={},
+            final_val_loss=None,
+            final_val_bpb=None,
+            sample_prompt=self.recipe.eval.sample_prompt,
+            sample=None,
+            model=self._model_text(),
+            params=self.config.num_params(),
+            param_bytes_per_rank=[],
+            device=device_name(self.world.device),
+            world_size=self.world.world_size,
+            run_dir=str(self.run_dir),
+            export=None,
+            reports=self.world.is_main,
+            report=str(report) if report.is_file() else None,
+            invocation_wall_s=self.clock.elapsed(),
+            already_finished=True,
+        )
+        run_figures = {k: v for k, v in (record or {}).items() if k in _RUN_FIELDS}
+        return dataclasses.replace(summary, **run_figures)
+
+    def _model_text(self) -> str:
+        c = self.config
+        return (
+            f"{c.name}: {c.n_layers} layers, dim {c.dim}, {c.n_heads}/{c.n_kv_heads} heads, "
+            f"vocab {c.vocab_size}"
+        )
+
+    def _header(self, manifest: dict[str, Any], start_state: tuple[Path, dict] | None) -> None:
+        """What this process is about to do: the ``start`` record that opens its part of
+        metrics.jsonl (the report's accounting of processes rests on it), a few lines on the
+        console (main rank), then the warnings that apply."""
+        r, t, world, c = self.recipe, self.recipe.train, self.world, self.config
+        warnings = self._plan_validation(manifest)
+        resumed = int(start_state[1]["step"]) if start_state is not None else None
+        precision = "bf16" if self.compute_dtype == torch.bfloat16 else "fp32"
+        device = device_name(world.device)
+        self.log.write(
+            "start",
+            started_at=datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
+            resumed_from=resumed,
+            checkpoint=str(start_state[0]) if start_state else None,
+            target_steps=t.steps,
+            model=self._model_text(),
+            params=c.num_params(),
+            device=device,
+            world_size=world.world_size,
+            precision=precision,
+            tokens_per_step=self.tokens_per_step,
+            peak=self.peak.to_dict(),
+        )
+        if world.is_main:
+            total = t.steps * self.tokens_per_step
+            train_tokens = manifest["splits"]["train"]["tokens"]
+            epochs = f"{total / train_tokens:.2f}" if train_tokens else "–"
+            val_tokens = manifest["splits"].get("validation", {}).get("tokens", 0)
+            when = (
+                f"every {r.eval.interval} steps and at the end" if r.eval.interval else "at the end"
+            )
+            val = f"{val_tokens:,} tokens; not evaluated"
+            if self.val_batches:
+                val = (
+                    f"{val_tokens:,} tokens; {when}, {_n(self.val_batches, 'batch')} of "
+                    f"{self.val_batch_size} x {t.seq_len}"
+                )
+            where = str(self.run_dir)
+            if resumed is not None:
+                left = max(t.steps - resumed, 0)
+                where += (
+                    f" (resuming from step {resumed}: {left} steps, "
+                    f"{left * self.tokens_per_step:,} tokens to go)"
+                )
+            reliable = "" if self.peak.reliable else ", unreliable"
+            ranks = _n(world.world_size, "rank")
+            rows = [
+                (
+                    "batch",
+                    f"{self.tokens_per_step:,} tokens per step = {t.batch_size} sequences x "
+                    f"{t.seq_len} tokens x {_n(t.grad_accum, 'micro-batch')} x {ranks}",
+                ),
+                (
+                    "training",
+                    f"{t.steps:,} steps = {total:,} tokens = {epochs} epochs of the "
+                    f"{train_tokens:,} training tokens",
+                ),
+                ("validation", val),
+                ("device", f"{device}, {ranks}, {precision}"),
+                ("MFU peak", f"{self.peak.detail} ({self.peak.source}{reliable})"),
+                ("run", where),
+            ]
+            params = c.num_params()
+            print(f"camelid train: {c.name}, {format_count(params)} parameters ({params:,})")
+            for key, value in rows:
+                print(f"  {key:<11} {value}", flush=True)
+        if self.log.torn:
+            self._warn(
+                "torn_metrics",
+                f"{self.log.path} ended in a cut line (a kill while writing); it stays one "
+                "unreadable line and the log goes on below it",
+            )
+        if not self.peak.reliable:
+            self._warn(
+                "peak_unreliable",
+                f"the MFU peak is unreliable: {self.peak.note}; MFU is shown with a '?'",
+            )
+        for kind, text in warnings:
+            self._warn(kind, text)
+
+    def _plan_validation(self, manifest: dict[str, Any]) -> list[tuple[str, str]]:
+        """How each evaluation reads the validation split (batch size, batches) and the
+        warnings that go with it: a split too small to mean much, one smaller than one batch
+        (evaluated in one smaller batch; with not one sequence per rank, not at all), and
+        ``eval.batches`` cut to what the split holds."""
+        r, w = self.recipe, self.world.world_size
+        b, t = r.train.batch_size, r.train.seq_len
+        split = manifest["splits"].get("validation", {})
+        tokens = int(split.get("tokens", 0))
+        windows = sum(max((int(sh["tokens"]) - 1) // t, 0) for sh in split.get("shards", []))
+        per_rank = windows // w
+        ranks = f" per rank ({w} ranks)" if w > 1 else ""
+        warnings = []
+        if 0 < tokens < VAL_MIN_TOKENS:
+            text = (
+                f"the validation split holds only {tokens:,} tokens (under {VAL_MIN_TOKENS:,}): "
+                "its loss is too noisy to judge runs by; prepare the data with a larger "
+                "--val-fraction"
+            )
+            warnings.append(("small_validation", text))
+        if per_rank == 0:
+            self.val_batches = 0
+            what = f"a validation split of {tokens:,} tokens, not one sequence of {t + 1}{ranks}"
+            if tokens == 0:
+                what = "no validation split"
+            text = f"the dataset has {what}: no validation loss will be computed"
+            warnings.append(("no_validation", text))
+        elif per_rank < b:
+            self.val_batch_size, self.val_batches = per_rank, 1
+            text = (
+                f"the validation split holds {_n(per_rank, 'sequence')} of {t + 1} tokens{ranks}, "
+                f"fewer than one batch of {b}: each evaluation uses them all, in one batch of "
+                f"{per_rank}"
+            )
+            warnings.append(("validation_under_one_batch", text))
+        elif r.eval.batches > per_rank // b:
+            self.val_batches = per_rank // b
+            text = (
+                f"eval.batches is {r.eval.batches}, but the validation split holds "
+                f"{_n(self.val_batches, 'batch')} of {b} x {t} tokens{ranks}: each evaluation "
+                f"uses {self.val_batches}"
+            )
+            warnings.append(("eval_batches_reduced", text))
+        return warnings
+
+    def _warn(self, kind: str, text: str) -> None:
+        """A warning: on the console (main rank) and as an event in metrics.jsonl."""
+        self._event(kind, text)
+        if self.world.is_main:
+            self._say(f"camelid: warning: {text}", file=sys.stderr)
+
+    def _say(self, text: str, file: Any = None) -> None:
+        """A line on the console (main rank), above the live bar when there is one."""
+        if not self.world.is_main:
+            return
+        if self.bar is not None:
+            from tqdm import tqdm
+
+            tqdm.write(text, file=file)
+        else:
+            print(text, file=file, flush=True)
+
     def _restore(self, path: Path, state: dict[str, Any]) -> None:
         ckpt.load(path, self.model, self.optimizer, self.world)
         self.step, self.tokens = int(state["step"]), int(state["tokens"])
+        self.saved_step = self.step
         self.loader.load_state_dict(state["loader"])
         self.guard.load_state_dict(state["guard"])
 
@@ -291,6 +532,7 @@ class _Run:
             from tqdm import tqdm
 
             bar = tqdm(total=r.train.steps, initial=self.step, desc="train", unit="step")
+        self.bar, self.loop_start = bar, time.perf_counter()
         since_checkpoint = 0.0  # productive seconds a roll-back would undo
         rollbacks: dict[int, int] = {}
         try:
@@ -316,6 +558,7 @@ class _Run:
                     self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
+                self.steps_run += 1
                 self.tokens += self.tokens_per_step
                 seconds = self.clock.lap("train")
                 if verdict is None:
@@ -325,7 +568,9 @@ class _Run:
                     self._event(verdict, f"loss {loss_value:.4g}, grad norm {norm_value:.4g}; "
                                 "update skipped" + (" (drill)" if drill else ""))  # fmt: skip
                 tps = self.tokens_per_step / seconds
-                mfu = tps * self.flops_per_token / self.peak if self.peak else None
+                # The peak is one device's: the run's is world_size of them.
+                peak = self.peak.flops * world.world_size if self.peak.flops else None
+                mfu = tps * self.flops_per_token / peak if peak else None
                 self.log.write("step", step=self.step, loss=loss_value, grad_norm=norm_value,
                                lr=lr, tokens=self.tokens, tokens_per_s=tps, mfu=mfu,
                                peak_mem_bytes=peak_memory(world.device), step_time_s=seconds,
@@ -357,19 +602,26 @@ class _Run:
         finally:
             if bar is not None:
                 bar.close()
+            self.bar = None
         return "finished"
 
     def _show(self, bar: Any, loss: float, lr: float, tps: float, mfu: float | None) -> None:
-        text = f"loss {loss:.4f} lr {lr:.2e} {tps:,.0f} tok/s" + (
-            f" MFU {100 * mfu:.1f}%" if mfu is not None else ""
-        )
+        """The live line: a bar's postfix on a terminal, else a line every log.interval steps
+        with this process's elapsed time and the ETA at its pace so far (evaluations and
+        checkpoints included)."""
+        text = f"loss {loss:.4f} lr {lr:.2e} {tps:,.0f} tok/s"
+        if mfu is not None:
+            text += " " + format_mfu(mfu, self.peak)
+        steps = self.recipe.train.steps
+        due = self.step % self.recipe.log.interval == 0 or self.step == steps
         if bar is not None:
             bar.update(1)
             bar.set_postfix_str(text, refresh=False)
-        elif self.world.is_main and (
-            self.step % self.recipe.log.interval == 0 or self.step == self.recipe.train.steps
-        ):
-            print(f"step {self.step}/{self.recipe.train.steps}  {text}", flush=True)
+        elif self.world.is_main and due:
+            pace = (time.perf_counter() - self.loop_start) / max(self.steps_run, 1)
+            eta = format_duration(pace * max(steps - self.step, 0))
+            elapsed = format_duration(self.clock.elapsed())
+            print(f"step {self.step}/{steps}  {text}  elapsed {elapsed}  ETA {eta}", flush=True)
 
     def _roll_back(self, since_checkpoint: float) -> int:
         """Back to the last checkpoint, keeping the loader where it is: the data since that
@@ -402,6 +654,7 @@ class _Run:
             path = ckpt.save(self.run_dir, self.step, self.model, self.optimizer, state,
                              self.world, self.recipe.checkpoint.keep)  # fmt: skip
             ok, detail = True, str(path)
+            self.saved_step = self.step
         except OSError as e:
             ok, detail = False, f"{e}; the previous checkpoint is still the latest"
         self.clock.lap("checkpoint")
@@ -416,15 +669,19 @@ class _Run:
     @torch.no_grad()
     def _evaluate(self) -> dict[str, Any] | None:
         r, world = self.recipe, self.world
+        self.last_eval_step = self.step
+        if self.val_batches == 0:  # said at start-up (_plan_validation)
+            self.clock.lap("eval")
+            return None
         try:
-            val = TokenLoader(r.data.dir, "validation", r.train.batch_size, r.train.seq_len,
+            val = TokenLoader(r.data.dir, "validation", self.val_batch_size, r.train.seq_len,
                               0, world.rank, world.world_size, shuffle=False)  # fmt: skip
         except DataError as e:
             self.clock.lap("eval")
             self._event("no_validation", str(e))
             return None
         sums = torch.zeros(3, dtype=torch.float64, device=world.device)  # nats, tokens, bytes
-        for _ in range(min(r.eval.batches, len(val))):
+        for _ in range(min(self.val_batches, len(val))):
             x, y = (t.to(world.device) for t in next(val))
             with self._autocast():
                 nats = next_token_loss(self.model, x, y, reduction="sum")
@@ -443,6 +700,9 @@ class _Run:
         self.clock.lap("eval")
         self.log.write("eval", step=self.step, **result)
         self.last_eval = result
+        bpb = "" if result["val_bpb"] is None else f", {result['val_bpb']:.4f} bits/byte"
+        loss = f"validation loss {result['val_loss']:.4f}{bpb} over {int(tokens):,} tokens"
+        self._say(f"step {self.step}/{r.train.steps}  {loss}")
         return result
 
     def _sample(self) -> str:
@@ -471,27 +731,35 @@ class _Run:
     def _finish(self, status: str) -> TrainSummary:
         r = self.recipe
         if status == "finished":
-            if not (r.eval.interval and self.step % r.eval.interval == 0):
+            if self.last_eval_step != self.step:
                 self._evaluate()
-            if not (r.checkpoint.interval and self.step % r.checkpoint.interval == 0):
+            if self.saved_step != self.step:
                 self._checkpoint()
             if r.checkpoint.export_hf:
                 self._export()
         last = self.last_eval
         c = self.config
+        # This process's figures, and the run's: the processes before it (as metrics.jsonl
+        # accounts for them, its own part excluded) plus this one.
+        mine_wall, mine_time = self.clock.elapsed(), dict(self.clock.buckets)
+        before = read_invocations(self.log.path)[:-1] if self.world.is_main else []
+        wall, time_s = run_time(before)
+        wall += mine_wall
+        for key, seconds in mine_time.items():
+            time_s[key] = time_s.get(key, 0.0) + seconds
         summary = TrainSummary(
             status=status,
+            stop_signal=self.stop_signal if status == "stopped" else None,
             steps=self.step,
             tokens=self.tokens,
-            wall_s=self.clock.elapsed(),
-            goodput=self.clock.goodput(),
-            time_s=dict(self.clock.buckets),
+            wall_s=wall,
+            goodput=time_s.get("train", 0.0) / max(wall, 1e-9),
+            time_s=time_s,
             final_val_loss=last["val_loss"] if last else None,
             final_val_bpb=last["val_bpb"] if last else None,
             sample_prompt=r.eval.sample_prompt,
             sample=last["sample"] if last else None,
-            model=f"{c.name}: {c.n_layers} layers, dim {c.dim}, {c.n_heads}/{c.n_kv_heads} "
-            f"heads, vocab {c.vocab_size}",
+            model=self._model_text(),
             params=c.num_params(),
             param_bytes_per_rank=self.param_bytes,
             device=device_name(self.world.device),
@@ -502,9 +770,15 @@ class _Run:
             else None,
             events=dict(self.events),
             reports=self.world.is_main,
+            invocations=len(before) + 1,
+            invocation_steps=self.steps_run,
+            invocation_wall_s=mine_wall,
+            invocation_goodput=mine_time.get("train", 0.0) / max(mine_wall, 1e-9),
+            invocation_time_s=mine_time,
+            peak=self.peak.to_dict(),
         )
         record = summary.to_dict()
-        for key in ("sample_prompt", "sample", "reports", "report"):
+        for key in ("sample_prompt", "sample", "reports", "report", "already_finished"):
             record.pop(key)
         self.log.write("summary", **record)
         if self.world.is_main:
