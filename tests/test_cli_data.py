@@ -343,3 +343,17 @@ def test_tokenizer_train_says_when_the_corpus_cannot_fill_the_vocabulary(capsys,
                          "--vocab-size", str(got), "--num-special", "16", "--val-fraction", "0",
                          "--out", str(tmp_path / "t2"))  # fmt: skip
     assert code == 0 and not err and "asked" not in out  # a size the corpus fills: no note
+
+
+def test_prepare_warns_when_no_document_is_held_out(capsys, tmp_path, corpus):
+    """A few files at a small --val-fraction may all land in training: say so, don't let the
+    run find out later that it measures no validation loss."""
+    tok_dir = tmp_path / "tok"
+    assert run(capsys, "tokenizer", "train", "--corpus", str(corpus), "--vocab-size", "300",
+               "--num-special", "16", "--out", str(tok_dir))[0] == 0  # fmt: skip
+    base = ["prepare", "--corpus", str(corpus), "--tokenizer", str(tok_dir), "--glob", "doc1*.py"]
+    code, out, err = run(capsys, *base, "--val-fraction", "0.01", "--out", str(tmp_path / "a"))
+    assert code == 0 and "validation   0 documents" in out
+    assert "no document fell into the validation split" in err and "--val-fraction" in err
+    code, out, err = run(capsys, *base, "--val-fraction", "0.5", "--out", str(tmp_path / "b"))
+    assert code == 0 and "validation   0 documents" not in out and "warning" not in err

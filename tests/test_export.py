@@ -145,6 +145,10 @@ def test_export_bad_inputs(capsys, run, tmp_path):
     assert "is a Hugging Face directory" in err and "camelid convert" in err
     err = one_error(capsys, "export", tmp_path / "absent", tmp_path / "o")
     assert "absent: no such directory" in err
+    gone = run / "checkpoints" / "step-00000002"  # removed by checkpoint.keep, or a typo
+    for argv in (["export", gone, tmp_path / "o"], ["generate", gone, "-p", "x"]):
+        err = one_error(capsys, *argv)
+        assert f"{gone}: no such directory; checkpoints of {run}: step-00000000" in err
 
     empty = tmp_path / "empty-run"
     (empty / "checkpoints" / ".step-00000004.tmp").mkdir(parents=True)

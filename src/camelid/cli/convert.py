@@ -45,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
     out = done.info  # read back from what was written
     print(
         f"converted {args.src} -> {args.dst}: {format_count(out.config.num_params())} "
-        f"parameters, {out.dtype}, {len(out.files)} file(s), {format_bytes(out.nbytes)} "
+        f"parameters, {str(out.dtype).removeprefix('torch.')}, {len(out.files)} file(s), "
+        f"{format_bytes(out.nbytes)} "
         f"in {done.seconds:.1f}s"
     )
     return 0

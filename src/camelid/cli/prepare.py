@@ -103,4 +103,9 @@ def run(args: argparse.Namespace) -> int:
               f"{len(s['shards'])} shard(s) of {m['dtype']}")  # fmt: skip
     print(f"throughput   {tokens / max(m['seconds'], 1e-9):,.0f} tokens/s ({m['seconds']:.1f}s)")
     print(f"output       {args.out}/manifest.json")
+    if sp["validation"]["documents"] == 0 and config.val_fraction > 0:
+        # Files (or records) go to validation by a hash of their name: few files, none may.
+        print(f"camelid: warning: no document fell into the validation split (--val-fraction "
+              f"{config.val_fraction:g} of {st['documents']} documents); training will measure "
+              "no validation loss: raise --val-fraction", file=sys.stderr)  # fmt: skip
     return 0

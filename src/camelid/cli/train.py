@@ -93,8 +93,6 @@ def print_summary(s: TrainSummary) -> None:
         f"{s.status} after {s.steps} steps, {s.tokens:,} tokens in {s.wall_s:.0f}s{processes} "
         f"(goodput {100 * s.goodput:.0f}%){val}"
     )
-    if s.status != "finished":
-        print(f"resume with: camelid train {s.run_dir}/recipe.toml --resume")
     print(f"run          {s.run_dir}")
     print(f"report       {s.report}")
     if s.export:

@@ -43,6 +43,15 @@ RUN_RECIPE = "recipe.toml"  # RUN/recipe.toml: the resolved recipe the run was t
 RUN_FILES = (RUN_RECIPE, "metrics.jsonl")  # what else marks a directory as a training run
 
 
+def _checkpoints_beside(missing: Path) -> str:
+    """For a checkpoint that is gone (``checkpoint.keep`` removed it, a typo): the ones there."""
+    run = missing.parent.parent
+    if missing.parent.name != ckpt.CHECKPOINTS or not missing.parent.is_dir():
+        return ""
+    found = [p.name for p in ckpt.list_checkpoints(run)]
+    return f"; checkpoints of {run}: {', '.join(found)}" if found else f"; {run} has none"
+
+
 @dataclass(frozen=True)
 class ModelSource:
     """What a MODEL argument names: where its weights and tokenizer are read from.
@@ -68,7 +77,7 @@ def resolve_model(model: str | Path, *, need_tokenizer: bool = True) -> ModelSou
     loader as a Hugging Face directory, whose own checks name what is wrong with it."""
     given = Path(model)
     if not given.exists():
-        raise CheckpointError(f"{model}: no such directory")
+        raise CheckpointError(f"{model}: no such directory{_checkpoints_beside(given)}")
     if not given.is_dir():
         if need_tokenizer:
             raise CheckpointError(f"{model}: expected a model directory, found a file")
@@ -98,7 +107,7 @@ def training_checkpoint(path: str | Path) -> Path:
     anything else an error that says what it is instead."""
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"{path}: no such directory")
+        raise CheckpointError(f"{path}: no such directory{_checkpoints_beside(path)}")
     if not path.is_dir():
         raise CheckpointError(f"{path}: expected a training run or checkpoint, found a file")
     if (path / hf.CONFIG_NAME).is_file():
