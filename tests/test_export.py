@@ -456,3 +456,20 @@ def test_written_files_get_the_mode_of_a_plain_open(run, tmp_path, capsys):
         assert stat.S_IMODE((tmp_path / "x.safetensors").stat().st_mode) == 0o640
     finally:
         os.umask(previous)
+
+
+def test_no_model_directory_is_written_over_a_run(capsys, run, tmp_path):
+    """A run stays a run: neither export nor convert writes into it (but RUN/hf) or among its
+    checkpoints, and convert does not write over its own source."""
+    before = snapshot(run)
+    newest = run / "checkpoints" / "step-00000008"
+    cases = [
+        (["export", run, run / "checkpoints" / "mine"], "is inside the checkpoints of the run"),
+        (["export", newest.parent / "step-00000004", newest / "x"], "inside the checkpoints"),
+        (["convert", run, run], "is a training run; name a directory outside it"),
+        (["convert", run, run / "checkpoints" / "mine"], "is inside the checkpoints of the run"),
+        (["convert", run, run / "hf"], "is the directory being converted"),
+    ]
+    for argv, needle in cases:
+        assert needle in one_error(capsys, *argv), argv
+    assert snapshot(run) == before

@@ -373,3 +373,12 @@ def test_roll_back_passes_over_a_damaged_checkpoint(tmp_path, dataset, monkeypat
     rollback = next(e for e in ev if e["event"] == "rollback")
     assert rollback["step"] == 10 and "steps 11..23" in rollback["detail"]
     assert summary.status == "finished" and summary.steps == 26
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_recipe_on_a_machine_without_cuda_fails_cleanly(tmp_path, finished, capsys):
+    new = tmp_path / "gpu-run"
+    line = failed_cleanly(*cli(capsys, "train", finished, "--set", f"run.out_dir='{new}'",
+                               "--set", "train.device='cuda'")[::2])  # fmt: skip
+    assert "train.device = cuda, but CUDA is not available here" in line
+    assert not new.exists()

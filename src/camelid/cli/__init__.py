@@ -30,12 +30,12 @@ COMMANDS = (quickstart, inspect, convert, tokenizer, prepare, train, export, gen
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
     try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 2
         return args.func(args) or 0
     except CamelidError as e:
         print(f"camelid: error: {e}", file=sys.stderr)

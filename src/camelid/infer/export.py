@@ -30,6 +30,7 @@ from camelid.infer.load import (
     RUN_TOKENIZER,
     ModelSource,
     inspect_model,
+    is_run,
     load_model,
     load_tokenizer,
     resolve_model,
@@ -148,12 +149,17 @@ def convert(
     Every tensor is checked before ``out`` is written."""
     t0 = time.perf_counter()
     source = resolve_model(model, need_tokenizer=False)
-    if log is not None and source.note is not None:
-        log(source.note)
     out = Path(out)
     info = inspect_model(source)
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"{out}: exists and is not a directory")
+    if out.resolve() == source.path.resolve():
+        raise CheckpointError(
+            f"{out}: is the directory being converted ({source.path}); name another one"
+        )
+    _check_not_in_a_run(out)
+    if log is not None and source.note is not None:
+        log(source.note)
     if source.kind == "checkpoint":
         tokenizer = load_tokenizer(source)
         weights = load_model(source, dtype=dtype or info.dtype)
@@ -220,10 +226,27 @@ def _check_out(out: Path, overwrite: bool, checkpoint: Path) -> None:
             f"{out}: would write into or over the checkpoint {checkpoint} being exported; "
             "name a directory outside it (RUN/hf is fine)"
         )
+    _check_not_in_a_run(out)
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise CheckpointError(
             f"{out}: exists and is not empty; pass --overwrite to replace its model files"
         )
+
+
+def _check_not_in_a_run(out: Path) -> None:
+    """A model directory is never written over a training run or among its checkpoints: the
+    run would stop resolving as a run, or its checkpoints would hold a stranger."""
+    real = out.resolve()
+    if is_run(real):
+        raise CheckpointError(
+            f"{out}: is a training run; name a directory outside it (RUN/hf is fine)"
+        )
+    for parent in (real, *real.parents):
+        if parent.name == ckpt.CHECKPOINTS and is_run(parent.parent):
+            raise CheckpointError(
+                f"{out}: is inside the checkpoints of the run {parent.parent}; name a directory "
+                "outside them (RUN/hf is fine)"
+            )
 
 
 def _write(out: Path, write: Callable[[Path], None]) -> None:

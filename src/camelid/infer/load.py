@@ -86,7 +86,7 @@ def resolve_model(model: str | Path, *, need_tokenizer: bool = True) -> ModelSou
         return _hf_source(given, given, need_tokenizer)
     if ckpt.looks_like_checkpoint(given):
         return _checkpoint_source(given, given, need_tokenizer)
-    if _is_run(given):
+    if is_run(given):
         return _run_source(given, need_tokenizer)
     if not need_tokenizer:
         return ModelSource(given, given, "hf")
@@ -118,9 +118,9 @@ def training_checkpoint(path: str | Path) -> Path:
     if ckpt.looks_like_checkpoint(path):
         ckpt.require_complete(path)
         return path
-    if path.name == ckpt.CHECKPOINTS and _is_run(path.parent):
+    if path.name == ckpt.CHECKPOINTS and is_run(path.parent):
         return ckpt.newest_checkpoint(path.parent)
-    if _is_run(path):
+    if is_run(path):
         return ckpt.newest_checkpoint(path)
     raise CheckpointError(
         f"{path}: not a training run or checkpoint (expected RUN with {ckpt.CHECKPOINTS}/, or "
@@ -264,7 +264,8 @@ def _checkpoint_tokenizer(path: Path, run: Path | None) -> Path:
     return run_tokenizer(run)
 
 
-def _is_run(path: Path) -> bool:
+def is_run(path: Path) -> bool:
+    """Whether ``path`` looks like a training run's directory."""
     return (
         ckpt.checkpoint_dir(path).is_dir()
         or (path / RUN_EXPORT / hf.CONFIG_NAME).is_file()

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from camelid.errors import CamelidError
+
 
 @dataclass(frozen=True)
 class World:
@@ -36,6 +38,17 @@ def init_world(device: str = "auto") -> World:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if use_cuda and not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else "no GPU is visible"
+        raise CamelidError(
+            f"train.device = cuda, but CUDA is not available here (torch {torch.__version__}: "
+            f"{build}); use train.device = auto or cpu"
+        )
+    if use_cuda and local_rank >= torch.cuda.device_count():
+        raise CamelidError(
+            f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPU(s) are visible: "
+            "start at most that many processes per node"
+        )
     if use_cuda:
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
