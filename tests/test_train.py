@@ -139,11 +139,13 @@ def test_exact_resume_after_sigterm(tmp_path, dataset):
             break
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err.decode()
     stopped_at = max(step_losses(interrupted / "run"))
     assert stopped_at < steps, "the run finished before it could be interrupted"
-    assert "--resume" in out.decode()
+    last = err.decode().rstrip("\n").splitlines()[-1]
+    assert last.startswith("camelid: interrupted (SIGTERM): checkpoint saved at step "), last
+    assert last.endswith(f"resume with: camelid train {interrupted / 'run'}/recipe.toml --resume")
     assert any(e["event"] == "signal" for e in events(interrupted / "run"))
 
     res = subprocess.run([*CAMELID, "train", str(recipe), "--resume"],
