@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import hmac
+import json
 import logging
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
@@ -113,6 +115,24 @@ async def _send_error(send, message: str, status: int, code: str | None = None) 
         headers.append((b"www-authenticate", b"Bearer"))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+def generation_stop_ids(directory: str | Path) -> tuple[int, ...]:
+    """The ``eos_token_id`` (an id or a list of them) of a model directory's
+    generation_config.json: Llama 3 Instruct ends a turn with ``<|eot_id|>`` while its
+    tokenizer's ``eos_token`` says ``<|end_of_text|>``; a server must stop at both."""
+    file = Path(directory) / "generation_config.json"
+    try:
+        data = json.loads(file.read_text())
+    except FileNotFoundError:
+        return ()
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CamelidError(f"{file}: cannot read it ({e})") from None
+    value = data.get("eos_token_id") if isinstance(data, dict) else None
+    ids = value if isinstance(value, list) else [] if value is None else [value]
+    if any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in ids):
+        raise CamelidError(f"{file}: eos_token_id must be a token id or a list of them")
+    return tuple(ids)
 
 
 def create_app(
