@@ -254,8 +254,9 @@ def create_app(
             ids = tok.encode(req.prompt, bos=req.add_special_tokens)
         else:
             chat_req = schemas.ChatCompletionRequest.model_construct(messages=req.messages)
+            messages = chat_messages(chat_req)
             try:
-                ids = chat_prompt_ids(tok, chat_messages(chat_req))
+                ids = chat_prompt_ids(tok, messages)
             except CamelidError as e:
                 raise APIError(str(e), param="messages") from None
         return {"tokens": ids, "count": len(ids), "max_model_len": engine.max_seq_len}

@@ -76,13 +76,16 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
+
+
 def _loc(loc: Sequence[Any]) -> str:
     """A pydantic error location as a field path: ``messages[0].content``."""
     out = ""
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", str(part)):
+        elif part in _TYPE_TAGS or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", str(part)):
             continue  # a union member's name (str, list[int], ...), not a field
         else:
             out += f".{part}" if out else str(part)
@@ -549,10 +552,11 @@ async def chat(state: ServeState, request: Request) -> Response:
             param="max_tokens",
         )
     name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-    asked = _max_tokens(state, name, req.max_completion_tokens or req.max_tokens, False)
+    asked = _max_tokens(state, name, getattr(req, name), False)
     tok = state.engine.tokenizer
+    messages = chat_messages(req)
     try:
-        ids = chat_prompt_ids(tok, chat_messages(req))
+        ids = chat_prompt_ids(tok, messages)
     except CamelidError as e:
         raise APIError(str(e), param="messages") from None
     ids = _fit(state, ids, req.truncate_prompt_tokens, "messages")
