@@ -12,7 +12,7 @@ in no table is refused as unknown. Types are strict (``"0.5"`` is not a temperat
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
@@ -192,4 +192,3 @@ def fields_of(model: type[BaseModel]) -> frozenset[str]:
 
 ROLES = ("system", "developer", "user", "assistant")
 ROLE_OF = {"developer": "system"}  # OpenAI's newer name for the system role
-Role = Literal["system", "developer", "user", "assistant"]
