@@ -439,6 +439,28 @@ def test_disconnected_stream_frees_its_slot(live, engine):
     assert r.status_code == 200
 
 
+def test_disconnected_non_streaming_request_is_aborted(live):
+    """A client that gives up on a whole (non-streamed) answer frees its slot too."""
+    worker = _state(live).backend.worker
+    aborted = worker.stats.aborted
+    body = json.dumps({"model": MODEL, "prompt": "The", "max_tokens": 200, "temperature": 0,
+                       "ignore_eos": True}).encode()  # fmt: skip
+    request = (
+        f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    with socket.create_connection(("127.0.0.1", live.port)) as s:
+        s.sendall(request)
+        deadline = time.monotonic() + 10
+        while not worker.stats.running:
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+    deadline = time.monotonic() + 10
+    while worker.stats.aborted == aborted or worker.stats.running:
+        assert time.monotonic() < deadline, "the abandoned request still holds its slot"
+        time.sleep(0.01)
+
+
 def _state(live):
     app = live.server.config.app
     while not hasattr(app, "state") or not hasattr(app.state, "serve"):
