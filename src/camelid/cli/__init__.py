@@ -20,13 +20,25 @@ from camelid.cli import (
     inspect,
     prepare,
     quickstart,
+    serve,
     tokenizer,
     train,
 )
 from camelid.errors import CamelidError
 
 # help order
-COMMANDS = (quickstart, inspect, convert, tokenizer, prepare, train, export, generate, chat)
+COMMANDS = (
+    quickstart,
+    inspect,
+    convert,
+    tokenizer,
+    prepare,
+    train,
+    export,
+    generate,
+    chat,
+    serve,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
