@@ -11,24 +11,25 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
-import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import random_llama_dir
+import test_serve
+from test_serve import CYCLE_TEXT, MODEL, LiveServer
 
-from camelid.tokenizer import train_tokenizer
+from camelid.serve.app import create_app
+
+# The fixtures the cycle model is built from (a tokenizer, a random Llama dir, its engine).
+tok, model_dir, engine, cycle_engine = (
+    test_serve.tok,
+    test_serve.model_dir,
+    test_serve.engine,
+    test_serve.cycle_engine,
+)
 
 ARTEFACTS = Path(os.environ.get("CAMELID_TEST_ARTEFACTS", Path(__file__).parent / "artefacts"))
-TEXTS = [
-    "Hello! How are you today? I am fine, thank you.",
-    "Grüße aus München: 你好，世界 🙂 — ça va?",
-    "def add(a, b):\n    return a + b\n",
-] * 20
 
 
 def _browser() -> tuple[str, str] | str:
@@ -76,40 +77,15 @@ def browser():
     driver.quit()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """``camelid serve`` on a tiny random Llama with a tokenizer that has the chat tokens."""
-    root = tmp_path_factory.mktemp("web") / "model"
-    tok = train_tokenizer(TEXTS, 700, num_special=16)
-    random_llama_dir(root, vocab_size=tok.vocab_size)
-    tok.save(root)
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "camelid", "serve", str(root), "--port", str(port)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(base + "/health", timeout=2):
-                break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
-                pytest.fail(f"the server did not start:\n{out}")
-            time.sleep(0.2)
-    yield base
-    proc.terminate()
-    proc.wait(timeout=60)
+def server(cycle_engine):
+    """The app on a free loopback port, serving a tiny Llama whose chat answers cycle through
+    Chinese characters and emoji made of several tokens each (see tests/test_serve.py): a
+    character split across stream chunks would show as U+FFFD."""
+    engine, _ = cycle_engine
+    live = LiveServer(create_app(engine, model_name=MODEL))
+    yield live.url
+    live.close()
 
 
 def _api_answer(base: str, text: str, max_tokens: int) -> str:
@@ -156,6 +132,7 @@ def test_the_page_streams_the_api_answer(browser, server):
     # The browser's innerText normalises trailing whitespace only.
     assert shown.rstrip() == expected.rstrip(), (shown, expected)
     assert "tokens/s" in stats and "finish:" in stats
+    assert CYCLE_TEXT[:4] in shown and "🎉" in shown
     assert "\ufffd" not in shown  # no character broken across stream chunks
 
     # The conversation is kept: a second turn is sent with the first one's history.

@@ -46,8 +46,12 @@ from camelid.tokenizer.chat import chat_prompt_ids
 
 log = logging.getLogger("camelid.serve")
 
-OPEN_ROUTES = frozenset({"/health"})  # the only route open without the key
+# Open without the key: the health check, and the chat page (static; its API calls carry the
+# key the user types into it).
+OPEN_ROUTES = frozenset({"/health", "/"})
+PAGE = Path(__file__).parent / "static" / "index.html"
 ROUTES = (
+    "/",
     "/v1/completions",
     "/v1/chat/completions",
     "/v1/models",
@@ -230,6 +234,11 @@ def create_app(
     @app.get("/health")
     async def health() -> dict[str, str]:
         return {"status": "ok"}
+
+    @app.get("/")
+    async def page() -> Response:
+        """The web chat: one static page that streams from /v1/chat/completions."""
+        return Response(PAGE.read_bytes(), media_type="text/html; charset=utf-8")
 
     @app.get("/metrics")
     async def _metrics() -> Response:
