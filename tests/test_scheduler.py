@@ -16,6 +16,7 @@ from conftest import random_llama_dir
 
 import camelid
 from camelid import RequestError, SamplingParams
+from camelid.infer.engine import Completion
 from camelid.infer.sampling import derive_seed
 from camelid.infer.scheduler import Event, QueueFull, Scheduler, ShuttingDown, Worker
 from camelid.tokenizer import train_tokenizer
@@ -288,6 +289,7 @@ def test_score_only(engine, tok):
     c = done(evs)
     assert len(evs) == 1 and (c.token_ids, c.text, c.finish_reason) == ([], "", "length")
     assert c.prompt_logprobs[0] is None and len(c.prompt_logprobs) == len(p)
+    assert sched.stats.prefix_queries == 1  # the scoring request skips the lookup
     for a, b in zip(c.prompt_logprobs[1:], ref.tokens[1:], strict=True):
         assert a.token == b.token and abs(a.logprob - b.logprob) < 1e-5 and a.rank == b.rank
     whole = engine.generate(p, params)  # the engine honours it too
@@ -424,6 +426,41 @@ def test_worker_threads_errors_and_drain(engine, tok, monkeypatch):
         worker.submit(ps[0], params, on_event)
 
 
+def test_worker_ends_requests_a_failed_step_had_finished(engine, tok, monkeypatch):
+    """The step raises after a request finished (its last event is lost with the step): the
+    Worker still ends it, with an error, and serves the next request."""
+    sched = Scheduler(engine, prefill_chunk=CHUNK)
+    real = sched._settle
+
+    def settle(ready):
+        monkeypatch.setattr(sched, "_settle", real)
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(sched, "_settle", settle)
+    worker = Worker(sched)
+    worker.start()
+    ends: dict[str, Completion] = {}
+    cond = threading.Condition()
+
+    def on_event(ev: Event) -> None:
+        with cond:
+            if ev.done is not None:
+                ends[ev.request_id] = ev.done
+                cond.notify_all()
+
+    ps = prompts(tok, 2)
+    a = worker.submit(ps[0], GREEDY.replace(max_new_tokens=1), on_event)
+    with cond:
+        assert cond.wait_for(lambda: a in ends, 30)
+    assert ends[a].finish_reason == "error" and "device lost" in ends[a].error
+    b = worker.submit(ps[1], GREEDY.replace(max_new_tokens=3), on_event)
+    with cond:
+        assert cond.wait_for(lambda: b in ends, 30)
+    assert ends[b].token_ids == engine.generate(ps[1], GREEDY.replace(max_new_tokens=3)).token_ids
+    worker.stop()
+    assert sched.stats.running == 0 and not sched.has_work()
+
+
 def test_worker_abort_and_stop_without_drain(engine, tok):
     worker = Worker(Scheduler(engine, max_batch=2, prefill_chunk=CHUNK))
     worker.start()
@@ -443,3 +480,17 @@ def test_worker_abort_and_stop_without_drain(engine, tok):
     worker.stop(drain=False)
     assert ends == {a: "abort", b: "abort"}
     assert worker.scheduler.stats.running == 0 and not worker.scheduler.has_work()
+
+
+def test_compiled_decode_equals_eager(engine, tok):
+    """With a compiled engine the batch is padded to a power of two (the padding rows write a
+    slot nobody reads) and the cache length rounded: the answers stay the engine's."""
+    compiled = camelid.Engine(engine.model, tok, compile=True)
+    # The long prompt is prefilled in row 3 over several steps while three rows decode padded
+    # to four: its cache row must survive the padding row's writes.
+    ps = [*prompts(tok, 3), tok.encode(" ".join(["the lazy dog 世界"] * 20), bos=True)[:70]]
+    params = GREEDY.replace(max_new_tokens=8)
+    sched = Scheduler(compiled, max_batch=4, prefill_chunk=CHUNK)
+    results = run(sched, {0: [(p, params) for p in ps[:3]], 4: [(ps[3], params)]})
+    for p, evs in zip(ps, results, strict=True):
+        assert_close(done(evs), engine.generate(p, params), tol=1e-4)

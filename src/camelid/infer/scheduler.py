@@ -238,7 +238,7 @@ class Scheduler:
         if s.finish_reason is not None:
             done = s.result()
             done.cached_tokens = req.cached
-            del self._live[req.id]
+            self._live.pop(req.id, None)
             self.stats.finished += 1
         lps = None if s.logprobs is None else s.logprobs[n_lp:]
         return Event(req.id, text, s.out[n_out:], lps, done)
@@ -257,7 +257,7 @@ class Scheduler:
         """End every request holding a row with ``finish_reason="error"`` (after a step
         raised: their cache rows and sampling state can no longer be trusted)."""
         events = []
-        for req in [r for r in self._rows if r is not None]:
+        for req in [r for r in self._rows if r is not None and r.id in self._live]:
             req.seq.finish_reason = "error"
             ev = self._event(req, len(req.seq.out), len(req.seq.logprobs or []), "")
             ev.done.error = message
@@ -626,8 +626,19 @@ class Worker:
                 events = s.step()
             except Exception as exc:  # a failed step ends its requests, not us
                 log.exception("scheduler step failed")
-                events = s._fail(f"{type(exc).__name__}: {exc}")
+                events = s._fail(f"{type(exc).__name__}: {exc}") + self._orphans(str(exc))
             self._dispatch(events)
+
+    def _orphans(self, message: str) -> list[Event]:
+        """Error events for requests the failed step had already finished (their events were
+        lost with it), so that every caller hears the end of its request."""
+        with self._cond:
+            queued = {item.id for kind, item in self._inbox if kind == "submit"}
+            lost = set(self._callbacks) - set(self.scheduler._live) - queued
+        return [
+            Event(rid, "", [], None, Completion("", [], "error", [], error=message))
+            for rid in sorted(lost)
+        ]
 
     def _dispatch(self, events: list[Event]) -> None:
         for ev in events:
