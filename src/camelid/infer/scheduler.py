@@ -79,7 +79,7 @@ class SchedulerStats:
     prefix_blocks: int = 0  # blocks held now
     prefix_bytes: int = 0  # their keys and values
     prefix_evictions: int = 0
-    finished: int = 0
+    finished: int = 0  # requests ended, aborted and failed ones included
     aborted: int = 0
     errors: int = 0
 
