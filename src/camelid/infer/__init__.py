@@ -2,6 +2,14 @@
 
 from camelid.infer.engine import Completion, Engine, Score, TokenLogprob
 from camelid.infer.linear import quantize_int8
-from camelid.infer.sampling import SamplingParams
+from camelid.infer.sampling import SamplingParams, derive_seed
 
-__all__ = ["Completion", "Engine", "SamplingParams", "Score", "TokenLogprob", "quantize_int8"]
+__all__ = [
+    "Completion",
+    "Engine",
+    "SamplingParams",
+    "Score",
+    "TokenLogprob",
+    "derive_seed",
+    "quantize_int8",
+]

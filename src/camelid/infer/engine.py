@@ -86,8 +86,10 @@ class TokenLogprob:
 @dataclass
 class Completion:
     """One prompt's result. ``finish_reason`` is "stop" (a stop token or string) or "length"
-    (``max_new_tokens`` or the context ran out). Stop tokens and stop strings are not part of
-    ``text``; ``token_ids`` holds every generated token except a final stop token."""
+    (``max_new_tokens`` or the context ran out); a scheduler's request may also end "abort"
+    (cancelled) or "error" (the step failed; ``error`` says why). Stop tokens and stop strings
+    are not part of ``text``; ``token_ids`` holds every generated token except a final stop
+    token. ``cached_tokens``: prompt tokens whose keys and values came from the prefix cache."""
 
     text: str
     token_ids: list[int]
@@ -95,6 +97,8 @@ class Completion:
     prompt_token_ids: list[int]
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None  # the first token has none
+    cached_tokens: int = 0
+    error: str | None = None
 
     def to_dict(self, tokenizer: Tokenizer, *, index: int, prompt: str) -> dict[str, Any]:
         """As JSON, with the prompt it completes and its place in a batch (one record of
@@ -137,7 +141,7 @@ class Score:
 
 
 class _Sequence:
-    """One request's state while it decodes."""
+    """One request's state while it decodes (shared by the Engine and the Scheduler)."""
 
     def __init__(self, prompt: list[int], params: SamplingParams, engine: Engine) -> None:
         self.prompt, self.params = prompt, params
@@ -347,21 +351,48 @@ class Engine:
     def _sequences(self, prompts: list[Prompt], params: SamplingParams) -> list[_Sequence]:
         if not prompts:
             raise RequestError("no prompts given")
-        seqs = []
-        for prompt in prompts:
-            ids = self._encode(prompt)
-            # Truncation keeps room for max_new_tokens, but at least half the context of prompt.
-            room = max(self.max_seq_len - params.max_new_tokens, self.max_seq_len // 2)
-            if len(ids) >= self.max_seq_len or (params.truncate_prompt and len(ids) > room):
-                if not params.truncate_prompt:
-                    raise RequestError(
-                        f"prompt of {len(ids)} tokens does not fit the context of "
-                        f"{self.max_seq_len} tokens (shorten it, or set truncate_prompt to "
-                        "keep its last tokens)"
-                    )
-                ids = ids[-max(room, 1) :]
-            seqs.append(_Sequence(ids, params, self))
-        return seqs
+        return [self._prepare(prompt, params) for prompt in prompts]
+
+    def _prepare(self, prompt: Prompt, params: SamplingParams) -> _Sequence:
+        """One request's state, after the checks every request passes (the context rule)."""
+        ids = self._encode(prompt)
+        # A prompt leaves room for one new token (none when only scored). Truncation keeps room
+        # for max_new_tokens, but at least half the context of prompt.
+        room = max(self.max_seq_len - params.max_new_tokens, self.max_seq_len // 2)
+        fits = len(ids) + min(params.max_new_tokens, 1) <= self.max_seq_len
+        if not fits or (params.truncate_prompt and len(ids) > room):
+            if not params.truncate_prompt:
+                raise RequestError(
+                    f"prompt of {len(ids)} tokens does not fit the context of "
+                    f"{self.max_seq_len} tokens (shorten it, or set truncate_prompt to "
+                    "keep its last tokens)"
+                )
+            ids = ids[-max(room, 1) :]
+        return _Sequence(ids, params, self)
+
+    def _prefill(self, cache: KVCache, seq: _Sequence, start: int, stop: int) -> torch.Tensor:
+        """Feed prompt tokens ``start:stop`` (whose predecessors are cached) into the one-row
+        ``cache``; return the fp32 logits after the last of them (vocab,). With
+        ``prompt_logprobs``, score every prompt token these logits predict."""
+        dev = self.device
+        want = seq.params.prompt_logprobs is not None
+        logits = self.model(
+            torch.tensor([seq.prompt[start:stop]], device=dev),
+            torch.arange(start, stop, device=dev),
+            cache=cache,
+            kv_len=stop,
+            last_only=not want,
+        )[0]
+        logits = self._mask(logits)
+        if want:
+            if start == 0:
+                seq.prompt_logprobs = [None]
+            targets = seq.prompt[start + 1 : stop + 1]
+            if targets:
+                seq.prompt_logprobs += _token_logprobs(
+                    logits[: len(targets)], targets, seq.params.prompt_logprobs
+                )
+        return logits[-1]
 
     def _cache_for(self, batch: int, length: int) -> KVCache:
         """The engine's cache, grown (to rounded sizes) if too small."""
@@ -413,21 +444,12 @@ class Engine:
         penalties = Penalties.start(settings, [s.prompt for s in seqs], self.config.vocab_size, dev)
         last = []
         for b, s in enumerate(seqs):  # prefill, one prompt at a time
-            ids = torch.tensor([s.prompt], device=dev)
-            want_prompt = s.params.prompt_logprobs is not None
-            logits = self.model(
-                ids,
-                torch.arange(len(s.prompt), device=dev),
-                cache=cache.rows(b, b + 1),
-                kv_len=len(s.prompt),
-                last_only=not want_prompt,
-            )[0]
-            logits = self._mask(logits)
-            if want_prompt:
-                scored = _token_logprobs(logits[:-1], s.prompt[1:], s.params.prompt_logprobs)
-                s.prompt_logprobs = [None, *scored]
-            last.append(logits[-1])
-        yield from self._choose(seqs, torch.stack(last), settings, penalties)
+            last.append(self._prefill(cache.rows(b, b + 1), s, 0, len(s.prompt)))
+            if s.limit == 0:  # score only: the prompt's logprobs are the result
+                s.finish_reason = "length"
+                yield b, ""
+        if any(s.finish_reason is None for s in seqs):
+            yield from self._choose(seqs, torch.stack(last), settings, penalties)
         while any(s.finish_reason is None for s in seqs):
             tokens = [[s.out[-1] if s.out else 0] for s in seqs] + pad
             positions = [[max(s.position, 0)] for s in seqs] + pad

@@ -52,7 +52,8 @@ class SamplingParams:
     draw wanders into; ``temperature=0`` is greedy, ``temperature=1, top_p=1`` samples the
     model's own distribution.
 
-    - ``max_new_tokens``: at most this many tokens are generated (fewer if the context fills).
+    - ``max_new_tokens``: at most this many tokens are generated (fewer if the context fills);
+      0 with ``prompt_logprobs`` scores the prompt only.
     - ``temperature``: 0 is greedy; otherwise logits are divided by it before sampling.
     - ``top_k`` (0 = off), ``top_p`` (1 = off), ``min_p`` (0 = off): keep the k most likely
       tokens / the smallest set whose probability reaches p / tokens at least min_p times as
@@ -160,7 +161,10 @@ def _check(p: SamplingParams) -> None:
             raise bad(name, _SEQUENCE_WANT[name])
         return tuple(value)
 
-    integer("max_new_tokens", 1, None, "an integer >= 1")
+    # 0 means "score the prompt only" (OpenAI's max_tokens=0 with echo), so it needs
+    # prompt_logprobs; without them a request of 0 tokens would have no result at all.
+    low = 0 if _is_int(p.prompt_logprobs) else 1
+    integer("max_new_tokens", low, None, "an integer >= 1 (0 only with prompt_logprobs)")
     number("temperature", lambda v: v >= 0, ">= 0 (0 is greedy)")
     integer("top_k", 0, None, "an integer >= 0 (0 is off)")
     number("top_p", lambda v: 0 < v <= 1, "in (0, 1]")
@@ -192,6 +196,19 @@ _SEQUENCE_WANT = {
     "stop": "a string or a list of non-empty strings",
     "stop_token_ids": "a list of non-negative integer token ids",
 }
+
+
+def derive_seed(seed: int | None, index: int) -> int:
+    """The seed of choice ``index`` of a request that asks for several (OpenAI's ``n``):
+    ``seed`` itself for the first (so ``n=1`` and the first of ``n=4`` agree), then distinct,
+    reproducible seeds from (seed, index); a fresh random one for each when ``seed`` is None."""
+    if seed is None:
+        return secrets.randbits(64)
+    if index == 0:
+        return seed
+    # An odd multiplier makes (seed + index * c) distinct for each index, and SplitMix64's
+    # finaliser is a bijection, so different indices never share a seed.
+    return _mix64((seed + index * 0xD1B54A32D192ED03) & _MASK64)
 
 
 def request_seed(params: SamplingParams) -> int:
@@ -265,19 +282,31 @@ class Penalties:
         prompts: Sequence[Sequence[int]],
         vocab_size: int,
         device: torch.device | str = "cpu",
+        outputs: Sequence[Sequence[int]] | None = None,
     ) -> Penalties | None:
-        """The state before the first generated token (None if no row is penalised)."""
+        """The state after ``outputs`` (default: none yet) were generated for ``prompts``
+        (None if no row is penalised). A scheduler rebuilds it this way when its batch
+        changes."""
         if not (rows.any_repetition or rows.any_presence_frequency):
             return None
+        outputs = outputs or [[] for _ in prompts]
         shape = (len(rows), vocab_size)
         seen = counts = None
+
+        def index(lists: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+            row_of = [b for b, ids in enumerate(lists) for _ in ids]
+            token = [t for ids in lists for t in ids]
+            return torch.tensor(row_of, device=device, dtype=torch.int64), torch.tensor(
+                token, device=device, dtype=torch.int64
+            )
+
         if rows.any_repetition:
             seen = torch.zeros(shape, dtype=torch.bool, device=device)
-            row_of = [b for b, prompt in enumerate(prompts) for _ in prompt]
-            token = [t for prompt in prompts for t in prompt]
-            seen[torch.tensor(row_of, device=device), torch.tensor(token, device=device)] = True
+            seen[index([[*p, *o] for p, o in zip(prompts, outputs, strict=True)])] = True
         if rows.any_presence_frequency:
             counts = torch.zeros(shape, dtype=torch.int32, device=device)
+            ones = torch.ones(sum(map(len, outputs)), dtype=torch.int32, device=device)
+            counts.index_put_(index(outputs), ones, accumulate=True)
         return cls(seen, counts)
 
     def update(self, tokens: torch.Tensor) -> None:
@@ -347,11 +376,15 @@ _MASK64 = (1 << 64) - 1
 def uniform(seed: int, step: int) -> float:
     """A number in (0, 1) that depends only on (seed, step): the step-th output of SplitMix64
     seeded with ``seed`` (Steele, Lea & Flood 2014), scaled from its top 53 bits."""
-    z = (seed + (step + 1) * 0x9E3779B97F4A7C15) & _MASK64
+    z = _mix64((seed + (step + 1) * 0x9E3779B97F4A7C15) & _MASK64)
+    return ((z >> 11) + 0.5) / (1 << 53)
+
+
+def _mix64(z: int) -> int:
+    """SplitMix64's finaliser: a bijection of 64-bit integers that scatters every input bit."""
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    z ^= z >> 31
-    return ((z >> 11) + 0.5) / (1 << 53)
+    return z ^ (z >> 31)
 
 
 def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
