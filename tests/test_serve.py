@@ -34,7 +34,7 @@ httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 from camelid.serve import Limits, create_app  # noqa: E402
 from camelid.serve.app import generation_stop_ids  # noqa: E402
-from camelid.serve.backend import SerialWorker  # noqa: E402
+from camelid.serve.backend import make_worker  # noqa: E402
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog. 你好，世界！🙂🎉 "
@@ -301,7 +301,9 @@ def test_streamed_completion_equals_whole(client):
 
 
 def test_concurrent_streams_each_equal_their_sequential_answer(client, engine):
-    prompts = [f"Story {i}: the fox" for i in range(8)]
+    """32 streamed requests at once (the scheduler batches them, joining and leaving at every
+    step), each the text the engine gives that prompt alone."""
+    prompts = [f"Story {i}: the fox" * (1 + i % 3) for i in range(32)]
     want = [greedy(engine, p, 8).text for p in prompts]
 
     def stream(p: str) -> str:
@@ -310,8 +312,28 @@ def test_concurrent_streams_each_equal_their_sequential_answer(client, engine):
         )
         return "".join(c.choices[0].text for c in s)
 
-    with ThreadPoolExecutor(8) as pool:
+    with ThreadPoolExecutor(32) as pool:
         assert list(pool.map(stream, prompts)) == want
+
+
+def test_a_shared_prefix_is_served_from_the_cache(engine):
+    """The second request with the same long prefix reuses its blocks: usage says how many
+    prompt tokens were cached, and the answer is the one computed without the cache."""
+    from fastapi.testclient import TestClient
+
+    app = create_app(engine, model_name=MODEL, scheduler={"prefill_chunk": 16})
+    prefix = " ".join(f"w{i}" for i in range(40))
+    with TestClient(app) as c:
+        answers = []
+        for suffix in (" first", " second"):
+            body = {"model": MODEL, "prompt": prefix + suffix, "max_tokens": 6, "temperature": 0}
+            r = c.post("/v1/completions", json=body)
+            assert r.status_code == 200, r.text
+            answers.append(r.json())
+    cached = [a["usage"]["prompt_tokens_details"]["cached_tokens"] for a in answers]
+    assert cached[0] == 0 and cached[1] >= 16 and cached[1] % 16 == 0
+    want = greedy(engine, prefix + " second", 6).text
+    assert answers[1]["choices"][0]["text"] == want
 
 
 # ------------------------------------------------------------------------- other routes
@@ -388,7 +410,7 @@ def test_body_size_limit(engine):
 def test_full_queue_is_429(engine):
     from fastapi.testclient import TestClient
 
-    app = create_app(engine, model_name=MODEL, worker=SerialWorker(engine, max_queue=0))
+    app = create_app(engine, model_name=MODEL, worker=make_worker(engine, max_queue=0))
     body = {"model": MODEL, "prompt": "x", "max_tokens": 2}
     with TestClient(app) as c:
         for stream in (False, True):

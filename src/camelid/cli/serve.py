@@ -74,6 +74,28 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="N",
         help="most tokens a request may ask to generate (default: the context)",
     )
+    g.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=256,
+        metavar="N",
+        help="prompt tokens prefilled per step between decode steps; also the prefix cache's "
+        "block size (default: %(default)s)",
+    )
+    g.add_argument(
+        "--prefix-cache",
+        type=float,
+        default=None,
+        metavar="MIB",
+        help="memory for cached prompt prefixes, in MiB; 0 turns it off (default: half the "
+        "size of the KV cache rows)",
+    )
+    g.add_argument(
+        "--batch-invariant",
+        action="store_true",
+        help="bitwise identical tokens and logprobs whatever else is batched, at a cost in "
+        "throughput (each row decodes on its own; docs/inference.md)",
+    )
     add_engine_args(p, chat=True)
     p.set_defaults(func=run)
 
@@ -89,9 +111,11 @@ def run(args: argparse.Namespace) -> int:
             f"camelid serve needs the server packages ({e.name} is missing): "
             "pip install fastapi uvicorn prometheus-client"
         ) from None
-    for flag in ("max_batch", "max_queue", "max_n"):
+    for flag in ("max_batch", "max_queue", "max_n", "prefill_chunk"):
         if getattr(args, flag) < (0 if flag == "max_queue" else 1):
             raise CamelidError(f"--{flag.replace('_', '-')} must be positive")
+    if args.prefix_cache is not None and args.prefix_cache < 0:
+        raise CamelidError(f"--prefix-cache must be >= 0 MiB, got {args.prefix_cache:g}")
     if not 0 <= args.port < 65536:
         raise CamelidError(f"--port {args.port}: must be in [0, 65535]")
     api_key = args.api_key if args.api_key is not None else os.environ.get(KEY_ENV) or None
@@ -118,6 +142,13 @@ def run(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         limits=Limits(max_n=args.max_n, max_tokens=args.max_tokens),
         extra_stop_ids=stop_ids,
+        scheduler={
+            "prefill_chunk": args.prefill_chunk,
+            "prefix_cache_bytes": None
+            if args.prefix_cache is None
+            else int(args.prefix_cache * 2**20),
+            "batch_invariant": args.batch_invariant,
+        },
     )
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host

@@ -548,6 +548,12 @@ class Worker:
         self._drain = True
         self._thread: threading.Thread | None = None
 
+    @property
+    def stats(self) -> SchedulerStats:
+        """The scheduler's counters (read from another thread: a snapshot for metrics, not a
+        synchronised view)."""
+        return self.scheduler.stats
+
     def start(self) -> None:
         if self._thread is not None:
             raise RuntimeError("the worker is already started")

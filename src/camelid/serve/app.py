@@ -3,7 +3,7 @@
     app = create_app(engine, model_name="llama-125m", api_key="secret")
     uvicorn.run(app, host="127.0.0.1", port=8000)
 
-The worker (continuous-batching scheduler, or the interim :class:`SerialWorker`) starts with
+The worker (the continuous-batching scheduler, :mod:`camelid.infer.scheduler`) starts with
 the app and, when the app shuts down, finishes the requests still running before it stops: a
 SIGTERM to ``camelid serve`` drains. With an API key, every route but ``/health`` needs
 ``Authorization: Bearer KEY`` (compared in constant time). Every failure, including an unknown
@@ -151,12 +151,15 @@ def create_app(
     extra_stop_ids: Sequence[int] = (),
     digest: str | None = None,
     drain_timeout: float | None = 30.0,
+    scheduler: dict[str, Any] | None = None,
 ) -> FastAPI:
-    """The server for one engine. ``worker`` defaults to :func:`make_worker` (the scheduler
-    when it exists); ``extra_stop_ids`` end every request (the model's generation_config.json
-    ``eos_token_id``); ``digest`` is reported by ``/v1/models``."""
+    """The server for one engine. ``worker`` defaults to :func:`make_worker` (the
+    continuous-batching scheduler, with ``scheduler``'s other settings: ``prefill_chunk``,
+    ``prefix_cache_bytes``, ``batch_invariant``); ``extra_stop_ids`` end every request (the
+    model's generation_config.json ``eos_token_id``); ``digest`` is reported by
+    ``/v1/models``."""
     worker = worker if worker is not None else make_worker(
-        engine, max_batch=max_batch, max_queue=max_queue
+        engine, max_batch=max_batch, max_queue=max_queue, **(scheduler or {})
     )  # fmt: skip
     metrics = ServerMetrics(worker)
     state = ServeState(

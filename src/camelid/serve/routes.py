@@ -25,9 +25,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from camelid.errors import CamelidError, RequestError
-from camelid.infer import Completion, Engine, SamplingParams, TokenLogprob
+from camelid.infer import Completion, Engine, SamplingParams, TokenLogprob, derive_seed
 from camelid.serve import schemas
-from camelid.serve.backend import Backend, Event, QueueFull, derive_seed, score_only
+from camelid.serve.backend import Backend, Event, QueueFull, ShuttingDown
 from camelid.serve.errors import APIError, error_body
 from camelid.serve.metrics import ServerMetrics
 from camelid.tokenizer.chat import chat_prompt_ids
@@ -306,6 +306,8 @@ async def _submitting(coro):
     """Turn the worker's refusals into API errors."""
     try:
         return await coro
+    except ShuttingDown as e:
+        raise APIError(str(e), status=503, code="shutting_down") from None
     except QueueFull as e:
         raise APIError(str(e), status=429, code="queue_full") from None
     except APIError:
@@ -447,8 +449,8 @@ async def completions(state: ServeState, request: Request) -> Response:
         logprobs=req.logprobs,
         prompt_logprobs=req.logprobs if req.echo else None,
     )
-    if max_tokens == 0:
-        base = score_only(base)
+    if max_tokens == 0:  # echo with max_tokens 0: score the prompt only
+        base = base.replace(max_new_tokens=0)
     jobs = [(p, c) for p in prompts for c in _choices(base, req.n)]
     state.metrics.prompt_tokens.inc(sum(len(p) for p in prompts))
     rid, created = f"cmpl-{secrets.token_hex(12)}", int(time.time())
