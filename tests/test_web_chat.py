@@ -47,7 +47,7 @@ def _browser() -> tuple[str, str] | str:
     for cmd in ([*sudo, apt, "update", "-qq"],
                 [*sudo, apt, "install", "-y", "-qq", "chromium", "chromium-driver"]):  # fmt: skip
         try:
-            res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+            res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
         except (OSError, subprocess.TimeoutExpired) as e:
             return f"could not install chromium with apt ({e})"
         if res.returncode != 0:
