@@ -243,6 +243,30 @@ def test_echo_logprobs_equal_engine_scores(client, engine, tok):
     assert abs(lp.token_logprobs[-1] - want.logprobs[0].logprob) < 1e-5
 
 
+def test_echo_lists_the_stop_token(client, engine, tok):
+    """lm-eval reads token_logprobs[ctxlen:-1], assuming one entry per prompt token and one for
+    the sampled token. When the model would end the text right after the prompt (its greedy
+    next token is a stop token), that entry must still be there, or the continuation's last
+    token is dropped from every such score. The stop token's text is not in ``text``."""
+    ids = tok.encode("The quick brown fox 你好🙂 jumps", bos=True)
+    score = engine.score([*ids, 0], top_logprobs=1)
+    ((nxt, best),) = score.tokens[-1].top.items()  # the greedy next token, made a stop token
+    kw = dict(model=MODEL, prompt=ids, logprobs=1, max_tokens=1, temperature=0)
+    r = client.completions.create(echo=True, extra_body={"stop_token_ids": [nxt]}, **kw)
+    (c,) = r.choices
+    assert c.finish_reason == "stop" and c.text == tok.decode(ids)
+    lp = c.logprobs
+    assert len(lp.token_logprobs) == len(ids) + 1
+    assert lp.tokens[-1] == tok.decode([nxt]) and lp.text_offset[-1] == len(c.text)
+    assert abs(lp.token_logprobs[-1] - best) < 1e-5
+    assert lp.token_logprobs[-1] == max(lp.top_logprobs[-1].values())  # lm-eval's is_greedy
+    for got, want in zip(lp.token_logprobs[1:-1], score.tokens[1:-1], strict=True):
+        assert abs(got - want.logprob) < 1e-5
+    # Without echo the output is the generated tokens, which a stop token is not part of.
+    r = client.completions.create(extra_body={"stop_token_ids": [nxt]}, **kw)
+    assert r.choices[0].text == "" and r.choices[0].logprobs.tokens == []
+
+
 def test_text_prompt_echo_offsets(client, tok):
     prompt = "The quick brown fox"
     r = client.completions.create(
