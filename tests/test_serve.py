@@ -486,9 +486,12 @@ def test_disconnected_stream_frees_its_slot(live, engine):
 
 
 def test_disconnected_non_streaming_request_is_aborted(live):
-    """A client that gives up on a whole (non-streamed) answer frees its slot too."""
+    """A client that gives up on a whole (non-streamed) answer frees its slot too, and the
+    request ends as a 499, not as an internal error (lm-eval drops its other connections when
+    one request fails)."""
     worker = _state(live).backend.worker
     aborted = worker.stats.aborted
+    gone, bug = _requests_counted(live, 499), _requests_counted(live, 500)
     body = json.dumps({"model": MODEL, "prompt": "The", "max_tokens": 200, "temperature": 0,
                        "ignore_eos": True}).encode()  # fmt: skip
     request = (
@@ -505,6 +508,16 @@ def test_disconnected_non_streaming_request_is_aborted(live):
     while worker.stats.aborted == aborted or worker.stats.running:
         assert time.monotonic() < deadline, "the abandoned request still holds its slot"
         time.sleep(0.01)
+    while _requests_counted(live, 499) == gone:
+        assert time.monotonic() < deadline, "the abandoned request was not counted a 499"
+        time.sleep(0.01)
+    assert _requests_counted(live, 500) == bug
+
+
+def _requests_counted(live, status: int) -> float:
+    text = httpx.get(f"{live.url}/metrics", headers=headers()).text
+    key = f'camelid_requests_total{{route="/v1/completions",status="{status}"}} '
+    return next((float(x.split()[-1]) for x in text.splitlines() if x.startswith(key)), 0.0)
 
 
 def _state(live):

@@ -293,7 +293,7 @@ async def _collect(
         watch.cancel()
         if not task.done():
             task.cancel()  # the client is gone: the backend aborts what still runs
-    if task.cancelled():
+    if not task.done() or task.cancelled():  # a cancel takes effect at the task's next step
         raise APIError("client disconnected", status=499)
     task.result()
     for c in choices:
