@@ -243,6 +243,30 @@ def test_echo_logprobs_equal_engine_scores(client, engine, tok):
     assert abs(lp.token_logprobs[-1] - want.logprobs[0].logprob) < 1e-5
 
 
+def test_echo_lists_the_stop_token(client, engine, tok):
+    """lm-eval reads token_logprobs[ctxlen:-1], assuming one entry per prompt token and one for
+    the sampled token. When the model would end the text right after the prompt (its greedy
+    next token is a stop token), that entry must still be there, or the continuation's last
+    token is dropped from every such score. The stop token's text is not in ``text``."""
+    ids = tok.encode("The quick brown fox 你好🙂 jumps", bos=True)
+    score = engine.score([*ids, 0], top_logprobs=1)
+    ((nxt, best),) = score.tokens[-1].top.items()  # the greedy next token, made a stop token
+    kw = dict(model=MODEL, prompt=ids, logprobs=1, max_tokens=1, temperature=0)
+    r = client.completions.create(echo=True, extra_body={"stop_token_ids": [nxt]}, **kw)
+    (c,) = r.choices
+    assert c.finish_reason == "stop" and c.text == tok.decode(ids)
+    lp = c.logprobs
+    assert len(lp.token_logprobs) == len(ids) + 1
+    assert lp.tokens[-1] == tok.decode([nxt]) and lp.text_offset[-1] == len(c.text)
+    assert abs(lp.token_logprobs[-1] - best) < 1e-5
+    assert lp.token_logprobs[-1] == max(lp.top_logprobs[-1].values())  # lm-eval's is_greedy
+    for got, want in zip(lp.token_logprobs[1:-1], score.tokens[1:-1], strict=True):
+        assert abs(got - want.logprob) < 1e-5
+    # Without echo the output is the generated tokens, which a stop token is not part of.
+    r = client.completions.create(extra_body={"stop_token_ids": [nxt]}, **kw)
+    assert r.choices[0].text == "" and r.choices[0].logprobs.tokens == []
+
+
 def test_text_prompt_echo_offsets(client, tok):
     prompt = "The quick brown fox"
     r = client.completions.create(
@@ -462,9 +486,12 @@ def test_disconnected_stream_frees_its_slot(live, engine):
 
 
 def test_disconnected_non_streaming_request_is_aborted(live):
-    """A client that gives up on a whole (non-streamed) answer frees its slot too."""
+    """A client that gives up on a whole (non-streamed) answer frees its slot too, and the
+    request ends as a 499, not as an internal error (lm-eval drops its other connections when
+    one request fails)."""
     worker = _state(live).backend.worker
     aborted = worker.stats.aborted
+    gone, bug = _requests_counted(live, 499), _requests_counted(live, 500)
     body = json.dumps({"model": MODEL, "prompt": "The", "max_tokens": 200, "temperature": 0,
                        "ignore_eos": True}).encode()  # fmt: skip
     request = (
@@ -481,6 +508,16 @@ def test_disconnected_non_streaming_request_is_aborted(live):
     while worker.stats.aborted == aborted or worker.stats.running:
         assert time.monotonic() < deadline, "the abandoned request still holds its slot"
         time.sleep(0.01)
+    while _requests_counted(live, 499) == gone:
+        assert time.monotonic() < deadline, "the abandoned request was not counted a 499"
+        time.sleep(0.01)
+    assert _requests_counted(live, 500) == bug
+
+
+def _requests_counted(live, status: int) -> float:
+    text = httpx.get(f"{live.url}/metrics", headers=headers()).text
+    key = f'camelid_requests_total{{route="/v1/completions",status="{status}"}} '
+    return next((float(x.split()[-1]) for x in text.splitlines() if x.startswith(key)), 0.0)
 
 
 def _state(live):

@@ -89,7 +89,9 @@ class Completion:
     (``max_new_tokens`` or the context ran out); a scheduler's request may also end "abort"
     (cancelled) or "error" (the step failed; ``error`` says why). Stop tokens and stop strings
     are not part of ``text``; ``token_ids`` holds every generated token except a final stop
-    token. ``cached_tokens``: prompt tokens whose keys and values came from the prefix cache."""
+    token, which is ``stop_logprob`` (with its logprob, when logprobs were asked for: a scoring
+    client that slices prompt-plus-sampled tokens needs it). ``cached_tokens``: prompt tokens
+    whose keys and values came from the prefix cache."""
 
     text: str
     token_ids: list[int]
@@ -99,6 +101,7 @@ class Completion:
     prompt_logprobs: list[TokenLogprob | None] | None = None  # the first token has none
     cached_tokens: int = 0
     error: str | None = None
+    stop_logprob: TokenLogprob | None = None
 
     def to_dict(self, tokenizer: Tokenizer, *, index: int, prompt: str) -> dict[str, Any]:
         """As JSON, with the prompt it completes and its place in a batch (one record of
@@ -152,6 +155,7 @@ class _Sequence:
         self.stream = TextStream(engine.tokenizer.decode, params.stop)
         self.stops = stop_set(params, engine.stop_token_ids)
         self.finish_reason: str | None = None
+        self.stop_logprob: TokenLogprob | None = None
         self.limit = min(params.max_new_tokens, engine.max_seq_len - len(prompt))
 
     @property
@@ -163,8 +167,8 @@ class _Sequence:
         """Record a chosen token; return the text it releases."""
         if token in self.stops:
             self.finish_reason = "stop"
-            if self.logprobs:
-                self.logprobs.pop()  # the stop token is not part of the output
+            if self.logprobs:  # the stop token is not part of the output
+                self.stop_logprob = self.logprobs.pop()
             return self.stream.finish()
         self.out.append(token)
         piece = self.stream.push(token)
@@ -184,6 +188,7 @@ class _Sequence:
             prompt_token_ids=self.prompt,
             logprobs=self.logprobs,
             prompt_logprobs=self.prompt_logprobs,
+            stop_logprob=self.stop_logprob,
         )
 
 

@@ -5,8 +5,8 @@ A body is read with a size limit, parsed strictly (:mod:`camelid.serve.schemas`)
 field by field (each refusal names its field), turned into one engine request per prompt and
 choice (``n`` choices of a prompt are seeded ``derive_seed(seed, i)``), and answered whole or
 as server-sent events. Logprobs with ``echo`` cover every prompt token, then every generated
-token, in the legacy ``{tokens, token_logprobs, top_logprobs, text_offset}`` form that
-lm-evaluation-harness reads (it sums ``token_logprobs[ctxlen:-1]``).
+token (a final stop token too), in the legacy ``{tokens, token_logprobs, top_logprobs,
+text_offset}`` form that lm-evaluation-harness reads (it sums ``token_logprobs[ctxlen:-1]``).
 """
 
 from __future__ import annotations
@@ -293,7 +293,7 @@ async def _collect(
         watch.cancel()
         if not task.done():
             task.cancel()  # the client is gone: the backend aborts what still runs
-    if task.cancelled():
+    if not task.done() or task.cancelled():  # a cancel takes effect at the task's next step
         raise APIError("client disconnected", status=499)
     task.result()
     for c in choices:
@@ -465,7 +465,15 @@ async def completions(state: ServeState, request: Request) -> Response:
         prefix = echoes[k] if req.echo else ""
         lp = None
         if req.logprobs is not None:
-            lp = legacy_logprobs(tok, list(c.tokens), list(c.logprobs), len(prefix))
+            ids, lps = list(c.tokens), list(c.logprobs)
+            stop = c.done.stop_logprob if c.done is not None else None
+            if req.echo and stop is not None:
+                # Scoring: one entry per prompt token and per sampled token, the stop token
+                # too (not in the text), or lm-eval's token_logprobs[ctxlen:-1] would drop the
+                # continuation's last token whenever the model would end the text after it.
+                ids.append(stop.token)
+                lps.append(stop)
+            lp = legacy_logprobs(tok, ids, lps, len(prefix))
             if req.echo:
                 given = c.done.prompt_logprobs if c.done is not None else None
                 scored = list(given or [None] * len(prompts[k]))
