@@ -15,9 +15,11 @@ one decode step of every decoding row, so a long prompt never stalls running str
 Decoding rows are kept packed at rows ``0..D-1`` of the pool (a leaving row is filled with the
 last one's cache slots), so the batched decode step reads a contiguous block of the cache, as
 the Engine's does. Prefill chunks are aligned to absolute multiples of ``prefill_chunk`` (a
-prompt is cut at the same places whatever the load), and each aligned block of a prompt is
-kept in the prefix cache under a hash of every token up to its end; a later prompt that starts
-with the same blocks copies their keys and values instead of computing them.
+prompt is cut at the same places whatever the load); one step's budget is shared by several
+requests, and equal-length pieces in adjacent rows run as one batched call. Each
+``prefix_block``-token block of a prompt is kept in the prefix cache under a hash of every
+token up to its end; a later prompt that starts with the same blocks copies their keys and
+values instead of computing them.
 
 :class:`Worker` runs ``step()`` on a background thread for a server: thread-safe submit and
 abort, events delivered through a callback on that thread.
