@@ -245,24 +245,25 @@ def test_queue_full_and_bad_requests(engine, tok):
 
 
 # ------------------------------------------------------------------------ prefix cache
-def test_prefix_cache_hit(engine, tok):
+@pytest.mark.parametrize("block", [CHUNK, 5])  # the prefix block: the chunk, or finer
+def test_prefix_cache_hit(engine, tok, block):
     system = "You are a helpful assistant who likes 天气 and 🚀. " * 4
     a, b = prompts(tok, 2, prefix=system)
     shared = next(i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y)
     assert shared >= 3 * CHUNK
-    sched = Scheduler(engine, prefill_chunk=CHUNK)
+    sched = Scheduler(engine, prefill_chunk=CHUNK, prefix_block=block)
     (first,) = run(sched, {0: [(a, GREEDY)]})
     assert done(first).cached_tokens == 0 and sched.stats.prefix_hits == 0
-    assert sched.stats.prefix_blocks == len(a) // CHUNK
+    assert sched.stats.prefix_blocks == len(a) // block
     (second,) = run(sched, {0: [(b, GREEDY)]})
     c = done(second)
-    assert c.cached_tokens == shared // CHUNK * CHUNK
+    assert c.cached_tokens == shared // block * block
     s = sched.stats
     assert (s.prefix_queries, s.prefix_hits, s.prefix_cached_tokens) == (2, 1, c.cached_tokens)
     assert_close(c, engine.generate(b, GREEDY))
     # The same prompt again: all but the block holding its last token come from the cache.
     (third,) = run(sched, {0: [(a, GREEDY)]})
-    assert done(third).cached_tokens == (len(a) - 1) // CHUNK * CHUNK
+    assert done(third).cached_tokens == (len(a) - 1) // block * block
     assert_close(done(third), engine.generate(a, GREEDY))
 
 

@@ -79,8 +79,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=256,
         metavar="N",
-        help="prompt tokens prefilled per step between decode steps; also the prefix cache's "
-        "block size (default: %(default)s)",
+        help="prompt tokens prefilled per step between decode steps, shared by several "
+        "requests (default: %(default)s)",
+    )
+    g.add_argument(
+        "--prefix-block",
+        type=int,
+        default=16,
+        metavar="N",
+        help="the prefix cache's block size in tokens: a hit reuses every full block a prompt "
+        "shares; --batch-invariant uses --prefill-chunk instead (default: %(default)s)",
     )
     g.add_argument(
         "--prefix-cache",
@@ -111,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
             f"camelid serve needs the server packages ({e.name} is missing): "
             "pip install fastapi uvicorn prometheus-client"
         ) from None
-    for flag in ("max_batch", "max_queue", "max_n", "prefill_chunk"):
+    for flag in ("max_batch", "max_queue", "max_n", "prefill_chunk", "prefix_block"):
         if getattr(args, flag) < (0 if flag == "max_queue" else 1):
             raise CamelidError(f"--{flag.replace('_', '-')} must be positive")
     if args.prefix_cache is not None and args.prefix_cache < 0:
@@ -144,6 +152,7 @@ def run(args: argparse.Namespace) -> int:
         extra_stop_ids=stop_ids,
         scheduler={
             "prefill_chunk": args.prefill_chunk,
+            "prefix_block": args.prefix_block,
             "prefix_cache_bytes": None
             if args.prefix_cache is None
             else int(args.prefix_cache * 2**20),

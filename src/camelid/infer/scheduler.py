@@ -15,9 +15,11 @@ one decode step of every decoding row, so a long prompt never stalls running str
 Decoding rows are kept packed at rows ``0..D-1`` of the pool (a leaving row is filled with the
 last one's cache slots), so the batched decode step reads a contiguous block of the cache, as
 the Engine's does. Prefill chunks are aligned to absolute multiples of ``prefill_chunk`` (a
-prompt is cut at the same places whatever the load), and each aligned block of a prompt is
-kept in the prefix cache under a hash of every token up to its end; a later prompt that starts
-with the same blocks copies their keys and values instead of computing them.
+prompt is cut at the same places whatever the load); one step's budget is shared by several
+requests, and equal-length pieces in adjacent rows run as one batched call. Each
+``prefix_block``-token block of a prompt is kept in the prefix cache under a hash of every
+token up to its end; a later prompt that starts with the same blocks copies their keys and
+values instead of computing them.
 
 :class:`Worker` runs ``step()`` on a background thread for a server: thread-safe submit and
 abort, events delivered through a callback on that thread.
@@ -108,7 +110,11 @@ class Scheduler:
 
     - ``max_batch``: cache rows, i.e. requests prefilling or decoding at once.
     - ``max_queue``: requests waiting for a row; one more raises :class:`QueueFull`.
-    - ``prefill_chunk``: prompt tokens prefilled per step, and the prefix cache's block size.
+    - ``prefill_chunk``: prompt tokens prefilled per step (shared by several requests).
+    - ``prefix_block``: the prefix cache's block size in tokens (default 16): a hit reuses
+      every full block the prompt shares. With ``batch_invariant`` it is ``prefill_chunk``
+      (the argument is ignored): a hit then ends where a cold prefill's chunk ends, so the
+      rest is computed in the same pieces and stays bitwise the same.
     - ``prefix_cache_bytes``: memory for cached prompt blocks (keys and values); default half
       of what the full pool of rows takes (``max_batch × max_seq_len`` slots); 0 turns the
       cache off.
@@ -124,6 +130,7 @@ class Scheduler:
         max_batch: int = 16,
         max_queue: int = 256,
         prefill_chunk: int = 256,
+        prefix_block: int = 16,
         prefix_cache_bytes: int | None = None,
         batch_invariant: bool = False,
     ) -> None:
@@ -131,6 +138,7 @@ class Scheduler:
             ("max_batch", max_batch, 1),
             ("max_queue", max_queue, 0),
             ("prefill_chunk", prefill_chunk, 1),
+            ("prefix_block", prefix_block, 1),
         ):
             if not isinstance(value, int) or value < low:
                 raise RequestError(f"invalid {name}={value!r}: must be an integer >= {low}")
@@ -139,6 +147,9 @@ class Scheduler:
         self.engine = engine
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         self.batch_invariant = batch_invariant
+        # Batch-invariant: a hit must end where a cold prefill's chunk ends, so that the rest
+        # of the prompt is computed in the same pieces (bitwise the same keys and values).
+        self.prefix_block = prefill_chunk if batch_invariant else prefix_block
         c = engine.config
         itemsize = torch.empty((), dtype=engine.dtype).element_size()
         self._slot_bytes = 2 * c.n_layers * c.n_kv_heads * c.head_dim * itemsize
@@ -354,34 +365,86 @@ class Scheduler:
     def _prefill(self) -> list[tuple[_Request, torch.Tensor]]:
         """Prefill up to ``prefill_chunk`` prompt tokens, oldest request first, in pieces that
         never cross a multiple of ``prefill_chunk``; return the requests whose prompt is now
-        complete, with the logits after their last prompt token."""
-        chunk, budget, ready = self.prefill_chunk, self.prefill_chunk, []
+        complete, with the logits after their last prompt token.
+
+        The step's pieces are planned first (several requests share the budget), then run in
+        rounds (a request's second piece after its first): within a round, pieces of the same
+        length in adjacent rows go through one batched model call (except in batch-invariant
+        mode and for requests that score their prompt, which run alone)."""
+        chunk, budget = self.prefill_chunk, self.prefill_chunk
         self.stats.prefill_tokens = 0
-        for req in list(self._prefilling):
+        plan: list[tuple[_Request, list[tuple[int, int]]]] = []
+        for req in self._prefilling:
             if not req.started:
                 req.started = True
                 self._lookup(req)
-            prompt, last = req.seq.prompt, None
-            while req.filled < len(prompt):
-                start = req.filled
-                stop = min(len(prompt), (start // chunk + 1) * chunk)
-                if stop - start > budget:
+            pieces, at, n = [], req.filled, len(req.seq.prompt)
+            while at < n:
+                stop = min(n, (at // chunk + 1) * chunk)
+                if stop - at > budget:
                     break
-                last = self.engine._prefill(
-                    self._pool.rows(req.row, req.row + 1), req.seq, start, stop
-                )
-                self.stats.model_calls += 1
-                self.stats.prefill_tokens += stop - start
-                budget -= stop - start
-                req.filled = stop
-                if stop % chunk == 0:
-                    self._store(req, stop // chunk - 1)
-            if req.filled == len(prompt):
-                self._prefilling.remove(req)
-                ready.append((req, last))
-            if budget == 0 or req.filled < len(prompt):
+                pieces.append((at, stop))
+                budget -= stop - at
+                at = stop
+            if pieces:
+                plan.append((req, pieces))
+            if budget == 0 or at < n:
                 break
+        last: dict[_Request, torch.Tensor] = {}
+        for k in range(max((len(p) for _, p in plan), default=0)):
+            work = sorted(
+                ((req, pieces[k]) for req, pieces in plan if k < len(pieces)),
+                key=lambda w: w[0].row,
+            )
+            i = 0
+            while i < len(work):
+                req, (start, stop) = work[i]
+                j = i + 1
+                if not self.batch_invariant and req.seq.params.prompt_logprobs is None:
+                    while (
+                        j < len(work)
+                        and work[j][0].row == req.row + (j - i)
+                        and work[j][0].seq.params.prompt_logprobs is None
+                        and work[j][1][1] - work[j][1][0] == stop - start
+                    ):
+                        j += 1
+                group = work[i:j]
+                if len(group) == 1:
+                    last[req] = self.engine._prefill(
+                        self._pool.rows(req.row, req.row + 1), req.seq, start, stop
+                    )
+                else:
+                    logits = self._prefill_batch(group)
+                    for b, (r, _) in enumerate(group):
+                        last[r] = logits[b]
+                self.stats.model_calls += 1
+                for r, (a, z) in group:
+                    self.stats.prefill_tokens += z - a
+                    r.filled = z
+                    self._store(r, a, z)
+                i = j
+        ready = []
+        for req, _ in plan:
+            if req.filled == len(req.seq.prompt):
+                self._prefilling.remove(req)
+                ready.append((req, last[req]))
         return ready
+
+    def _prefill_batch(self, group: list[tuple[_Request, tuple[int, int]]]) -> torch.Tensor:
+        """One model call for pieces of equal length in adjacent rows; fp32 logits after each
+        piece's last token (len(group), vocab)."""
+        e, dev = self.engine, self.engine.device
+        first = group[0][0].row
+        tokens = [r.seq.prompt[a:z] for r, (a, z) in group]
+        positions = [list(range(a, z)) for _, (a, z) in group]
+        logits = e.model(
+            torch.tensor(tokens, device=dev),
+            torch.tensor(positions, device=dev),
+            cache=self._pool.rows(first, first + len(group)),
+            kv_len=max(z for _, (_, z) in group),
+            last_only=True,
+        )[:, -1]
+        return e._mask(logits)
 
     def _decode(self, reqs: list[_Request]) -> torch.Tensor | None:
         """Feed every decoding row its last token; fp32 logits (D, vocab)."""
@@ -461,13 +524,13 @@ class Scheduler:
 
     # ------------------------------------------------------------------------ prefix cache
     def _block_keys(self, prompt: list[int]) -> list[bytes]:
-        """One key per full block of the prompt: a hash of every token up to the block's end
-        (chained, so a block is only found after the same beginning)."""
-        keys, h, chunk = [], b"", self.prefill_chunk
+        """One key per full ``prefix_block`` of the prompt: a hash of every token up to the
+        block's end (chained, so a block is only found after the same beginning)."""
+        keys, h, size = [], b"", self.prefix_block
         if self.prefix_cache_bytes == 0:
             return keys
-        for i in range(len(prompt) // chunk):
-            data = h + array("q", prompt[i * chunk : (i + 1) * chunk]).tobytes()
+        for i in range(len(prompt) // size):
+            data = h + array("q", prompt[i * size : (i + 1) * size]).tobytes()
             h = hashlib.blake2b(data, digest_size=16).digest()
             keys.append(h)
         return keys
@@ -479,7 +542,7 @@ class Scheduler:
         if self.prefix_cache_bytes == 0 or req.seq.params.prompt_logprobs is not None:
             return
         self.stats.prefix_queries += 1
-        usable = min(len(req.keys), (len(req.seq.prompt) - 1) // self.prefill_chunk)
+        usable = min(len(req.keys), (len(req.seq.prompt) - 1) // self.prefix_block)
         hits = []
         for key in req.keys[:usable]:
             if key not in self._blocks:
@@ -487,15 +550,14 @@ class Scheduler:
             hits.append(key)
         if not hits:
             return
-        chunk, pool = self.prefill_chunk, self._pool
-        for i, key in enumerate(hits):
-            k, v = self._blocks[key]
-            span = slice(i * chunk, (i + 1) * chunk)
-            for layer in range(len(pool.k)):
-                pool.k[layer][req.row, :, span] = k[layer]
-                pool.v[layer][req.row, :, span] = v[layer]
+        n, pool = len(hits) * self.prefix_block, self._pool
+        k = torch.cat([self._blocks[key][0] for key in hits], dim=2)  # (layers, heads, n, dim)
+        v = torch.cat([self._blocks[key][1] for key in hits], dim=2)
+        for layer in range(len(pool.k)):
+            pool.k[layer][req.row, :, :n] = k[layer]
+            pool.v[layer][req.row, :, :n] = v[layer]
         self._touch(hits)
-        req.filled = req.cached = len(hits) * chunk
+        req.filled = req.cached = n
         self.stats.prefix_hits += 1
         self.stats.prefix_cached_tokens += req.cached
 
@@ -506,23 +568,29 @@ class Scheduler:
             if key in self._blocks:
                 self._blocks.move_to_end(key)
 
-    def _store(self, req: _Request, index: int) -> None:
-        """Keep block ``index`` of ``req``'s prompt (just computed in its row), evicting the
-        least recently used blocks to stay within ``prefix_cache_bytes``."""
-        if index >= len(req.keys):
+    def _store(self, req: _Request, start: int, stop: int) -> None:
+        """Keep the blocks of ``req``'s prompt that end within ``start+1..stop`` (just computed
+        in its row), evicting the least recently used blocks to stay within
+        ``prefix_cache_bytes``."""
+        size = self.prefix_block
+        first, end = start // size, min(stop // size, len(req.keys))
+        if first >= end:
             return
-        key, size = req.keys[index], self.prefill_chunk * self._slot_bytes
-        if key not in self._blocks and size <= self.prefix_cache_bytes:
-            while self.stats.prefix_bytes + size > self.prefix_cache_bytes:
+        nbytes, r = size * self._slot_bytes, req.row
+        for index in range(first, end):
+            key = req.keys[index]
+            if key in self._blocks or nbytes > self.prefix_cache_bytes:
+                continue
+            while self.stats.prefix_bytes + nbytes > self.prefix_cache_bytes:
                 self._blocks.popitem(last=False)
-                self.stats.prefix_bytes -= size
+                self.stats.prefix_bytes -= nbytes
                 self.stats.prefix_evictions += 1
-            span, r = slice(index * self.prefill_chunk, (index + 1) * self.prefill_chunk), req.row
+            span = slice(index * size, (index + 1) * size)
             k = torch.stack([t[r, :, span] for t in self._pool.k])
             v = torch.stack([t[r, :, span] for t in self._pool.v])
             self._blocks[key] = (k, v)
-            self.stats.prefix_bytes += size
-        self._touch(req.keys[: index + 1])
+            self.stats.prefix_bytes += nbytes
+        self._touch(req.keys[:end])
         self.stats.prefix_blocks = len(self._blocks)
 
 
