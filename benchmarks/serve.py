@@ -101,7 +101,8 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def server(cmd: list[str], port: int, timeout: float = 600):
-    """A server process; yields its base URL once ``/health`` (or ``/v1/models``) answers."""
+    """A server process; yields its base URL once ``/health`` answers (both servers have it;
+    transformers serve's ``/v1/models`` fails without a hub cache)."""
     import httpx
 
     log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in the finally below)
@@ -116,7 +117,7 @@ def server(cmd: list[str], port: int, timeout: float = 600):
                     f"{cmd[0]} exited: {log.read().decode(errors='replace')[-2000:]}"
                 )
             try:
-                if httpx.get(base + "/v1/models", timeout=2).status_code == 200:
+                if httpx.get(base + "/health", timeout=2).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
@@ -244,6 +245,13 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="camelid serve --compile")
     ap.add_argument("--no-peer", action="store_true", help="skip transformers serve")
     ap.add_argument("--no-invariant", action="store_true", help="skip the batch-invariant run")
+    ap.add_argument(
+        "--invariant-clients",
+        type=int,
+        nargs="+",
+        default=[1, 8],
+        help="client counts for the batch-invariant run (default: 1 8)",
+    )
     args = ap.parse_args()
 
     bandwidth, peak = measure_bandwidth(), measure_matmul()
@@ -280,7 +288,7 @@ def main() -> None:
         if not args.no_invariant:
             port = free_port()
             with server([*base_cmd, "--batch-invariant", "--port", str(port)], port) as base:
-                invariant = run_load(base, "m", args.clients, args.new_tokens, extra)
+                invariant = run_load(base, "m", args.invariant_clients, args.new_tokens, extra)
         peer, why = None, ""
         if not args.no_peer:
             try:
@@ -307,7 +315,7 @@ def main() -> None:
     )
     if invariant is not None:
         table("camelid serve --batch-invariant", invariant, compute_bound, None)
-        for n in args.clients:
+        for n in (n for n in args.invariant_clients if n in ours):
             print(
                 f"  {n} clients: batch-invariant costs "
                 f"{ours[n]['tokens_per_s'] / invariant[n]['tokens_per_s']:.2f}×"
