@@ -9,9 +9,9 @@ import signal
 import socket
 import sys
 
-from camelid.cli.args import add_engine_args, note
+from camelid.cli.args import add_engine_args, engine_from_args, note
 from camelid.errors import CamelidError
-from camelid.infer.load import load_engine, resolve_model
+from camelid.infer.load import resolve_model
 
 KEY_ENV = "CAMELID_API_KEY"
 
@@ -131,17 +131,8 @@ def run(args: argparse.Namespace) -> int:
     name = args.served_model_name or source.given.resolve().name
     stop_ids = generation_stop_ids(source.path) if source.kind == "hf" else ()
     sock = _bind(args.host, args.port)  # a taken port fails before the weights are read
-    engine = load_engine(
-        args.model,
-        device=args.device,
-        dtype=args.dtype,
-        max_batch_size=args.max_batch,
-        max_seq_len=args.max_seq_len,
-        compile=args.compile,
-        int8=args.int8,
-        progress=False if args.quiet else None,
-        log=lambda text: note(args, text),
-    )
+    args.batch_size = args.max_batch  # the engine's rows are the scheduler's
+    engine = engine_from_args(args)
     app = create_app(
         engine,
         model_name=name,
