@@ -340,6 +340,23 @@ def test_concurrent_streams_each_equal_their_sequential_answer(client, engine):
         assert list(pool.map(stream, prompts)) == want
 
 
+def test_seeded_samples_repeat_under_concurrency(client):
+    """A seeded sampled request gives the same text alone and among 15 concurrent others."""
+    kw = dict(model=MODEL, max_tokens=8, temperature=1.0, top_p=0.9)
+    prompts = [f"Seed {i}: once" for i in range(16)]
+    alone = [
+        client.completions.create(prompt=p, seed=100 + i, **kw).choices[0].text
+        for i, p in enumerate(prompts)
+    ]
+
+    def ask(i: int) -> str:
+        return client.completions.create(prompt=prompts[i], seed=100 + i, **kw).choices[0].text
+
+    with ThreadPoolExecutor(16) as pool:
+        assert list(pool.map(ask, range(16))) == alone
+    assert len(set(alone)) > 1  # the samples are not all one text
+
+
 def test_a_shared_prefix_is_served_from_the_cache(engine):
     """The second request with the same long prefix reuses its blocks: usage says how many
     prompt tokens were cached, and the answer is the one computed without the cache."""
