@@ -2,9 +2,12 @@
 random ids submitted at once to a ``Scheduler`` with that many rows, ``--new-tokens`` each;
 aggregate tokens/s (prefill included) and time to each request's first token (p50/max).
 A prefix-cache check: a ``--shared-tokens`` prompt cold, then again with a different last
-token (warm), TTFT of each. Randomly initialised ``--preset``, eager, CPU threads as set.
+token (warm), TTFT of each. ``--invariant`` also runs every load with
+``batch_invariant=True`` and prints what that mode costs. Randomly initialised ``--preset``,
+eager, CPU threads as set.
 
     python benchmarks/scheduler.py --clients 1 8 32 --new-tokens 64
+    python benchmarks/scheduler.py --invariant --clients 1 8 16 --prompt-tokens 32 --new-tokens 32
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=15)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--shared-tokens", type=int, default=1000)
+    ap.add_argument("--invariant", action="store_true", help="also time batch_invariant=True")
     args = ap.parse_args()
     torch.manual_seed(0)
     config = camelid.ModelConfig.from_preset(args.preset)
@@ -65,12 +69,17 @@ def main() -> None:
     engine = camelid.Engine(model, tok)
     g = torch.Generator().manual_seed(1)
     print(f"{args.preset}, {torch.get_num_threads()} threads, fp32, eager")
-    print(f"{'clients':>8} {'tok/s':>8} {'TTFT ms p50':>12} {'max':>7} {'steps':>6}")
+    extra = f" {'invariant':>10} {'cost':>6}" if args.invariant else ""
+    print(f"{'clients':>8} {'tok/s':>8} {'TTFT ms p50':>12} {'max':>7} {'steps':>6}{extra}")
     run(engine, [[1, 2, 3]] * 2, 16)  # warm-up
     for n in args.clients:
         prompts = torch.randint(0, tok.vocab_size, (n, args.prompt_tokens), generator=g).tolist()
         tps, p50, mx, steps = run(engine, prompts, args.new_tokens)
-        print(f"{n:>8} {tps:>8.1f} {p50:>12.0f} {mx:>7.0f} {steps:>6}")
+        line = f"{n:>8} {tps:>8.1f} {p50:>12.0f} {mx:>7.0f} {steps:>6}"
+        if args.invariant:
+            inv = run(engine, prompts, args.new_tokens, batch_invariant=True)[0]
+            line += f" {inv:>10.1f} {tps / inv:>5.2f}x"
+        print(line)
     if args.shared_tokens:
         shared = torch.randint(0, tok.vocab_size, (args.shared_tokens,), generator=g).tolist()
         cold, warm = prefix(engine, shared)
