@@ -5,10 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
-
+from camelid.cli.args import add_save_args, save_dtype
 from camelid.infer.export import convert
-from camelid.infer.load import DTYPES
 from camelid.io import format_bytes, format_count
 
 
@@ -25,12 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "src", metavar="SRC", help="a Hugging Face directory, a training run or a checkpoint"
     )
     p.add_argument("dst", metavar="DST", help="destination directory (created if needed)")
-    p.add_argument("--dtype", choices=DTYPES, default=None, help="cast weights (default: keep)")
-    p.add_argument(
-        "--max-shard-size",
-        default="5GB",
-        help="split weights into shards of at most this size (default: 5GB)",
-    )
+    add_save_args(p, "keep")
     p.set_defaults(func=run)
 
 
@@ -38,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     done = convert(
         args.src,
         args.dst,
-        dtype=getattr(torch, args.dtype) if args.dtype else None,
+        dtype=save_dtype(args),
         max_shard_size=args.max_shard_size,
         log=lambda text: print(text, file=sys.stderr, flush=True),
     )

@@ -5,10 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
-
+from camelid.cli.args import add_save_args, save_dtype
 from camelid.infer.export import export_checkpoint
-from camelid.infer.load import DTYPES
 from camelid.io import format_bytes, format_count
 
 
@@ -31,14 +29,7 @@ then: camelid generate OUT --prompt "..." or transformers' from_pretrained(OUT)"
     )
     p.add_argument("src", metavar="RUN_OR_CHECKPOINT", help="a training run or checkpoint dir")
     p.add_argument("out", metavar="OUT", help="the Hugging Face directory to write")
-    p.add_argument(
-        "--dtype", choices=DTYPES, default=None, help="cast weights (default: keep, float32)"
-    )
-    p.add_argument(
-        "--max-shard-size",
-        default="5GB",
-        help="split weights into shards of at most this size (default: 5GB)",
-    )
+    add_save_args(p, "keep, float32")
     p.add_argument(
         "--overwrite",
         action="store_true",
@@ -51,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     done = export_checkpoint(
         args.src,
         args.out,
-        dtype=getattr(torch, args.dtype) if args.dtype else None,
+        dtype=save_dtype(args),
         max_shard_size=args.max_shard_size,
         overwrite=args.overwrite,
         log=lambda text: print(text, file=sys.stderr, flush=True),

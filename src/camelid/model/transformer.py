@@ -181,6 +181,22 @@ class Transformer(nn.Module):
         self._inv_freq = inv_frequencies(config)
         self.init_weights()
 
+    @classmethod
+    def empty(
+        cls,
+        config: ModelConfig,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> Transformer:
+        """The model with uninitialised storage on ``device``: for weights about to be copied
+        in (a checkpoint, a gathered state dict), without the cost of a random init. Built on
+        the meta device, allocated once, the tie restored."""
+        with torch.device("meta"):
+            model = cls(config)
+        model = model.to(dtype).to_empty(device=device)
+        model.tie_weights()
+        return model
+
     def tie_weights(self) -> None:
         """Share the embedding with the output head when the config ties them. Called again
         after ``to_empty``, which re-creates each module's parameters and so undoes the tie."""

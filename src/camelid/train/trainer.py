@@ -796,10 +796,7 @@ class _Run:
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         state = get_model_state_dict(self.model, options=options)
         if self.world.is_main:
-            with torch.device("meta"):
-                model = Transformer(self.config)
-            model = model.to_empty(device="cpu")
-            model.tie_weights()
+            model = Transformer.empty(self.config)
             model.load_state_dict({k: v.float() for k, v in state.items()})
             save_pretrained(model, self.tokenizer, self.run_dir / "hf")
         barrier(self.world)

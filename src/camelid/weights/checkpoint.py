@@ -27,7 +27,7 @@ import torch
 from camelid.config import ModelConfig
 from camelid.errors import CamelidError, CheckpointError
 from camelid.model import Transformer
-from camelid.weights.hf import CheckpointInfo
+from camelid.weights.hf import CheckpointInfo, load_dtype
 
 CHECKPOINTS = "checkpoints"  # RUN/checkpoints/
 STATE_FILE = "trainer.json"
@@ -152,10 +152,7 @@ def load(
     path = Path(path)
     info = inspect_checkpoint(path)
     expected = _expected(info.config, _read_index(path))
-    with torch.device("meta"):
-        model = Transformer(info.config)
-    model = model.to(info.dtype).to_empty(device="cpu")
-    model.tie_weights()
+    model = Transformer.empty(info.config, "cpu", info.dtype)
     state = {k: v for k, v in model.state_dict().items() if _MODEL + k in expected}
     try:
         with _quiet_single_process():
@@ -172,11 +169,7 @@ def load(
                 "that diverged)"
             )
     device = torch.device(device)
-    if dtype is None:
-        dtype = info.dtype
-        if device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
-            dtype = torch.float32
-    model = model.to(device=device, dtype=dtype)
+    model = model.to(device=device, dtype=load_dtype(dtype, info.dtype, device))
     model.tie_weights()
     return model
 

@@ -115,14 +115,7 @@ def load(
     config, layout, by_file, stored = _plan(path)
     targets = {p.hf_name: (name, p) for name, pieces in layout.items() for p in pieces}
     device = torch.device(device)
-    if dtype is None:
-        dtype = stored
-        if device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
-            dtype = torch.float32
-    with torch.device("meta"):
-        model = Transformer(config)
-    model = model.to(dtype).to_empty(device=device)
-    model.tie_weights()  # to_empty re-creates parameters, which undoes the tie
+    model = Transformer.empty(config, device, load_dtype(dtype, stored, device))
     params = dict(model.named_parameters())
     bar = _progress(len(targets), f"loading {path.name}", progress)
     with torch.no_grad():
@@ -133,6 +126,16 @@ def load(
                 bar.update(1)
     bar.close()
     return model
+
+
+def load_dtype(asked: torch.dtype | None, stored: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype weights are loaded in: the one asked for, else the stored one, except that
+    half precision is upcast to float32 on the CPU (where bf16/fp16 matmuls are emulated)."""
+    if asked is not None:
+        return asked
+    if device.type == "cpu" and stored in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return stored
 
 
 @dataclass(frozen=True)
