@@ -9,8 +9,8 @@ per client from the stream's chunk arrival times; p50/p99 over all clients. The 
 
 - memory bandwidth (a streaming read, GB/s, as benchmarks/decode.py measures it): a decode step
   reads every weight once, so one stream cannot beat bandwidth ÷ weight bytes tokens/s;
-- the fp32 matmul peak (the best of timed 4096² ``torch.mm``): many streams cannot beat the
-  peak ÷ 2·N FLOPs per token (N parameters).
+- the fp32 matmul peak (the best of timed 4096² matmuls, MKL's and oneDNN's): many streams
+  cannot beat the peak ÷ 2·N FLOPs per token (N parameters).
 
 A prefix run sends a prompt of ``--prefix-tokens`` shared tokens twice more with different
 endings: the first request is cold (the whole prompt is prefilled), the next ones warm (the
@@ -48,6 +48,7 @@ import torch
 import camelid
 from camelid.io import format_count
 from camelid.tokenizer import train_tokenizer
+from camelid.train.metrics import measure_matmul_flops
 
 WORDS = "the of and to in is that for it as with was on be by this are from at or an".split()
 
@@ -65,16 +66,10 @@ def measure_bandwidth(nbytes: int = 1 << 30, reps: int = 5) -> float:
     return nbytes / best
 
 
-def measure_matmul(n: int = 4096, reps: int = 3) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    out = torch.empty(n, n)
-    torch.mm(a, b, out=out)
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        torch.mm(a, b, out=out)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
+def measure_matmul(n: int = 4096, reps: int = 6) -> float:
+    """The best of ``reps`` timed n × n fp32 matmuls, alternating MKL (``torch.mm``) and
+    oneDNN: the machine's peak, whichever library reaches it (the server itself uses oneDNN)."""
+    return measure_matmul_flops(n, reps)
 
 
 def make_model(preset: str, root: Path) -> Path:

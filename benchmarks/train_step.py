@@ -8,7 +8,7 @@ hyper-parameters and weight-decay groups). Both start from the same weights (tra
 random init, saved and loaded by camelid) and train on the same tokens. Timed steps alternate
 between the two in one process; the ratio of median tokens/s is printed (> 1 means camelid is
 faster), with each side's achieved FLOP/s as a share of this machine's fp32 matmul peak,
-measured in the same run with a large ``torch.mm``. FLOPs per token come from
+measured in the same run with large matmuls (MKL's and oneDNN's). FLOPs per token come from
 ``ModelConfig.flops_per_token`` (training: 6N + the attention term).
 
     python benchmarks/train_step.py                      # llama-16m, batch 8 x 256, CPU fp32
@@ -153,7 +153,7 @@ def main() -> None:
     )
     print(
         f"fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s (best of 2 x {args.matmul_reps} "
-        f"torch.mm {args.matmul_size}^2, before and after the timed steps)"
+        f"matmul {args.matmul_size}^2 (MKL and oneDNN), before and after the timed steps)"
     )
     print(f"training FLOPs per token: {flops_per_token / 1e6:.1f} M (ModelConfig.flops_per_token)")
     print(

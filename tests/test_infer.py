@@ -19,8 +19,15 @@ from torch import nn
 
 import camelid
 from camelid import RequestError, SamplingParams
+from camelid.infer import linear as decode_linear
 from camelid.infer.detok import TextStream
-from camelid.infer.linear import Int8Linear, RowDotLinear, decode_copy, quantize_int8
+from camelid.infer.linear import (
+    DecodeLinear,
+    Int8Linear,
+    RowDotLinear,
+    decode_copy,
+    quantize_int8,
+)
 from camelid.infer.sampling import apply_penalties, sample_row
 from camelid.model import KVCache
 from camelid.tokenizer import train_tokenizer
@@ -728,6 +735,57 @@ def test_row_dot_copy_shares_parameters(model, tok):
     with torch.no_grad():
         assert torch.allclose(rd(x[:, :1]), model(x[:, :1]), atol=1e-5)  # single row
         assert torch.allclose(rd(x), model(x), atol=1e-5)
+
+
+@pytest.mark.skipif(not decode_linear.ONEDNN, reason="this torch build has no oneDNN")
+def test_onednn_linear_matches_f_linear():
+    torch.manual_seed(0)
+    w, b = torch.randn(300, 64), torch.randn(300)
+    cases = {
+        "rows": torch.randn(7, 64),
+        "batch, time": torch.randn(2, 5, 64),
+        "strided": torch.randn(2, 5, 128)[..., ::2],
+        "last position": torch.randn(3, 4, 64)[:, -1:],
+        "one row": torch.randn(1, 1, 64),
+        "no rows": torch.randn(0, 64),
+    }
+    compiled = torch.compile(decode_linear.linear, fullgraph=True, dynamic=False)
+    with torch.no_grad():
+        for name, x in cases.items():
+            assert decode_linear.takes_onednn(x, w), name
+            want = F.linear(x, w, b)
+            for got in (decode_linear.linear(x, w, b), decode_linear.linear(x, w)):
+                assert got.shape == want.shape, name
+            assert torch.allclose(decode_linear.linear(x, w, b), want, atol=1e-4), name
+            assert torch.allclose(decode_linear.linear(x, w), F.linear(x, w), atol=1e-4), name
+        x = cases["batch, time"]
+        assert torch.allclose(compiled(x, w, b), F.linear(x, w, b), atol=1e-4)
+
+
+def test_linear_falls_back_where_onednn_cannot_go():
+    x, w = torch.randn(3, 8), torch.randn(5, 8, requires_grad=True)
+    assert not decode_linear.takes_onednn(x, w)  # autograd: oneDNN's op has no backward
+    y = decode_linear.linear(x, w)
+    y.sum().backward()
+    assert w.grad is not None and torch.allclose(y, F.linear(x, w))
+    xb, wb = x.bfloat16(), w.detach().bfloat16()
+    assert not decode_linear.takes_onednn(xb, wb)
+    assert torch.equal(decode_linear.linear(xb, wb), F.linear(xb, wb))
+
+
+def test_cpu_engine_decodes_with_shared_decode_linears(model, tok):
+    engine = camelid.Engine(model, tok)
+    layers = [m for m in engine.model.modules() if isinstance(m, nn.Linear)]
+    assert layers and all(type(m) is DecodeLinear for m in layers)
+    assert all(type(m) is nn.Linear for m in model.modules() if isinstance(m, nn.Linear))
+    ours = dict(engine.model.named_parameters())
+    assert all(p.data_ptr() == ours[n].data_ptr() for n, p in model.named_parameters())
+    ids = tok.encode(PROMPTS[0], bos=True)
+    with torch.no_grad():
+        want = torch.log_softmax(model(torch.tensor([ids]))[0, :-1].float(), -1)
+    got = [t.logprob for t in engine.score(ids).tokens[1:]]
+    assert torch.allclose(torch.tensor(got), want.gather(1, torch.tensor(ids[1:])[:, None])[:, 0],
+                          atol=1e-5)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- 10. KV cache

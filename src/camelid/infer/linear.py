@@ -1,4 +1,12 @@
-"""Linear layers for decoding: a row-dot form of the matrix-vector product, and int8 weights.
+"""Linear layers for decoding: oneDNN's CPU matmul, a row-dot form of the matrix-vector
+product, and int8 weights.
+
+On x86 CPUs PyTorch's ``F.linear`` goes to MKL, which runs the products of a decode step (a few
+to a few dozen rows times a Llama-shaped weight) well below the machine's matmul peak: about
+half of it at 32 rows, a third for the 32000-wide output projection (docs/benchmarks.md).
+oneDNN's inner product, called on the model's own weight (no copy, no repacking), runs the same
+products near the peak, so CPU fp32 inference takes it throughout (a whole batch-1 decode step
+is faster with it too).
 
 Decoding one token multiplies a single row by every weight matrix, so it is bound by how fast
 the weights stream from memory. On CPUs the BLAS matrix-vector path streams Llama-shaped
@@ -7,9 +15,9 @@ matrices (short rows) at a third of the machine's read bandwidth; written as
 near the bandwidth (see docs/benchmarks.md). Int8 weights with one fp32 scale per output row
 (symmetric, weight-only) read a quarter of the bytes.
 
-These forms only pay off inside ``torch.compile`` (eager would materialise the product), so they
-are taken only while compiling, and the engine swaps them in on a structural copy of the model
-that shares its parameters.
+The row-dot form only pays off inside ``torch.compile`` (eager would materialise the product),
+so it is taken only while compiling. The engine swaps these layers in on a structural copy of
+the model that shares its parameters; training never sees them.
 """
 
 from __future__ import annotations
@@ -20,7 +28,50 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SMALL_BATCH = 16  # up to this many rows, compiled products take the fused row-dot form
+# Compiled, a single row takes the fused row-dot form. From two rows up the compiler's code for
+# it ran far slower than oneDNN (a llama-125m step at two rows: 180 ms against 34 ms).
+SMALL_BATCH = 1
+
+
+def _onednn() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+ONEDNN = _onednn()
+
+
+@torch.library.custom_op("camelid::onednn_linear", mutates_args=())
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear`` by oneDNN's inner product, on the plain (out, in) weight. An opaque op so
+    that a compiled graph calls it as is (the compiler's own lowering expects packed weights)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+@onednn_linear.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def takes_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether :func:`linear` sends this product to oneDNN: CPU, fp32 (oneDNN has no bf16
+    inner product on CPUs without bf16 instructions), no autograd (it has no backward) and no
+    autocast (which would have ``F.linear`` compute in another dtype)."""
+    return (
+        ONEDNN
+        and x.device.type == "cpu"
+        and x.dtype == weight.dtype == torch.float32
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        and not torch.is_autocast_enabled("cpu")
+    )
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear``, by oneDNN where :func:`takes_onednn` says it is quicker."""
+    if not takes_onednn(x, weight):
+        return F.linear(x, weight, bias)
+    if torch.compiler.is_compiling():
+        return onednn_linear(x, weight, bias)
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")  # no op overhead
 
 
 def _rows(x: torch.Tensor) -> int:
@@ -35,23 +86,31 @@ def _row_dot(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return (y.view(-1) if rows == 1 else y.t()).reshape(*x.shape[:-1], -1)
 
 
-class RowDotLinear(nn.Linear):
-    """``nn.Linear`` whose product for up to ``SMALL_BATCH`` rows, when compiled, is a fused
-    multiply-and-sum over the weight's rows (eager keeps the BLAS call: it would materialise
-    the product)."""
+class DecodeLinear(nn.Linear):
+    """``nn.Linear`` for inference: :func:`linear` (oneDNN on CPU fp32), and, with
+    ``row_dot`` and when compiled, the fused multiply-and-sum for ``SMALL_BATCH`` row(s)
+    (eager keeps the library call: it would materialise the product)."""
+
+    row_dot = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _rows(x) > SMALL_BATCH or not torch.compiler.is_compiling():
-            return F.linear(x, self.weight, self.bias)
-        y = _row_dot(self.weight, x)
-        return y if self.bias is None else y + self.bias
+        if self.row_dot and _rows(x) <= SMALL_BATCH and torch.compiler.is_compiling():
+            y = _row_dot(self.weight, x)
+            return y if self.bias is None else y + self.bias
+        return linear(x, self.weight, self.bias)
+
+
+class RowDotLinear(DecodeLinear):
+    """A :class:`DecodeLinear` that takes the row-dot form when compiled."""
+
+    row_dot = True
 
 
 class Int8Linear(nn.Module):
     """Weight-only int8 linear: ``q`` (out, in) int8 and one scale per output row, with
     ``weight ≈ q * scale[:, None]`` (symmetric, round to nearest).
 
-    Compiled, up to ``SMALL_BATCH`` rows are computed from the int8 weight directly, converting
+    Compiled, ``SMALL_BATCH`` row(s) are computed from the int8 weight directly, converting
     as it is read; larger batches and eager calls dequantise the weight and use a matmul."""
 
     def __init__(self, linear: nn.Linear) -> None:
@@ -68,17 +127,27 @@ class Int8Linear(nn.Module):
         if rows <= SMALL_BATCH and torch.compiler.is_compiling():
             y = _row_dot(self.q, x) * self.scale
         else:
-            y = F.linear(x, self.q.to(x.dtype)) * self.scale
+            y = linear(x, self.q.to(x.dtype)) * self.scale
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
 
+def copyable(model: nn.Module) -> bool:
+    """Whether :func:`decode_copy` can copy ``model``: not sharded (FSDP2's parameters are
+    DTensors, which a structural copy would not share) and not compiled."""
+    from torch.distributed.tensor import DTensor
+
+    return not any(isinstance(p, DTensor) for p in model.parameters()) and not any(
+        isinstance(m, torch._dynamo.eval_frame.OptimizedModule) for m in model.modules()
+    )
+
+
 def decode_copy(model: nn.Module, int8: bool = False, row_dot: bool = True) -> nn.Module:
     """A copy of ``model`` sharing its parameters, with every ``nn.Linear`` replaced by an
-    :class:`Int8Linear` (``int8``) or a :class:`RowDotLinear` (``row_dot``). The original
-    model is left untouched."""
+    :class:`Int8Linear` (``int8``), a :class:`RowDotLinear` (``row_dot``) or else a
+    :class:`DecodeLinear`. The original model is left untouched."""
     shared = {id(p): p for p in model.parameters()}
     shared.update({id(b): b for b in model.buffers()})
     clone = copy.deepcopy(model, memo=shared)
@@ -88,8 +157,8 @@ def decode_copy(model: nn.Module, int8: bool = False, row_dot: bool = True) -> n
                 continue
             if int8:
                 setattr(module, name, Int8Linear(child))
-            elif row_dot:
-                child.__class__ = RowDotLinear  # same parameters, other forward
+            else:  # same parameters, other forward
+                child.__class__ = RowDotLinear if row_dot else DecodeLinear
     return clone
 
 
