@@ -349,6 +349,14 @@ def test_text_stream_multibyte():
     # An incomplete character at the very end is released by finish() as the decoder shows it.
     ts, pieces, last = _run_stream(["a", smile[:3]])
     assert pieces == ["a", ""] and last == "\ufffd" and ts.text == "a\ufffd"
+    # Bytes that can never form a character (lead bytes one after another) are released
+    # after at most four tokens, not held to the end; a character split over four tokens
+    # still comes out whole.
+    ts, pieces, last = _run_stream(["a"] + [b"\xc3"] * 9)
+    assert pieces[:4] == ["a", "", "", ""] and pieces[4] == "\ufffd" * 4
+    assert "".join([*pieces, last]) == ts.text == "a" + "\ufffd" * 9
+    ts, pieces, last = _run_stream(["a", smile[:1], smile[1:2], smile[2:3], smile[3:]])
+    assert pieces == ["a", "", "", "", "🙂"]
 
 
 def test_text_stream_stop_strings():

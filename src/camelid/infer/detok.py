@@ -6,6 +6,9 @@ spans two or three tokens), so decoding one token at a time would print replacem
 :class:`TextStream` decodes a short window of recent tokens and only releases text once it no
 longer ends in an incomplete character; decoding from the same window start twice and taking
 the difference also keeps decoders that drop a leading space (SentencePiece) consistent.
+A UTF-8 character has at most four bytes, so a tail still incomplete after four tokens never
+completes (invalid bytes, as a poorly trained model emits): it is released as the decoder
+shows it rather than held, perhaps to the end of the stream.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 _INCOMPLETE = "\ufffd"  # what a decoder shows for bytes that do not yet form a character
+_CHAR_TOKENS = 4  # the most tokens one character can span (each token has at least one byte)
 
 
 class TextStream:
@@ -48,7 +52,8 @@ class TextStream:
         self._ids.append(token)
         prefix_text = self._decode(self._ids[self._prefix : self._read])
         new_text = self._decode(self._ids[self._prefix :])
-        if len(new_text) <= len(prefix_text) or new_text.endswith(_INCOMPLETE):
+        partial = new_text.endswith(_INCOMPLETE) and len(self._ids) - self._read < _CHAR_TOKENS
+        if len(new_text) <= len(prefix_text) or partial:
             return ""  # an incomplete character: wait for the next token
         self._text += new_text[len(prefix_text) :]
         self._prefix, self._read = self._read, len(self._ids)
