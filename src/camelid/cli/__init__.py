@@ -15,14 +15,17 @@ from camelid import __version__
 from camelid.cli import (
     chat,
     convert,
+    eval,
     export,
     generate,
     inspect,
+    ledger,
     prepare,
     quickstart,
     serve,
     tokenizer,
     train,
+    verify,
 )
 from camelid.errors import CamelidError
 
@@ -38,6 +41,9 @@ COMMANDS = (
     generate,
     chat,
     serve,
+    eval,
+    verify,
+    ledger,
 )
 
 

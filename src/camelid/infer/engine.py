@@ -32,7 +32,7 @@ import torch
 
 from camelid.errors import RequestError
 from camelid.infer.detok import TextStream
-from camelid.infer.linear import copyable, decode_copy
+from camelid.infer.linear import copyable, decode_copy, linear
 from camelid.infer.sampling import (
     Penalties,
     SamplingParams,
@@ -342,6 +342,62 @@ class Engine:
         logits = self._mask(self.model(torch.tensor([ids], device=self.device))[0, :-1])
         scored = _token_logprobs(logits, ids[1:], top_logprobs) if len(ids) > 1 else []
         return Score(token_ids=ids, tokens=[None, *scored])
+
+    @torch.inference_mode()
+    def score_batch(
+        self,
+        sequences: Sequence[Sequence[int]],
+        starts: Sequence[int],
+        *,
+        batch_tokens: int = 8192,
+    ) -> list[list[TokenLogprob]]:
+        """Log-probability and rank of tokens ``seq[start:]`` of each sequence given all before
+        them, for many sequences at once (what likelihood evaluation needs).
+
+        Sequences go through the model several per forward pass, longest first, right-padded
+        (causal attention: padding never reaches a real position), at most ``batch_tokens``
+        padded tokens a pass; only the scored positions are projected to the vocabulary. The
+        results equal :meth:`score`'s within float rounding of batched products (~1e-6)."""
+        if len(sequences) != len(starts):
+            raise RequestError(f"{len(sequences)} sequences but {len(starts)} starts")
+        for n, (seq, start) in enumerate(zip(sequences, starts, strict=True)):
+            if not 1 <= start <= len(seq):
+                raise RequestError(f"sequence {n}: start {start} outside 1..{len(seq)}")
+            if len(seq) > self.max_seq_len:
+                raise RequestError(
+                    f"sequence {n} of {len(seq)} tokens is longer than the context "
+                    f"({self.max_seq_len})"
+                )
+            if seq and not all(0 <= t < self._vocab for t in seq):
+                raise RequestError(f"sequence {n}: token ids outside the vocabulary")
+        order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+        out: list[list[TokenLogprob]] = [[] for _ in sequences]
+        i = 0
+        while i < len(order):
+            width = len(sequences[order[i]])
+            group = order[i : i + max(1, batch_tokens // max(width, 1))]
+            i += len(group)
+            group = [g for g in group if starts[g] < len(sequences[g])]  # nothing to score
+            if not group:
+                continue
+            rows = [list(sequences[g]) + [0] * (width - len(sequences[g])) for g in group]
+            tokens = torch.tensor(rows, device=self.device)[:, :-1]
+            where = [
+                (b, p)
+                for b, g in enumerate(group)
+                for p in range(starts[g] - 1, len(sequences[g]) - 1)
+            ]
+            bi = torch.tensor([b for b, _ in where], device=self.device)
+            pi = torch.tensor([p for _, p in where], device=self.device)
+            if isinstance(self.model.output, torch.nn.Linear):  # project the scored rows only
+                logits = self.model(tokens, head=lambda h, w: linear(h[bi, pi], w))
+            else:  # int8 head: no plain weight to hand over
+                logits = self.model(tokens)[bi, pi]
+            targets = [sequences[group[b]][p + 1] for b, p in where]
+            scored = iter(_token_logprobs(self._mask(logits), targets, 0))
+            for g in group:
+                out[g] = [next(scored) for _ in range(len(sequences[g]) - starts[g])]
+        return out
 
     # ------------------------------------------------------------------------------ internals
     def _encode(self, prompt: Prompt) -> list[int]:
