@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -113,6 +114,28 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="sign results with this Ed25519 private key (PEM)",
     )
     o.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    s = p.add_argument_group("through a server")
+    s.add_argument(
+        "--server",
+        default=None,
+        metavar="URL",
+        help="score through a running `camelid serve` of the same weights instead "
+        "of in process (the result says so)",
+    )
+    s.add_argument(
+        "--compare",
+        default=None,
+        metavar="URL",
+        help="score in process AND through the server at URL; list every item whose "
+        "scores differ beyond --tolerance (exit 1 if any)",
+    )
+    s.add_argument(
+        "--tolerance",
+        type=float,
+        default=1e-4,
+        help="allowed log-probability difference per token (default 1e-4)",
+    )
+    s.add_argument("--api-key", default=None, help="the server's key (default: $CAMELID_API_KEY)")
     add_engine_args(p)
     p.add_argument(
         "--batch-tokens",
@@ -144,6 +167,15 @@ def run(args: argparse.Namespace) -> int:
     )
     say(f"digesting the weights of {source.path}")
     digest = source_digest(source)
+    api_key = args.api_key or os.environ.get("CAMELID_API_KEY")
+    if args.compare:
+        return _compare(args, engine, digest, opts, api_key)
+    scorer, scoring = None, None
+    if args.server:
+        from camelid.eval.evaluate import server_scorer
+
+        scorer = server_scorer(args.server, engine, digest, api_key)
+        scoring = {"mode": "server", "server": args.server}
     outs = _outputs(args)
     rows = []
     for spec, out in zip(args.task, outs, strict=True):
@@ -155,12 +187,14 @@ def run(args: argparse.Namespace) -> int:
             spec,
             task_opts,
             engine=engine,
+            scorer=scorer,
             source=source,
             weights_digest=digest,
             out=out,
             ledger=False if args.no_ledger else args.ledger,
             private_key=args.sign,
             skip_bad=args.skip_bad,
+            scoring=scoring,
             progress=False if args.quiet else None,
             log=say,
         )
@@ -184,6 +218,38 @@ def run(args: argparse.Namespace) -> int:
     else:
         _table(rows, digest)
     return 0
+
+
+def _compare(args: argparse.Namespace, engine, digest: str, opts: Options, api_key) -> int:
+    from camelid.eval.evaluate import compare, server_scorer
+    from camelid.eval.tasks import load_task
+
+    scorer = server_scorer(args.compare, engine, digest, api_key)
+    failed = False
+    reports = []
+    for spec in args.task:
+        task = load_task(spec, skip_bad=args.skip_bad)
+        report = compare(
+            engine,
+            scorer,
+            task,
+            opts,
+            tolerance=args.tolerance,
+            progress=False if args.quiet else None,
+        )
+        reports.append(report)
+        failed |= bool(report["differing"])
+        if not args.json:
+            n = len(report["differing"])
+            print(
+                f"{task.name}: {report['items']} items, {n} differ beyond "
+                f"{args.tolerance:g}/token between in-process and {args.compare}"
+            )
+            for d in report["differing"][:20]:
+                print(f"  {d['id']}: " + "; ".join(d["differences"]))
+    if args.json:
+        print(json.dumps(reports, indent=1))
+    return 1 if failed else 0
 
 
 def _options(args: argparse.Namespace) -> Options:

@@ -17,7 +17,7 @@ import camelid
 from camelid.eval import ledger as ledger_mod
 from camelid.eval import results, runner
 from camelid.eval.runner import Options
-from camelid.eval.tasks import Task, load_task
+from camelid.eval.tasks import EvalError, Task, load_task
 from camelid.infer.load import ModelSource, resolve_model
 
 
@@ -85,6 +85,7 @@ def evaluate_model(
     opts: Options,
     *,
     engine: Any = None,
+    scorer: Any = None,
     source: ModelSource | None = None,
     weights_digest: str | None = None,
     out: Path | None = None,
@@ -96,10 +97,10 @@ def evaluate_model(
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Score ``task_spec`` on ``model`` and return the sealed result (written to ``out`` when
-    given). ``ledger``: a path, None for the default one, False for none."""
-    from camelid.weights.digest import source_digest
-
+    given). ``scorer``: what scores it instead of ``engine`` (a server's); ``ledger``: a path,
+    None for the default one, False for none."""
     from camelid.infer.load import load_engine
+    from camelid.weights.digest import source_digest
 
     say = log or (lambda _: None)
     task = load_task(task_spec, skip_bad=skip_bad)
@@ -115,7 +116,7 @@ def evaluate_model(
         say(f"digesting the weights of {source.path}")
         weights_digest = source_digest(source)
     template = opts.template(task.kind)
-    metrics, items = score(engine, task, opts, progress=progress)
+    metrics, items = score(scorer or engine, task, opts, progress=progress)
     result: dict[str, Any] = {
         "created": results.now(),
         "task": {
@@ -190,3 +191,50 @@ def _torch_version() -> str:
     import torch
 
     return torch.__version__
+
+
+def server_scorer(url: str, engine: Any, weights_digest: str, api_key: str | None = None):
+    """A scorer for the server at ``url``, checked to serve ``weights_digest`` with the same
+    tokenizer as the local ``engine``."""
+    from camelid.eval.remote import ServerScorer
+
+    scorer = ServerScorer(url, engine.tokenizer, api_key=api_key)
+    if scorer.digest is None:
+        raise EvalError(f"{url}: the server reports no weights digest, so it cannot be matched")
+    if scorer.digest != weights_digest:
+        raise EvalError(
+            f"{url} serves weights {scorer.digest}, but MODEL has {weights_digest}: "
+            "not the same model"
+        )
+    if scorer.tokenizer_digest and scorer.tokenizer_digest != engine.tokenizer.digest:
+        raise EvalError(f"{url} uses another tokenizer than MODEL")
+    if scorer.max_seq_len != engine.max_seq_len:
+        raise EvalError(
+            f"{url} has a context of {scorer.max_seq_len} tokens, MODEL here "
+            f"{engine.max_seq_len}: give --max-seq-len {scorer.max_seq_len}"
+        )
+    return scorer
+
+
+def compare(
+    engine: Any,
+    scorer: Any,
+    task: Task,
+    opts: Options,
+    *,
+    tolerance: float = 1e-4,
+    progress: bool | None = None,
+) -> dict[str, Any]:
+    """Score ``task`` on both (in process, through a server) and list every item whose scores
+    differ beyond ``tolerance`` per token (log-probabilities) or at all (outputs)."""
+    if task.kind == "code":
+        raise EvalError("--compare covers likelihood, generation and perplexity tasks")
+    ours, mine = score(engine, task, opts, progress=progress)
+    theirs, served = score(scorer, task, opts, progress=progress)
+    diffs = []
+    for a, b in zip(mine, served, strict=True):
+        found = runner.differences(task.kind, a, b, tolerance)
+        if found:
+            diffs.append({"id": a["id"], "differences": found})
+    return {"task": task.name, "items": len(mine), "in_process": ours, "server": theirs,
+            "tolerance": tolerance, "differing": diffs}  # fmt: skip

@@ -232,11 +232,10 @@ def verify(
     """Check ``result_path`` against ``model``: the seal and metrics (:func:`check_file`), the
     signature (with ``public_key``), the model's weights and tokenizer digests, the task data's
     digest, the ledger entry, and a re-score of ``sample`` random items (0: none; -1: all)."""
-    from camelid.weights.digest import source_digest
-
     from camelid.eval import runner
     from camelid.eval.tasks import load_task
     from camelid.infer.load import load_engine, resolve_model
+    from camelid.weights.digest import source_digest
 
     say = log or (lambda _: None)
     result = read(result_path)

@@ -105,7 +105,7 @@ def likelihoods(
     for n, (ctx, cont) in enumerate(pairs):
         if len(cont) >= limit:
             raise EvalError(f"request {n}: a continuation of {len(cont)} tokens fills the context")
-        seq = (ctx + cont)[-limit:]
+        seq = (ctx + cont)[-(limit + 1) :]  # inputs fill the context; the last is a target
         seqs.append(seq)
         starts.append(len(seq) - len(cont))
     out: list[tuple[float, bool, int]] = []
@@ -308,12 +308,12 @@ def run_perplexity(
 
 
 def _windows(ids: list[int], limit: int) -> tuple[list[list[int]], list[int]]:
-    """Windows of at most ``limit`` tokens that together predict every token but the first
-    once: each window's first token is the previous window's last (one token of context, as
-    lm-evaluation-harness's rolling log-likelihood does)."""
+    """Windows of at most ``limit`` input tokens that together predict every token but the
+    first once: each window's first token is the previous window's last (one token of
+    context, as lm-evaluation-harness's rolling log-likelihood does)."""
     seqs, starts = [], []
-    for s in range(0, max(len(ids) - 1, 0), limit - 1):
-        seqs.append(ids[s : s + limit])
+    for s in range(0, max(len(ids) - 1, 0), limit):
+        seqs.append(ids[s : s + limit + 1])
         starts.append(1)
     return seqs, starts
 
@@ -422,26 +422,30 @@ def rescore(
         return problems + code.recheck(task, items, wanted, opts)
     _, fresh = RUNNERS[kind](engine, task, opts, indices=[n for _, n in wanted])
     for (p, _), new in zip(wanted, fresh, strict=True):
-        old = items[p]
-        if kind == "choice":
-            for c, (a, b, t) in enumerate(
-                zip(old.get("logprobs", []), new["logprobs"], new["tokens"], strict=False)
-            ):
-                if abs(a - b) > tolerance * max(t, 1):
-                    problems.append((p, f"choice {c}: logprob recorded {a:.6f}, scored {b:.6f}"))
-            for key in ("pred", "acc", "pred_norm", "acc_norm"):
-                if old.get(key) != new[key]:
-                    problems.append((p, f"{key}: recorded {old.get(key)!r}, scored {new[key]!r}"))
-        elif kind == "generate":
-            if old.get("output") != new["output"]:
-                problems.append(
-                    (p, f"output: recorded {old.get('output')!r}, generated {new['output']!r}")
-                )
-        else:
-            a, b = old.get("logprob", 0.0), new["logprob"]
-            if abs(a - b) > tolerance * max(new["tokens"], 1):
-                problems.append((p, f"logprob: recorded {a:.6f}, scored {b:.6f}"))
+        problems.extend((p, d) for d in differences(kind, items[p], new, tolerance))
     return problems
+
+
+def differences(kind: str, old: dict[str, Any], new: dict[str, Any], tolerance: float) -> list[str]:
+    """How item record ``new`` disagrees with ``old``: a log-probability beyond ``tolerance``
+    per token, or any other output or decision."""
+    out = []
+    if kind == "choice":
+        pairs = zip(old.get("logprobs", []), new["logprobs"], new["tokens"], strict=False)
+        for c, (a, b, t) in enumerate(pairs):
+            if abs(a - b) > tolerance * max(t, 1):
+                out.append(f"choice {c}: logprob {a:.6f} against {b:.6f}")
+        for key in ("pred", "acc", "pred_norm", "acc_norm"):
+            if old.get(key) != new[key]:
+                out.append(f"{key}: {old.get(key)!r} against {new[key]!r}")
+    elif kind == "generate":
+        if old.get("output") != new["output"]:
+            out.append(f"output: {old.get('output')!r} against {new['output']!r}")
+    elif kind == "perplexity":
+        a, b = old.get("logprob", 0.0), new["logprob"]
+        if abs(a - b) > tolerance * max(new["tokens"], 1):
+            out.append(f"logprob: {a:.6f} against {b:.6f}")
+    return out
 
 
 def options_from_template(template: dict[str, Any], result: dict[str, Any]) -> Options:

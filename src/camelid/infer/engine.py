@@ -363,10 +363,10 @@ class Engine:
         for n, (seq, start) in enumerate(zip(sequences, starts, strict=True)):
             if not 1 <= start <= len(seq):
                 raise RequestError(f"sequence {n}: start {start} outside 1..{len(seq)}")
-            if len(seq) > self.max_seq_len:
+            if len(seq) > self.max_seq_len + 1:  # the last token is only a target
                 raise RequestError(
-                    f"sequence {n} of {len(seq)} tokens is longer than the context "
-                    f"({self.max_seq_len})"
+                    f"sequence {n} of {len(seq)} tokens does not fit the context "
+                    f"({self.max_seq_len} inputs)"
                 )
             if seq and not all(0 <= t < self._vocab for t in seq):
                 raise RequestError(f"sequence {n}: token ids outside the vocabulary")
@@ -390,7 +390,7 @@ class Engine:
             bi = torch.tensor([b for b, _ in where], device=self.device)
             pi = torch.tensor([p for _, p in where], device=self.device)
             if isinstance(self.model.output, torch.nn.Linear):  # project the scored rows only
-                logits = self.model(tokens, head=lambda h, w: linear(h[bi, pi], w))
+                logits = self.model(tokens, head=lambda h, w, bi=bi, pi=pi: linear(h[bi, pi], w))
             else:  # int8 head: no plain weight to hand over
                 logits = self.model(tokens)[bi, pi]
             targets = [sequences[group[b]][p + 1] for b, p in where]

@@ -1,0 +1,272 @@
+"""camelid eval: tasks, batched scoring, metrics, result files, the ledger and verification."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import camelid_main, random_llama_dir
+
+import camelid
+from camelid.eval import ledger, results, runner
+from camelid.eval.runner import Options
+from camelid.eval.tasks import EvalError, few_shot_context, load_task
+from camelid.tokenizer import train_tokenizer
+
+CORPUS = [
+    "The capital of France is Paris. The cat sat on the mat.",
+    "Two plus two is four. Water is wet. 你好，世界 🙂",
+    "Question: what colour is the sky? Answer: blue",
+] * 20
+
+CHOICE_ITEMS = [
+    {"context": "The cat sat on the", "choices": ["mat", "moon", "sky"], "gold": 0},
+    {"context": "Two plus two is", "choices": ["four", "five"], "gold": 0},
+    {"context": "Water is", "choices": ["dry", "wet", "blue"], "gold": 1},
+    {"context": "The capital of France is", "choices": ["Paris", "Rome"], "gold": 0},
+    {"context": "Question: what colour is the sky? Answer:", "choices": ["blue", "red"], "gold": 0},
+    {"context": "你好，", "choices": ["世界", "🙂"], "gold": 0},
+]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    tok = train_tokenizer(CORPUS, 400, num_special=16)
+    path = random_llama_dir(tmp_path_factory.mktemp("m") / "model", vocab_size=tok.vocab_size)
+    tok.save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir):
+    from camelid.infer.load import load_engine
+
+    return load_engine(model_dir, device="cpu", dtype="float32", progress=False)
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return path
+
+
+# ------------------------------------------------------------------------------------ tasks
+def test_task_kinds_and_digest(tmp_path):
+    choice = load_task(str(write_jsonl(tmp_path / "mc.jsonl", CHOICE_ITEMS)))
+    assert choice.kind == "choice" and len(choice) == 6 and choice.items[0].id == "1"
+    gen = load_task(str(write_jsonl(tmp_path / "g.jsonl", [{"prompt": "2+2=", "answer": "4"}])))
+    assert gen.kind == "generate" and gen.items[0].answers == ("4",)
+    text = tmp_path / "book.txt"
+    text.write_text("Once upon a time.")
+    ppl = load_task(str(text))
+    assert ppl.kind == "perplexity" and ppl.items[0].text() == "Once upon a time."
+    import hashlib
+
+    assert choice.sha256 == hashlib.sha256((tmp_path / "mc.jsonl").read_bytes()).hexdigest()
+    with pytest.raises(EvalError, match=r"no usable items \(6 bad lines\)"):
+        load_task(f"perplexity:{tmp_path / 'mc.jsonl'}", skip_bad=True)  # no "text" keys
+
+
+def test_task_bad_lines_name_their_line(tmp_path):
+    rows = [
+        json.dumps(CHOICE_ITEMS[0]),
+        "{not json",
+        json.dumps({"context": "x", "choices": ["a"], "gold": 0}),
+        json.dumps({**CHOICE_ITEMS[1], "gold": 5}),
+        "",
+        json.dumps(CHOICE_ITEMS[2]),
+    ]
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(rows) + "\n")
+    with pytest.raises(EvalError, match=r"bad.jsonl:2: .*--skip-bad"):
+        load_task(str(path))
+    task = load_task(str(path), skip_bad=True)
+    assert len(task) == 2 and [n for n, _ in task.skipped] == [2, 3, 4]
+    assert "at least two" in task.skipped[1][1] and "index" in task.skipped[2][1]
+    with pytest.raises(EvalError, match="no such file"):
+        load_task(str(tmp_path / "missing.jsonl"))
+    (tmp_path / "odd.jsonl").write_text('{"question": "?"}\n')
+    with pytest.raises(EvalError, match="cannot tell the task's kind"):
+        load_task(str(tmp_path / "odd.jsonl"))
+
+
+def test_few_shot_is_seeded_and_excludes_the_item(tmp_path):
+    task = load_task(str(write_jsonl(tmp_path / "mc.jsonl", CHOICE_ITEMS)))
+    a = few_shot_context(task, 2, 3, seed=7)
+    assert a == few_shot_context(task, 2, 3, seed=7) != few_shot_context(task, 2, 3, seed=8)
+    assert a.count("\n\n") == 3 and "Water is" not in a
+    with pytest.raises(EvalError, match="6-shot needs 7 items"):
+        few_shot_context(task, 0, 6, seed=1)
+
+
+# ---------------------------------------------------------------------------------- scoring
+def test_score_batch_equals_score(engine):
+    g = torch.Generator().manual_seed(0)
+    vocab = engine.tokenizer.vocab_size
+    seqs = [torch.randint(0, vocab, (int(n),), generator=g).tolist() for n in (2, 9, 30, 17, 5)]
+    starts = [1, 4, 29, 1, 5]
+    got = engine.score_batch(seqs, starts, batch_tokens=40)  # several passes
+    for seq, start, toks in zip(seqs, starts, got, strict=True):
+        want = engine.score(seq).tokens[start:]
+        assert [t.token for t in toks] == [t.token for t in want] == seq[start:]
+        assert [t.rank for t in toks] == [t.rank for t in want]
+        assert all(abs(a.logprob - b.logprob) < 1e-5 for a, b in zip(toks, want, strict=True))
+    with pytest.raises(camelid.RequestError, match="start"):
+        engine.score_batch([[1, 2]], [0])
+
+
+def test_choice_scores_equal_engine_by_hand(engine, tmp_path):
+    task = load_task(str(write_jsonl(tmp_path / "mc.jsonl", CHOICE_ITEMS)))
+    metrics, items = runner.run_choice(engine, task, Options())
+    tok = engine.tokenizer
+    accs, norms = [], []
+    for row, rec in zip(CHOICE_ITEMS, items, strict=True):
+        lps = []
+        for choice in row["choices"]:
+            whole = tok.encode(row["context"] + " " + choice, bos=True)
+            n_ctx = len(tok.encode(row["context"], bos=True))
+            score = engine.score(whole)
+            lps.append(sum(t.logprob for t in score.tokens[n_ctx:]))
+        assert rec["logprobs"] == pytest.approx(lps, abs=1e-5)
+        best = max(range(len(lps)), key=lps.__getitem__)
+        best_norm = max(range(len(lps)), key=lambda i: lps[i] / len(row["choices"][i]))
+        accs.append(best == row["gold"])
+        norms.append(best_norm == row["gold"])
+    assert metrics["items"] == 6
+    assert metrics["acc"] == sum(accs) / 6 and metrics["acc_norm"] == sum(norms) / 6
+    assert metrics == runner.metrics_from_items("choice", items, {})
+
+
+def test_trailing_space_moves_to_the_continuation(engine):
+    a = runner.encode_pair(engine, "The cat sat on the ", "mat")
+    b = runner.encode_pair(engine, "The cat sat on the", " mat")
+    assert a == b and len(a[1]) >= 1
+
+
+def test_generate_exact_and_regex(engine, tmp_path):
+    prompts = ["The cat sat on the", "Two plus two is", "Water is"]
+    outs = engine.generate(
+        prompts, camelid.SamplingParams(max_new_tokens=8, temperature=0, stop=["\n\n"])
+    )
+    rows = [
+        {"prompt": p, "answer": o.text.strip() if i != 1 else "nope"}
+        for i, (p, o) in enumerate(zip(prompts, outs, strict=True))
+    ]
+    task = load_task(str(write_jsonl(tmp_path / "g.jsonl", rows)))
+    metrics, items = runner.run_generate(engine, task, Options(max_new_tokens=8))
+    assert [r["exact_match"] for r in items] == [1.0, 0.0, 1.0]
+    assert metrics["exact_match"] == pytest.approx(2 / 3)
+    regex = Options(max_new_tokens=8, match="regex", pattern=r"(\S+)")
+    _, items2 = runner.run_generate(engine, task, regex)
+    assert [r["output"] for r in items2] == [r["output"] for r in items]
+    with pytest.raises(EvalError, match="pattern"):
+        runner.run_generate(engine, task, Options(match="regex", pattern="("))
+
+
+def test_perplexity_windows_cover_every_token(engine, tmp_path):
+    text = " ".join(CORPUS[:6])
+    (tmp_path / "t.txt").write_text(text)
+    task = load_task(str(tmp_path / "t.txt"))
+    ids = engine.tokenizer.encode(text, bos=True)
+    small = camelid.Engine(engine.model, engine.tokenizer, max_seq_len=16)  # several windows
+    assert len(ids) > 40
+    metrics, items = runner.run_perplexity(small, task, Options())
+    assert items[0]["tokens"] == len(ids) - 1 == metrics["tokens"]
+    seqs, _ = runner._windows(ids, 16)
+    assert len(seqs) > 2 and all(len(s) <= 17 for s in seqs)
+    whole, _ = runner.run_perplexity(engine, task, Options())
+    # One window over the whole text gives Engine.score's sum.
+    assert whole["loss"] == pytest.approx(-engine.score(ids).logprob / (len(ids) - 1), abs=1e-5)
+    assert metrics["bits_per_byte"] == pytest.approx(
+        metrics["loss"] * metrics["tokens"] / math.log(2) / len(text.encode())
+    )
+
+
+# ----------------------------------------------------------------------------- the ledger
+def test_ledger_chain_detects_edits_and_removals(tmp_path):
+    path = tmp_path / "eval-ledger.jsonl"
+    entries = [ledger.append(path, {"weights_digest": f"w{i}", "task": "t"}) for i in range(4)]
+    check = ledger.read(path)
+    assert not check.problems and check.head == entries[-1]["hash"]
+    assert [e["seq"] for e in check.entries] == [0, 1, 2, 3]
+    assert len(ledger.variants(check.entries)) == 4
+    lines = path.read_text().splitlines()
+    edited = tmp_path / "edited.jsonl"
+    edited.write_text("\n".join([lines[0], lines[1].replace('"w1"', '"w9"'), *lines[2:]]) + "\n")
+    assert any("entry 1 was edited" in p for p in ledger.read(edited).problems)
+    removed = tmp_path / "removed.jsonl"
+    removed.write_text("\n".join([lines[0], *lines[2:]]) + "\n")
+    problems = ledger.read(removed).problems
+    assert any("removed" in p for p in problems)
+    with pytest.raises(EvalError, match="broken"):
+        ledger.append(removed, {"weights_digest": "x"})
+
+
+def test_result_seal_names_the_edited_section(tmp_path):
+    result = {
+        "created": "now",
+        "task": {"kind": "choice", "name": "t"},
+        "template": {},
+        "template_sha256": results.template_hash({}),
+        "model": {"weights_digest": "w"},
+        "scoring": {},
+        "items": [{"id": "1", "gold": 0, "logprobs": [-1.0, -2.0], "choice_chars": [3, 3]}],
+        "ledger": None,
+    }
+    result["metrics"] = runner.metrics_from_items("choice", result["items"], {})
+    path = tmp_path / "r.json"
+    results.write(path, result)
+    assert results.check_file(results.read(path)).ok
+    data = json.loads(path.read_text())
+    data["metrics"]["acc"] = 0.25
+    problems = results.check_file(data).problems
+    assert any(p.startswith("metrics:") for p in problems)
+    assert any("metrics.acc: recorded 0.25" in p for p in problems)
+    data = json.loads(path.read_text())
+    data["items"][0]["logprobs"] = [-3.0, -2.0]  # flips the prediction
+    data["seal"] = results.seal(data)  # even with a fresh seal
+    problems = results.check_file(data).problems
+    assert problems == [
+        "metrics.acc: recorded 1.0, but the items give 0.0",
+        "metrics.acc_norm: recorded 1.0, but the items give 0.0",
+    ]
+
+
+def test_signature_round_trip(tmp_path):
+    pytest.importorskip("cryptography")
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    key = ed25519.Ed25519PrivateKey.generate()
+    private = tmp_path / "key.pem"
+    private.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    public = tmp_path / "key.pub"
+    public.write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    other = tmp_path / "other.pub"
+    other.write_bytes(
+        ed25519.Ed25519PrivateKey.generate()
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    result = results.write(tmp_path / "r.json", {"created": "now", "metrics": {}}, private)
+    assert results._check_signature(result, public) is None
+    assert "another key" in results._check_signature(result, other)
+    forged = {**result, "seal": {**result["seal"], "result": "0" * 64}}
+    assert "does not match" in results._check_signature(forged, public)
+
+
+def test_cli_eval_help_and_bad_task(tmp_path, model_dir, capsys):
+    assert camelid_main(["eval", str(model_dir), "--task", str(tmp_path / "none.jsonl")]) == 1
+    assert "no such file" in capsys.readouterr().err
