@@ -117,6 +117,28 @@ def test_score_batch_equals_score(engine):
         engine.score_batch([[1, 2]], [0])
 
 
+def test_score_continuations_equals_score(engine):
+    g = torch.Generator().manual_seed(1)
+    vocab = engine.tokenizer.vocab_size
+
+    def ids(n: int) -> list[int]:
+        return torch.randint(0, vocab, (n,), generator=g).tolist()
+
+    groups = [
+        (ids(c), [ids(n) for n in conts])
+        for c, conts in [(1, [1, 3]), (12, [4, 1, 2, 5]), (30, [2]), (7, [6, 6, 1])]
+    ]
+    got = engine.score_continuations(groups, batch_tokens=40)  # several batches
+    for (ctx, conts), per in zip(groups, got, strict=True):
+        for cont, toks in zip(conts, per, strict=True):
+            want = engine.score(ctx + cont).tokens[len(ctx) :]
+            assert [t.token for t in toks] == cont
+            assert [t.rank for t in toks] == [t.rank for t in want]
+            assert all(abs(a.logprob - b.logprob) < 1e-5 for a, b in zip(toks, want, strict=True))
+    with pytest.raises(camelid.RequestError, match="empty"):
+        engine.score_continuations([([1], [[]])])
+
+
 def test_choice_scores_equal_engine_by_hand(engine, tmp_path):
     task = load_task(str(write_jsonl(tmp_path / "mc.jsonl", CHOICE_ITEMS)))
     metrics, items = runner.run_choice(engine, task, Options())

@@ -99,28 +99,52 @@ def likelihoods(
     progress: Progress | None = None,
 ) -> list[tuple[float, bool, int]]:
     """(summed logprob, every token the greedy choice, tokens) of each continuation given its
-    context. A pair longer than the context window loses tokens from the left of its context."""
+    context. Pairs sharing a context (an item's choices) run it once
+    (``Engine.score_continuations``); a pair longer than the context window loses tokens from
+    the left of its context and is scored on its own."""
     limit = engine.max_seq_len
-    seqs, starts = [], []
+    out: list[tuple[float, bool, int] | None] = [None] * len(pairs)
+    shared: dict[tuple[int, ...], list[int]] = {}
+    alone: list[int] = []
     for n, (ctx, cont) in enumerate(pairs):
         if len(cont) >= limit:
             raise EvalError(f"request {n}: a continuation of {len(cont)} tokens fills the context")
+        fits = len(ctx) + len(cont) <= limit + 1
+        if fits and ctx and hasattr(engine, "score_continuations"):
+            shared.setdefault(tuple(ctx), []).append(n)
+        else:
+            alone.append(n)
+
+    def put(n: int, toks: list) -> None:
+        out[n] = (sum(t.logprob for t in toks), all(t.rank == 1 for t in toks), len(toks))
+
+    groups = list(shared.items())
+    step = 64  # groups per call, so the progress bar moves
+    for i in range(0, len(groups), step):
+        chunk = groups[i : i + step]
+        scored = engine.score_continuations(
+            [(list(ctx), [pairs[n][1] for n in members]) for ctx, members in chunk],
+            batch_tokens=batch_tokens,
+        )
+        for (_, members), per in zip(chunk, scored, strict=True):
+            for n, toks in zip(members, per, strict=True):
+                put(n, toks)
+        if progress is not None:
+            progress(sum(len(m) for _, m in chunk))
+    seqs, starts = [], []
+    for n in alone:
+        ctx, cont = pairs[n]
         seq = (ctx + cont)[-(limit + 1) :]  # inputs fill the context; the last is a target
         seqs.append(seq)
         starts.append(len(seq) - len(cont))
-    out: list[tuple[float, bool, int]] = []
-    step = 256  # requests per call, so the progress bar moves
-    for i in range(0, len(seqs), step):
-        scored = engine.score_batch(
-            seqs[i : i + step], starts[i : i + step], batch_tokens=batch_tokens
-        )
-        out.extend(
-            (sum(t.logprob for t in toks), all(t.rank == 1 for t in toks), len(toks))
-            for toks in scored
-        )
+    for i in range(0, len(alone), 256):
+        scored = engine.score_batch(seqs[i : i + 256], starts[i : i + 256],
+                                    batch_tokens=batch_tokens)  # fmt: skip
+        for n, toks in zip(alone[i : i + 256], scored, strict=True):
+            put(n, toks)
         if progress is not None:
             progress(len(scored))
-    return out
+    return out  # type: ignore[return-value]
 
 
 def _stderr(values: list[float]) -> float | None:

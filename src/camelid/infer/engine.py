@@ -399,6 +399,93 @@ class Engine:
                 out[g] = [next(scored) for _ in range(len(sequences[g]) - starts[g])]
         return out
 
+    @torch.inference_mode()
+    def score_continuations(
+        self,
+        groups: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]],
+        *,
+        batch_tokens: int = 8192,
+    ) -> list[list[list[TokenLogprob]]]:
+        """For each (context, continuations) group, the log-probability and rank of every
+        token of every continuation given the context: :meth:`score_batch` of
+        ``context + continuation`` with ``start = len(context)``, but the context is run once
+        for all its continuations (the answer choices of one question share it).
+
+        Contexts go through the model several at a time into a KV cache; then each
+        continuation index runs as one batch over that cache, at each row's own positions.
+        A continuation writes the cache slots after its context and reads only up to its own
+        position, so the next one finds the context's keys and values untouched."""
+        out: list[list[list[TokenLogprob]]] = [[] for _ in groups]
+        for n, (ctx, conts) in enumerate(groups):
+            if not ctx or not conts or any(not c for c in conts):
+                raise RequestError(f"group {n}: empty context or continuation")
+            longest = len(ctx) + max(len(c) for c in conts) - 1
+            if longest > self.max_seq_len:
+                raise RequestError(
+                    f"group {n}: {longest} inputs do not fit the context ({self.max_seq_len})"
+                )
+            if not all(0 <= t < self._vocab for seq in (ctx, *conts) for t in seq):
+                raise RequestError(f"group {n}: token ids outside the vocabulary")
+        order = sorted(range(len(groups)), key=lambda i: -len(groups[i][0]))
+        dev = self.device
+        i = 0
+        while i < len(order):
+            width = len(groups[order[i]][0]) + max(len(c) for c in groups[order[i]][1])
+            batch = order[i : i + max(1, batch_tokens // width)]
+            i += len(batch)
+            ctxs = [list(groups[g][0]) for g in batch]
+            conts = [[list(c) for c in groups[g][1]] for g in batch]
+            C = max(len(c) for c in ctxs)
+            size = C + max(len(c) for cs in conts for c in cs)
+            cache = KVCache(self.config, len(batch), size, dev, self.dtype)
+            tokens = torch.tensor([c + [0] * (C - len(c)) for c in ctxs], device=dev)
+            b_idx = torch.arange(len(batch), device=dev)
+            last = torch.tensor([len(c) - 1 for c in ctxs], device=dev)
+            first = self._project(tokens, torch.arange(C, device=dev), cache, C, b_idx, last)
+            logp_first = torch.log_softmax(self._mask(first).float(), dim=-1)
+            for b, g in enumerate(batch):
+                out[g] = [[] for _ in conts[b]]
+                for j, cont in enumerate(conts[b]):
+                    out[g][j].append(_one_logprob(logp_first[b], cont[0]))
+            for j in range(max(len(cs) for cs in conts)):
+                rows = [b for b in range(len(batch)) if j < len(conts[b]) and len(conts[b][j]) > 1]
+                if not rows:
+                    continue
+                T = max(len(conts[b][j]) for b in rows) - 1  # the last token is only a target
+                toks = [[0] * T for _ in batch]
+                pos = [[len(ctxs[b]) + t for t in range(T)] for b in range(len(batch))]
+                where, targets = [], []
+                for b in rows:
+                    cont = conts[b][j]
+                    toks[b][: len(cont) - 1] = cont[:-1]
+                    where += [(b, t) for t in range(len(cont) - 1)]
+                    targets += cont[1:]
+                positions = torch.tensor(pos, device=dev)
+                bi = torch.tensor([b for b, _ in where], device=dev)
+                ti = torch.tensor([t for _, t in where], device=dev)
+                kv_len = int(positions.max()) + 1
+                logits = self._project(torch.tensor(toks, device=dev), positions, cache, kv_len,
+                                       bi, ti)  # fmt: skip
+                scored = iter(_token_logprobs(self._mask(logits), targets, 0))
+                for b in rows:
+                    out[batch[b]][j].extend(next(scored) for _ in range(len(conts[b][j]) - 1))
+        return out
+
+    def _project(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache,
+        kv_len: int,
+        rows: torch.Tensor,
+        cols: torch.Tensor,
+    ) -> torch.Tensor:
+        """Logits at (rows, cols) only, of a cached forward pass."""
+        if isinstance(self.model.output, torch.nn.Linear):
+            return self.model(tokens, positions, cache=cache, kv_len=kv_len,
+                              head=lambda h, w: linear(h[rows, cols], w))  # fmt: skip
+        return self.model(tokens, positions, cache=cache, kv_len=kv_len)[rows, cols]
+
     # ------------------------------------------------------------------------------ internals
     def _encode(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
@@ -552,3 +639,9 @@ class Engine:
         for b, s in enumerate(seqs):
             if s.finish_reason is None:
                 yield b, s.accept(tokens[b])
+
+
+def _one_logprob(logp: torch.Tensor, token: int) -> TokenLogprob:
+    """Token ``token``'s log-probability and rank under one row of log-probabilities."""
+    chosen = logp[token]
+    return TokenLogprob(token, float(chosen), int((logp > chosen).sum()) + 1)
