@@ -1,0 +1,1 @@
+"""Evaluation: benchmark tasks, and the sandbox that runs model-written code."""
