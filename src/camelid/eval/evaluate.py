@@ -61,22 +61,18 @@ def score(
     total = len(task.items) if opts.limit is None else min(opts.limit, len(task.items))
     if task.prepared is not None:
         total = opts.limit or 0
-    bar = tqdm(
-        total=total or None,
-        desc=task.name,
-        unit="item",
-        disable=progress is False,
-        leave=False,
-        dynamic_ncols=True,
-    )
+    if task.kind == "code":  # HumanEval shows its own bars (generating, then running)
+        return runner.run_code(engine, task, opts, progress=None if progress is False else _noop)
+    bar = tqdm(total=total or None, desc=task.name, unit="item", disable=progress is False,
+               leave=False, dynamic_ncols=True)  # fmt: skip
     try:
-        if task.kind == "code":
-            from camelid.eval import code
-
-            return code.run_code(engine, task, opts, progress=bar.update)
         return runner.RUNNERS[task.kind](engine, task, opts, progress=bar.update)
     finally:
         bar.close()
+
+
+def _noop(_: int) -> None:
+    pass
 
 
 def evaluate_model(

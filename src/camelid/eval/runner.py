@@ -408,15 +408,12 @@ def metrics_from_items(
         from camelid.eval.code import pass_at_k
 
         ks = template.get("k") or [1]
-        out = {"items": len(records)}
+        out: dict[str, Any] = {"items": len(records)}
         for k in ks:
             vals = [pass_at_k(r["n"], r["correct"], k) for r in records if r["n"] >= k]
             out[f"pass@{k}"] = sum(vals) / len(vals) if vals else None
         return out
     raise EvalError(f"unknown task kind {kind!r}")
-
-
-RUNNERS = {"choice": run_choice, "generate": run_generate, "perplexity": run_perplexity}
 
 
 def rescore(
@@ -441,9 +438,7 @@ def rescore(
     if not wanted:
         return problems
     if kind == "code":
-        from camelid.eval import code
-
-        return problems + code.recheck(task, items, wanted, opts)
+        return problems + recheck_code(task, items, wanted, opts)
     _, fresh = RUNNERS[kind](engine, task, opts, indices=[n for _, n in wanted])
     for (p, _), new in zip(wanted, fresh, strict=True):
         problems.extend((p, d) for d in differences(kind, items[p], new, tolerance))
@@ -493,3 +488,62 @@ def options_from_template(template: dict[str, Any], result: dict[str, Any]) -> O
     if "k" in template:
         opts.k = tuple(template["k"])
     return opts
+
+
+# ------------------------------------------------------------------------------------ code
+def run_code(
+    engine: Engine,
+    task: Task,
+    opts: Options,
+    progress: Progress | None = None,
+    indices: list[int] | None = None,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """HumanEval pass@k: ``opts.samples`` completions per problem, each run in the sandbox."""
+    from camelid.eval import code
+
+    chosen = _indices(task, opts, indices)
+    out = code.evaluate_humaneval(
+        engine,
+        n=opts.samples,
+        k=opts.k,
+        temperature=opts.temperature,
+        top_p=opts.top_p,
+        max_new_tokens=opts.max_new_tokens,
+        seed=opts.seed,
+        timeout_s=opts.timeout_s,
+        problems=[task.items[n].problem for n in chosen],
+        progress=progress is not None,
+    )
+    records = [{"id": p["task_id"], **{k: v for k, v in p.items() if k != "task_id"}}
+               for p in out["problems"]]  # fmt: skip
+    metrics = metrics_from_items("code", records, opts.template("code"))
+    metrics["sandbox"] = out["sandbox"]["isolation"]
+    return metrics, records
+
+
+def recheck_code(
+    task: Task, items: list[dict[str, Any]], wanted: list[tuple[int, int]], opts: Options
+) -> list[tuple[int, str]]:
+    """Run the recorded completions of the items at ``wanted`` (result index, task index) in
+    the sandbox again; name every one whose pass/fail differs from the record."""
+    from camelid.eval import code
+
+    jobs = [(task.items[n].problem, c) for p, n in wanted for c in items[p].get("completions", [])]
+    fresh = iter(code.check_many(jobs, timeout_s=opts.timeout_s, progress=False))
+    problems = []
+    for p, _ in wanted:
+        rec = items[p]
+        passed = sum(next(fresh).passed for _ in rec.get("completions", []))
+        if passed != rec.get("correct"):
+            problems.append(
+                (p, f"correct: recorded {rec.get('correct')}, the sandbox gives {passed}")
+            )
+    return problems
+
+
+RUNNERS = {
+    "choice": run_choice,
+    "generate": run_generate,
+    "perplexity": run_perplexity,
+    "code": run_code,
+}
