@@ -15,6 +15,7 @@ from camelid import __version__
 from camelid.cli import (
     chat,
     convert,
+    digest,
     export,
     generate,
     inspect,
@@ -35,6 +36,7 @@ COMMANDS = (
     prepare,
     train,
     export,
+    digest,
     generate,
     chat,
     serve,
