@@ -394,6 +394,43 @@ def test_models_health_tokenize(client, live, tok, engine):
     assert chat["tokens"] == chat_prompt_ids(tok, USER)
 
 
+def test_the_weights_digest_is_on_every_answer(client, live, model_dir, engine, tok):
+    """system_fingerprint on completions, chats and their stream chunks; the digest header on
+    every response (errors too); both digests in /v1/models. Without a digest: null, absent."""
+    from camelid.weights.digest import directory_digest
+
+    digest, fp = directory_digest(model_dir), f"fp_{directory_digest(model_dir)[:16]}"
+    kw = dict(model=MODEL, max_tokens=3, temperature=0)
+    server = LiveServer(create_app(engine, model_name=MODEL, api_key=KEY, digest=digest))
+    try:
+        c = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=60)
+        chat = c.chat.completions.with_raw_response.create(messages=USER, **kw)
+        assert chat.headers["x-camelid-weights-digest"] == digest
+        assert chat.parse().system_fingerprint == fp
+        assert c.completions.create(prompt="The", **kw).system_fingerprint == fp
+        streams = [
+            c.chat.completions.create(messages=USER, stream=True, **kw),
+            c.completions.create(prompt="The", stream=True, **kw,
+                                 stream_options={"include_usage": True}),
+        ]  # fmt: skip
+        for stream in streams:
+            chunks = list(stream)
+            assert len(chunks) > 1 and {ch.system_fingerprint for ch in chunks} == {fp}
+        (m,) = c.models.list().data
+        assert m.model_extra["digest"] == digest and m.model_extra["tokenizer_digest"] == tok.digest
+        for path, key, status in (("/v1/models", KEY, 200), ("/health", None, 200),
+                                  ("/v1/models", None, 401), ("/nowhere", KEY, 404)):  # fmt: skip
+            h = {"Authorization": f"Bearer {key}"} if key else {}
+            r = httpx.get(f"{server.url}{path}", headers=h)
+            assert r.status_code == status and r.headers["x-camelid-weights-digest"] == digest
+    finally:
+        server.close()
+    r = client.completions.with_raw_response.create(prompt="The", **kw)  # given no digest
+    assert r.parse().system_fingerprint is None and "x-camelid-weights-digest" not in r.headers
+    (m,) = client.models.list().data
+    assert m.model_extra["digest"] is None and m.model_extra["tokenizer_digest"] == tok.digest
+
+
 def test_metrics_move(client, live):
     def scrape() -> dict[str, float]:
         text = httpx.get(f"{live.url}/metrics", headers=headers()).text
@@ -566,6 +603,9 @@ def test_serve_command_drains_on_sigterm(model_dir, tmp_path):
             assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()
             line = proc.stderr.readline()
         assert MODEL in line
+        from camelid.weights.digest import directory_digest
+
+        assert f"weights {directory_digest(model_dir)[:16]})" in line
         body = {"model": MODEL, "prompt": "The", "max_tokens": 64, "temperature": 0,
                 "ignore_eos": True, "stream": True}  # fmt: skip
         url = f"http://127.0.0.1:{port}/v1/completions"

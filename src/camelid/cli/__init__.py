@@ -15,6 +15,7 @@ from camelid import __version__
 from camelid.cli import (
     chat,
     convert,
+    digest,
     eval,
     export,
     generate,
@@ -38,6 +39,7 @@ COMMANDS = (
     prepare,
     train,
     export,
+    digest,
     generate,
     chat,
     serve,

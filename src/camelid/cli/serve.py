@@ -12,6 +12,7 @@ import sys
 from camelid.cli.args import add_engine_args, engine_from_args, note
 from camelid.errors import CamelidError
 from camelid.infer.load import resolve_model
+from camelid.weights.digest import source_digest
 
 KEY_ENV = "CAMELID_API_KEY"
 
@@ -131,6 +132,9 @@ def run(args: argparse.Namespace) -> int:
     name = args.served_model_name or source.given.resolve().name
     stop_ids = generation_stop_ids(source.path) if source.kind == "hf" else ()
     sock = _bind(args.host, args.port)  # a taken port fails before the weights are read
+    # The weights as stored, before loading them (which may upcast them), and before the
+    # engine holds them, so a checkpoint read for its digest is not in memory twice.
+    digest = source_digest(source, progress=False if args.quiet else None)
     args.batch_size = args.max_batch  # the engine's rows are the scheduler's
     engine = engine_from_args(args)
     app = create_app(
@@ -141,6 +145,7 @@ def run(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         limits=Limits(max_n=args.max_n, max_tokens=args.max_tokens),
         extra_stop_ids=stop_ids,
+        digest=digest,
         scheduler={
             "prefill_chunk": args.prefill_chunk,
             "prefix_block": args.prefix_block,
@@ -154,7 +159,8 @@ def run(args: argparse.Namespace) -> int:
     shown = f"[{host}]" if ":" in host else host
     auth = "an API key" if api_key else "no API key"
     print(
-        f"camelid serve: {name} ({source.path}, context {engine.max_seq_len}) at "
+        f"camelid serve: {name} ({source.path}, context {engine.max_seq_len}, weights "
+        f"{digest[:16]}) at "
         f"http://{shown}:{port}/v1 with {auth}; Ctrl-C or SIGTERM to stop",
         file=sys.stderr,
         flush=True,

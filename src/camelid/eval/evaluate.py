@@ -13,7 +13,6 @@ from typing import Any
 
 from tqdm import tqdm
 
-import camelid
 from camelid.eval import ledger as ledger_mod
 from camelid.eval import results, runner
 from camelid.eval.runner import Options
@@ -133,7 +132,7 @@ def evaluate_model(
             "server": None,
             "device": str(getattr(engine, "device", "")),
             "dtype": str(getattr(engine, "dtype", "")).removeprefix("torch."),
-            "camelid_version": camelid.__version__,
+            "camelid_version": _version(),
             "git_commit": results.git_commit(),
             "torch_version": _torch_version(),
             "python": platform.python_version(),
@@ -181,6 +180,15 @@ def _relative(path: Path, base: Path) -> Path:
         return path.resolve().relative_to(base.resolve())
     except ValueError:
         return path.resolve()
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("camelid")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def _torch_version() -> str:

@@ -7,8 +7,10 @@
 A complete directory holds the weights (safetensors), ``config.json`` with ``bos_token_id`` and
 ``eos_token_id``, ``generation_config.json`` listing every id camelid's engine stops on (end of
 text, end of turn, end of message: :func:`camelid.infer.engine.default_stop_ids`), so
-``transformers``' ``generate`` stops where camelid stops, and the tokenizer files. This room
-may read both the weights and the tokenizer, so the directory is assembled here.
+``transformers``' ``generate`` stops where camelid stops, the tokenizer files, and a
+``README.md`` model card (:func:`model_card`): the architecture, parameter counts, the data a
+run was trained on, the weights and tokenizer digests, evaluation results. This room may read
+both the weights and the tokenizer, so the directory is assembled here.
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from camelid.config import ModelConfig
 from camelid.errors import CheckpointError
 from camelid.infer.engine import default_stop_ids
 from camelid.infer.load import (
@@ -34,15 +38,20 @@ from camelid.infer.load import (
     load_model,
     load_tokenizer,
     resolve_model,
+    run_dataset,
     run_tokenizer,
     training_checkpoint,
 )
-from camelid.io import copy_file_atomic
+from camelid.io import copy_file_atomic, format_bytes, format_count, write_text_atomic
 from camelid.model import Transformer
 from camelid.tokenizer import Tokenizer
 from camelid.tokenizer.tokenizer import CONFIG_NAME, JSON_NAME, MODEL_NAME, SPECIAL_TOKENS_NAME
 from camelid.weights import checkpoint as ckpt
 from camelid.weights import hf
+from camelid.weights.digest import directory_digest
+
+CARD_NAME = "README.md"  # the model card, where the Hugging Face Hub looks for one
+_CARD_KEY = "camelid"  # the card's front-matter key holding what it was made from
 
 # What a Hugging Face model directory carries besides weights and config.json, kept by convert.
 TOKENIZER_FILES = (
@@ -67,10 +76,18 @@ class Written:
 
 
 def save_pretrained(
-    model: Transformer, tokenizer: Tokenizer, out: str | Path, max_shard_size: int | str = "5GB"
+    model: Transformer,
+    tokenizer: Tokenizer,
+    out: str | Path,
+    max_shard_size: int | str = "5GB",
+    *,
+    data: dict[str, Any] | None = None,
+    evaluations: list[dict[str, Any]] | None = None,
 ) -> None:
     """Write ``model`` and ``tokenizer`` as one complete Hugging Face directory (see the module
-    docstring). Each file is written atomically."""
+    docstring), with a model card whose digests are read back from the files written;
+    ``data`` (:func:`data_summary`) and ``evaluations`` go into the card. Each file is written
+    atomically."""
     out = Path(out)
     hf.save(model, out, max_shard_size, bos_token_id=tokenizer.bos_id,
             eos_token_id=tokenizer.eos_id, stop_token_ids=default_stop_ids(tokenizer))  # fmt: skip
@@ -78,6 +95,8 @@ def save_pretrained(
     for name in (MODEL_NAME, "chat_template.jinja", "chat_template.json"):
         # From an earlier directory in the same place: they would describe another tokenizer.
         (out / name).unlink(missing_ok=True)
+    card = model_card(model.config, directory_digest(out), tokenizer.digest, data, evaluations)
+    write_text_atomic(out / CARD_NAME, card)
 
 
 def keep_run_tokenizer(tokenizer: Tokenizer, run_dir: str | Path) -> None:
@@ -130,7 +149,8 @@ def export_checkpoint(
         raise CheckpointError(f"{e}; to export the one before it: {hint}") from None
     if log is not None:  # only now: a bad checkpoint ends in its one error line
         log(f"read {path} (step {step}); writing {out} with the tokenizer {tok_path}")
-    _write(out, lambda d: save_pretrained(model, tokenizer, d, max_shard_size))
+    data = run_data(run)
+    _write(out, lambda d: save_pretrained(model, tokenizer, d, max_shard_size, data=data))
     return Written(source, out, hf.inspect_checkpoint(out), str(tok_path),
                    time.perf_counter() - t0)  # fmt: skip
 
@@ -163,7 +183,8 @@ def convert(
     if source.kind == "checkpoint":
         tokenizer = load_tokenizer(source)
         weights = load_model(source, dtype=dtype or info.dtype)
-        save_pretrained(weights, tokenizer, out, max_shard_size)
+        data = run_data(source.run) if source.run is not None else None
+        save_pretrained(weights, tokenizer, out, max_shard_size, data=data)
         origin = tokenizer.source
     else:
         origin = _convert_hf(source.path, out, info, dtype, max_shard_size, log)
@@ -191,9 +212,33 @@ def _convert_hf(
     for name in (*TOKENIZER_FILES, hf.GENERATION_CONFIG_NAME):
         if (src / name).is_file() and not same:
             copy_file_atomic(src / name, out / name)
+    _convert_card(src, out, info.config, tokenizer, log)
     if tokenizer is None and log is not None:
         log(f"note: {src} has no {JSON_NAME} or {MODEL_NAME}; {out} holds the weights only")
     return str(src) if tokenizer is not None else None
+
+
+def _convert_card(
+    src: Path,
+    out: Path,
+    config: ModelConfig,
+    tokenizer: Tokenizer | None,
+    log: Callable[[str], None] | None,
+) -> None:
+    """The converted directory's model card: a camelid card of the source refreshed (new
+    digests; its data and evaluations kept), another card kept as it is (the publisher's
+    text), else a new one."""
+    card = src / CARD_NAME
+    recorded = read_model_card(card)
+    if recorded is None and card.is_file():
+        copy_file_atomic(card, out / CARD_NAME)
+        if log is not None:
+            log(f"note: kept {card} as it is (not a camelid model card: no digests added)")
+        return
+    recorded = recorded or {}
+    text = model_card(config, directory_digest(out), tokenizer.digest if tokenizer else None,
+                      recorded.get("data"), recorded.get("evaluations"))  # fmt: skip
+    write_text_atomic(out / CARD_NAME, text)
 
 
 def _token_ids(config_file: Path) -> dict[str, int | list[int]]:
@@ -263,3 +308,203 @@ def _write(out: Path, write: Callable[[Path], None]) -> None:
         stage.rename(out)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------- model card
+def run_data(run: Path) -> dict[str, Any] | None:
+    """The :func:`data_summary` of the dataset a run's recipe names (None where it cannot be
+    read: moved, or never recorded)."""
+    found = run_dataset(run)
+    return None if found is None else data_summary(found[1], found[0])
+
+
+def data_summary(manifest: dict[str, Any], data_dir: str | Path) -> dict[str, Any]:
+    """What a model card says of a training dataset, from its manifest.json (``camelid
+    prepare``): tokens and documents per split, the source files, the tokenizer digest."""
+
+    def table(value: Any) -> dict[str, Any]:
+        return value if isinstance(value, dict) else {}
+
+    splits = {name: table(split) for name, split in table(manifest.get("splits")).items()}
+    sources = [s for s in manifest.get("sources") or [] if isinstance(s, dict)]
+    corpus = table(table(manifest.get("recipe")).get("config")).get("corpus") or []
+    return {
+        "dir": str(Path(data_dir)),
+        "tokens": {name: split.get("tokens") for name, split in splits.items()},
+        "documents": {name: split.get("documents") for name, split in splits.items()},
+        "sources": {
+            "files": len(sources),
+            "bytes": sum(s.get("bytes") or 0 for s in sources),
+            "corpus": [str(c) for c in corpus],
+        },
+        "tokenizer_digest": table(manifest.get("tokenizer")).get("digest"),
+        "recipe_digest": manifest.get("recipe_digest"),
+    }
+
+
+def model_card(
+    config: ModelConfig,
+    weights_digest: str,
+    tokenizer_digest: str | None,
+    data: dict[str, Any] | None = None,
+    evaluations: list[dict[str, Any]] | None = None,
+) -> str:
+    """A model card (``README.md``, Markdown with Hugging Face front matter): the architecture,
+    parameter counts, training data (:func:`data_summary`, when known), the weights digest
+    (:mod:`camelid.weights.digest`) and the tokenizer digest, and evaluation results, each a
+    dict with ``task``, ``metric``, ``value``, ``digest`` (of the weights it was measured on)
+    and ``date``. The front matter also holds these inputs as JSON, so ``camelid convert``
+    can refresh the card."""
+    c = config
+    meta = {"digest": weights_digest, "tokenizer_digest": tokenizer_digest,
+            "data": data, "evaluations": list(evaluations or [])}  # fmt: skip
+    lines = [
+        "---",
+        "library_name: transformers",
+        "pipeline_tag: text-generation",
+        "tags:",
+        "- llama",
+        "- camelid",
+        # JSON is YAML: one ASCII line that read_model_card finds again
+        f"{_CARD_KEY}: {json.dumps(meta, sort_keys=True, default=str)}",
+        "---",
+        "",
+        f"# {c.name or 'Llama model'}",
+        "",
+        "A Llama-architecture language model in the Hugging Face format, written by camelid. "
+        "It loads in `transformers` (`LlamaForCausalLM`) and in camelid.",
+        "",
+        "## Model",
+        "",
+        *_table(("setting", "value"), [
+            ("dim", c.dim),
+            ("layers", c.n_layers),
+            ("heads", c.n_heads),
+            ("kv heads", c.n_kv_heads),
+            ("head dim", c.head_dim),
+            ("ffn hidden", c.ffn_hidden_dim),
+            ("vocab", c.vocab_size),
+            ("context", c.max_seq_len),
+            ("rope theta", f"{c.rope_theta:g}"),
+            ("rope scaling", _rope_scaling(c)),
+            ("output head", "tied to the embedding" if c.tie_embeddings else "untied"),
+        ]),
+        "",
+        "## Parameters",
+        "",
+        *_table(("count", "parameters"), [
+            ("total", _count(c.num_params())),
+            ("non-embedding", _count(c.num_params(exclude_embedding=True))),
+        ]),
+        "",
+        "## Digests",
+        "",
+        *_table(("what", "sha256"), [
+            ("weights", f"`{weights_digest}`"),
+            ("tokenizer", f"`{tokenizer_digest}`" if tokenizer_digest else "none (no tokenizer)"),
+        ]),
+        "",
+        "The weights digest hashes every tensor (name, dtype, shape, bytes), not the files: "
+        "re-sharding or re-saving keeps it, any changed weight or dtype changes it. "
+        "`camelid digest DIR` recomputes both; a camelid server reports them in `/v1/models`.",
+        "",
+        "## Training data",
+        "",
+        *_data_section(data),
+        "",
+        "## Evaluation",
+        "",
+        *_evaluation_section(weights_digest, evaluations),
+    ]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def read_model_card(path: str | Path) -> dict[str, Any] | None:
+    """What a camelid model card was made from (digests, data, evaluations), from its front
+    matter; None for a missing file or a card camelid did not write."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    if not text.startswith("---\n"):
+        return None
+    for line in text[4:].split("\n---\n", 1)[0].splitlines():
+        if line.startswith(f"{_CARD_KEY}: "):
+            try:
+                meta = json.loads(line[len(_CARD_KEY) + 2 :])
+            except json.JSONDecodeError:
+                return None
+            return meta if isinstance(meta, dict) else None
+    return None
+
+
+def _rope_scaling(c: ModelConfig) -> str:
+    s = c.rope_scaling
+    if s is None:
+        return "none"
+    return (
+        f"llama3: factor {s.factor:g}, low {s.low_freq_factor:g}, high {s.high_freq_factor:g}, "
+        f"original context {s.original_max_position_embeddings}"
+    )
+
+
+def _count(n: int) -> str:
+    return f"{format_count(n)} ({n:,})"
+
+
+def _data_section(data: dict[str, Any] | None) -> list[str]:
+    if not data:
+        return ["Not recorded: this directory was not exported from a camelid training run "
+                "whose dataset could be read."]  # fmt: skip
+
+    def per_split(counts: Any) -> str:
+        items = counts.items() if isinstance(counts, dict) else []
+        return ", ".join(f"{v:,} {k}" if isinstance(v, int) else f"{v} {k}" for k, v in items)
+
+    sources = data.get("sources") if isinstance(data.get("sources"), dict) else {}
+    corpus = ", ".join(f"`{c}`" for c in sources.get("corpus") or []) or "not recorded"
+    files = sources.get("files")
+    nbytes = sources.get("bytes")
+    size = f", {format_bytes(nbytes)}" if isinstance(nbytes, int | float) else ""
+    tok = data.get("tokenizer_digest")
+    return _table(("what", "value"), [
+        ("dataset", f"`{data.get('dir')}`"),
+        ("tokens", per_split(data.get("tokens")) or "not recorded"),
+        ("documents", per_split(data.get("documents")) or "not recorded"),
+        ("sources", f"{files} files{size}" if files is not None else "not recorded"),
+        ("corpus", corpus),
+        ("tokenized with", f"`{tok}`" if tok else "not recorded"),
+        ("dataset recipe", f"`{data.get('recipe_digest')}`"),
+    ])  # fmt: skip
+
+
+def _evaluation_section(weights_digest: str, evaluations: list[dict[str, Any]] | None) -> list[str]:
+    if not evaluations:
+        return ["No evaluation results yet."]
+    rows, other = [], False
+    for e in evaluations:
+        value = e.get("value")
+        digest = str(e.get("digest") or "")
+        same = digest == weights_digest
+        other |= not same
+        rows.append((
+            e.get("task"), e.get("metric"),
+            f"{value:.4g}" if isinstance(value, float) else value,
+            f"`{digest[:16]}`" + ("" if same else " (other weights)"), e.get("date"),
+        ))  # fmt: skip
+    lines = _table(("task", "metric", "value", "weights digest", "date"), rows)
+    if other:
+        lines += ["", "Results marked *other weights* were measured on weights whose digest "
+                  "differs from this directory's: they do not describe these weights."]  # fmt: skip
+    return lines
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[Any, ...]]) -> list[str]:
+    """A Markdown (GFM) table; ``|`` and line breaks in cells are escaped."""
+
+    def cell(value: Any) -> str:
+        return " ".join(str("" if value is None else value).split()).replace("|", "\\|")
+
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return out

@@ -24,6 +24,7 @@ import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -150,21 +151,8 @@ def run_tokenizer(run: Path) -> Path:
     if _has_tokenizer(copy):
         return copy
     tried.append(f"{copy} (none)")
-    recipe_file = run / RUN_RECIPE
-    data: dict = {}
-    try:
-        data = _table(tomllib.loads(recipe_file.read_text()).get("data"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-        tried.append(f"{recipe_file} (unreadable: {type(e).__name__})")
-    manifest: dict = {}
-    if isinstance(data.get("dir"), str) and data["dir"]:
-        for data_dir in _candidates(run, data["dir"]):
-            file = data_dir / "manifest.json"  # the dataset's own record (camelid prepare)
-            try:
-                manifest = _table(_table(json.loads(file.read_text())).get("tokenizer"))
-                break
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-                tried.append(f"{file} (no readable manifest)")
+    data, _, dataset = _run_data(run, tried)
+    manifest = _table(dataset.get("tokenizer"))
     named = [("data.tokenizer", data.get("tokenizer")), ("the dataset's", manifest.get("path"))]
     for label, value in named:
         if not isinstance(value, str) or not value:
@@ -180,6 +168,32 @@ def run_tokenizer(run: Path) -> Path:
             return path
     raise CheckpointError(f"{run}: cannot find the tokenizer it was trained with; tried " +
                           "; ".join(tried))  # fmt: skip
+
+
+def run_dataset(run: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The dataset a run was trained on: its recipe's ``data.dir`` and that directory's
+    manifest.json (``camelid prepare``'s record of it), or None where either is unreadable."""
+    _, found, manifest = _run_data(Path(run), [])
+    return None if found is None else (found, manifest)
+
+
+def _run_data(run: Path, tried: list[str]) -> tuple[dict, Path | None, dict]:
+    """A run's recipe ``[data]`` table, its dataset directory and the dataset's manifest
+    ({} and None where unreadable; what was tried is appended to ``tried``)."""
+    recipe_file = run / RUN_RECIPE
+    data: dict = {}
+    try:
+        data = _table(tomllib.loads(recipe_file.read_text()).get("data"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        tried.append(f"{recipe_file} (unreadable: {type(e).__name__})")
+    if isinstance(data.get("dir"), str) and data["dir"]:
+        for data_dir in _candidates(run, data["dir"]):
+            file = data_dir / "manifest.json"  # the dataset's own record (camelid prepare)
+            try:
+                return data, data_dir, _table(json.loads(file.read_text()))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+                tried.append(f"{file} (no readable manifest)")
+    return data, None, {}
 
 
 def load_tokenizer(source: ModelSource) -> Tokenizer:

@@ -74,12 +74,19 @@ class DetokenizeRequest(schemas._Body):
     tokens: list[int]
 
 
-class _Guard:
-    """Pure ASGI middleware: the API key, and requests counted by route and status."""
+DIGEST_HEADER = "X-Camelid-Weights-Digest"
 
-    def __init__(self, app, api_key: str | None, metrics: ServerMetrics) -> None:
+
+class _Guard:
+    """Pure ASGI middleware: the API key, requests counted by route and status, and the
+    weights digest (when known) as a header on every response, errors included."""
+
+    def __init__(
+        self, app, api_key: str | None, metrics: ServerMetrics, digest: str | None
+    ) -> None:
         self.app, self.metrics = app, metrics
         self.key = None if api_key is None else f"Bearer {api_key}".encode()
+        self.digest = None if digest is None else (DIGEST_HEADER.lower().encode(), digest.encode())
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -93,6 +100,8 @@ class _Guard:
         async def counted(message) -> None:
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
+                if self.digest is not None:
+                    message = {**message, "headers": [*message.get("headers", ()), self.digest]}
             await send(message)
 
         try:
@@ -156,8 +165,12 @@ def create_app(
     """The server for one engine. ``worker`` defaults to :func:`make_worker` (the
     continuous-batching scheduler, with ``scheduler``'s other settings: ``prefill_chunk``,
     ``prefix_cache_bytes``, ``batch_invariant``); ``extra_stop_ids`` end every request (the
-    model's generation_config.json ``eos_token_id``); ``digest`` is reported by
-    ``/v1/models``."""
+    model's generation_config.json ``eos_token_id``); ``digest``, the weights digest of the
+    model as stored (:func:`camelid.weights.digest.source_digest`: the engine's weights may
+    have been upcast on loading, so the app does not compute it), is reported by
+    ``/v1/models``, in every response's ``system_fingerprint`` and in the
+    ``X-Camelid-Weights-Digest`` header; without it they are null and absent. ``/v1/models``
+    always reports the tokenizer's digest."""
     worker = worker if worker is not None else make_worker(
         engine, max_batch=max_batch, max_queue=max_queue, **(scheduler or {})
     )  # fmt: skip
@@ -169,7 +182,9 @@ def create_app(
         model_name=model_name,
         limits=limits or Limits(),
         extra_stop_ids=tuple(extra_stop_ids),
+        digest=digest,
     )
+    tokenizer_digest = engine.tokenizer.digest  # computed once, now
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -219,8 +234,8 @@ def create_app(
             "owned_by": "camelid",
             "max_model_len": engine.max_seq_len,
         }
-        if digest is not None:
-            out["digest"] = digest
+        out["digest"] = digest
+        out["tokenizer_digest"] = tokenizer_digest
         return out
 
     @app.get("/v1/models")
@@ -284,5 +299,5 @@ def create_app(
                            param="tokens")  # fmt: skip
         return {"prompt": engine.tokenizer.decode(req.tokens)}
 
-    app.add_middleware(_Guard, api_key=api_key, metrics=metrics)
+    app.add_middleware(_Guard, api_key=api_key, metrics=metrics, digest=digest)
     return app

@@ -55,10 +55,22 @@ class ServeState:
     model_name: str
     limits: Limits = field(default_factory=Limits)
     extra_stop_ids: tuple[int, ...] = ()
+    digest: str | None = None  # the weights digest (camelid.weights.digest), when known
 
     @property
     def context(self) -> int:
         return self.engine.max_seq_len
+
+    @property
+    def system_fingerprint(self) -> str | None:
+        """OpenAI's ``system_fingerprint``: which weights answered, "fp_" and the first 16 hex
+        digits of the weights digest (None when the app was given no digest)."""
+        return None if self.digest is None else f"fp_{self.digest[:16]}"
+
+    def envelope(self, rid: str, kind: str, created: int) -> dict[str, Any]:
+        """The fields every completion, chat completion and stream chunk starts with."""
+        return {"id": rid, "object": kind, "created": created, "model": self.model_name,
+                "system_fingerprint": self.system_fingerprint}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------- reading a body
@@ -489,10 +501,7 @@ async def completions(state: ServeState, request: Request) -> Response:
         )
     return JSONResponse(
         {
-            "id": rid,
-            "object": "text_completion",
-            "created": created,
-            "model": state.model_name,
+            **state.envelope(rid, "text_completion", created),
             "choices": out,
             "usage": _usage(prompts, choices, req.n),
         }
@@ -594,10 +603,7 @@ async def chat(state: ServeState, request: Request) -> Response:
         )
     return JSONResponse(
         {
-            "id": rid,
-            "object": "chat.completion",
-            "created": created,
-            "model": state.model_name,
+            **state.envelope(rid, "chat.completion", created),
             "choices": out,
             "usage": _usage([ids], choices, req.n),
         }
@@ -628,7 +634,7 @@ def _stream(state, request, jobs, req, rid, created, kind, chunk, echo_of) -> Re
     finish_reason, then (``stream_options.include_usage``) a usage chunk with no choices,
     then ``[DONE]``. A refusal before the first token is an ordinary error response."""
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    head = {"id": rid, "object": kind, "created": created, "model": state.model_name}
+    head = state.envelope(rid, kind, created)
     events = state.backend.run(jobs)
     timing = _Timing(state.metrics, len(jobs))
 

@@ -30,7 +30,7 @@ import torch
 from camelid.data import TokenLoader, read_manifest
 from camelid.errors import CamelidError, CheckpointError, DataError
 from camelid.infer import Engine, SamplingParams
-from camelid.infer.export import keep_run_tokenizer, save_pretrained
+from camelid.infer.export import data_summary, keep_run_tokenizer, save_pretrained
 from camelid.io import format_count, write_text_atomic
 from camelid.loss import IGNORE_INDEX, next_token_loss, valid_targets
 from camelid.model import Transformer
@@ -151,7 +151,7 @@ class _Run:
         # Everything a user can get wrong is checked before the run directory is touched: a
         # failed start leaves no empty run directory and changes nothing of an existing run.
         self._check_run_dir(resume, fresh)
-        manifest = read_manifest(r.data.dir)
+        manifest = self.manifest = read_manifest(r.data.dir)
         tok_path = r.data.tokenizer or manifest["tokenizer"]["path"]
         self.tokenizer = Tokenizer.load(tok_path)
         if self.tokenizer.digest != manifest["tokenizer"]["digest"]:
@@ -798,7 +798,8 @@ class _Run:
         if self.world.is_main:
             model = Transformer.empty(self.config)
             model.load_state_dict({k: v.float() for k, v in state.items()})
-            save_pretrained(model, self.tokenizer, self.run_dir / "hf")
+            data = data_summary(self.manifest, self.recipe.data.dir)  # for its model card
+            save_pretrained(model, self.tokenizer, self.run_dir / "hf", data=data)
         barrier(self.world)
         self.clock.lap("export")
         self._event("export", str(self.run_dir / "hf"))

@@ -1,4 +1,5 @@
-"""Weights in and out: Hugging Face safetensors directories (GGUF and digests come later)."""
+"""Weights in and out: Hugging Face safetensors directories, and the weights digest that names
+them (:mod:`camelid.weights.digest`); GGUF comes later."""
 
 from camelid.weights.hf import load, save
 

@@ -8,6 +8,7 @@ stop counting against the process: peak memory stays near the size of the model 
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import sys
@@ -34,12 +35,23 @@ _IGNORED_RE = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 # Bytes copied out of one memory mapping before it is re-opened (see module docstring).
 _REMAP_BYTES = 16 * 2**20
 
-_SAFETENSORS_FLOATS = {
+# safetensors' dtype names, as its headers spell them.
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
     "F32": torch.float32,
     "F16": torch.float16,
     "BF16": torch.bfloat16,
-    "F64": torch.float64,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
 }
+# The ones a model's weights may be stored in.
+_SAFETENSORS_FLOATS = {k: SAFETENSORS_DTYPES[k] for k in ("F32", "F16", "BF16", "F64")}
 
 
 @dataclass(frozen=True)
@@ -117,7 +129,7 @@ def load(
     device = torch.device(device)
     model = Transformer.empty(config, device, load_dtype(dtype, stored, device))
     params = dict(model.named_parameters())
-    bar = _progress(len(targets), f"loading {path.name}", progress)
+    bar = progress_bar(len(targets), f"loading {path.name}", progress)
     with torch.no_grad():
         for file, names in by_file.items():
             for hf_name, tensor in _stream(file, names):
@@ -154,6 +166,15 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
     config, _, by_file, dtype = _plan(path)
     files = sorted(by_file)
     return CheckpointInfo(config, files, dtype, sum(f.stat().st_size for f in files))
+
+
+def model_tensors(path: str | Path) -> dict[str, Path]:
+    """HF name → the safetensors file holding it, for every tensor the model is made of (what
+    :func:`load` reads), checked from the headers alone. Tensors a checkpoint may also carry
+    that no model reads (rotary ``inv_freq`` buffers, a tied model's ``lm_head.weight``) are
+    not among them."""
+    _, _, by_file, _ = _plan(Path(path))
+    return {name: file for file, names in by_file.items() for name in names}
 
 
 def _plan(
@@ -310,34 +331,30 @@ def save(
     path.mkdir(parents=True, exist_ok=True)
     limit = parse_size(max_shard_size)
     config = model.config
-    params = dict(model.named_parameters(remove_duplicate=False))
-    dtypes = {p.dtype for p in params.values()}
-    dtype = next(iter(dtypes)) if len(dtypes) == 1 else torch.float32
-    layout = hf_layout(config)
+    dtype = save_dtype(model)
 
     # Group the HF tensors into shards in HF order, each shard at most `limit` bytes.
-    shards: list[list[tuple[str, str, Piece]]] = [[]]
+    shards: list[list[str]] = [[]]
     size = 0
-    for name, pieces in layout.items():
-        for piece in pieces:
-            nbytes = _numel(piece.shape) * params[name].element_size()
-            if shards[-1] and size + nbytes > limit:
-                shards.append([])
-                size = 0
-            shards[-1].append((name, piece.hf_name, piece))
-            size += nbytes
+    for piece in _pieces(config):
+        nbytes = _numel(piece.shape) * dtype.itemsize
+        if shards[-1] and size + nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(piece.hf_name)
+        size += nbytes
     n = len(shards)
     names = (
         [SINGLE_NAME] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
     )
     weight_map, total = {}, 0
+    written = hf_tensors(model)  # the same order: one tensor at a time, one shard in memory
     for shard, file in zip(shards, names, strict=True):
-        tensors = {}
-        for name, hf_name, piece in shard:
-            rows = params[name].detach()[piece.start : piece.start + piece.shape[0]]
-            tensors[hf_name] = rows.to(device="cpu", dtype=dtype).contiguous()
-            weight_map[hf_name] = file
-            total += tensors[hf_name].numel() * tensors[hf_name].element_size()
+        tensors = dict(itertools.islice(written, len(shard)))
+        assert list(tensors) == shard
+        for name, tensor in tensors.items():
+            weight_map[name] = file
+            total += tensor.numel() * tensor.element_size()
         with atomic_path(path / file) as tmp:
             save_file(tensors, str(tmp), metadata={"format": "pt"})
         del tensors
@@ -365,6 +382,31 @@ def save(
         p.unlink()
 
 
+def save_dtype(model: Transformer) -> torch.dtype:
+    """The dtype :func:`save` writes ``model`` in: its parameters' one dtype, else float32."""
+    dtypes = {p.dtype for p in model.parameters()}
+    return next(iter(dtypes)) if len(dtypes) == 1 else torch.float32
+
+
+def hf_tensors(model: Transformer) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor :func:`save` writes for ``model``, in file order: its HF name and the tensor
+    exactly as written (on the CPU, in :func:`save_dtype`, contiguous), made one at a time so a
+    model on a GPU or being cast is never copied whole. The tied head is not among them: HF
+    stores it once, as the embedding. What is saved and what is hashed
+    (:mod:`camelid.weights.digest`) are both these tensors."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    dtype = save_dtype(model)
+    for name, pieces in hf_layout(model.config).items():
+        for piece in pieces:
+            rows = params[name].detach()[piece.start : piece.start + piece.shape[0]]
+            yield piece.hf_name, rows.to(device="cpu", dtype=dtype).contiguous()
+
+
+def _pieces(config: ModelConfig) -> Iterator[Piece]:
+    for pieces in hf_layout(config).values():
+        yield from pieces
+
+
 def _numel(shape: tuple[int, ...]) -> int:
     out = 1
     for s in shape:
@@ -380,11 +422,14 @@ class _NoBar:
         pass
 
 
-def _progress(total: int, desc: str, show: bool | None):
+def progress_bar(total: int, desc: str, show: bool | None, unit: str = "tensor"):
+    """A tqdm bar on stderr (``show=None``: when it is a terminal) counting tensors or, with
+    ``unit="B"``, bytes."""
     if show is None:
         show = sys.stderr.isatty()
     if not show:
         return _NoBar()
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="tensor", leave=False)
+    scale = {"unit_scale": True, "unit_divisor": 1024} if unit == "B" else {}
+    return tqdm(total=total, desc=desc, unit=unit, leave=False, **scale)
