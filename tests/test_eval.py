@@ -292,3 +292,154 @@ def test_signature_round_trip(tmp_path):
 def test_cli_eval_help_and_bad_task(tmp_path, model_dir, capsys):
     assert camelid_main(["eval", str(model_dir), "--task", str(tmp_path / "none.jsonl")]) == 1
     assert "no such file" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------- end to end, and verify
+@pytest.fixture(scope="module")
+def evaluated(model_dir, tmp_path_factory):
+    """An honest result of a choice task on model_dir, its ledger beside it, and the files."""
+    root = tmp_path_factory.mktemp("evaluated")
+    task = write_jsonl(root / "mc.jsonl", CHOICE_ITEMS)
+    out = root / "res.json"
+    ledger_path = root / "ledger.jsonl"
+    argv = ["eval", str(model_dir), "--task", str(task), "--out", str(out), "--ledger",
+            str(ledger_path), "--device", "cpu", "-q"]  # fmt: skip
+    assert camelid_main(argv) == 0
+    return {"task": task, "out": out, "ledger": ledger_path, "root": root}
+
+
+def test_eval_result_names_weights_data_and_template(evaluated, model_dir, capsys):
+    from camelid.weights.digest import directory_digest
+
+    r = results.read(evaluated["out"])
+    assert r["model"]["weights_digest"] == directory_digest(model_dir)
+    assert r["task"]["kind"] == "choice" and r["task"]["scored"] == 6
+    assert r["template"]["shots"] == 0 and r["template_sha256"] == results.template_hash(
+        r["template"]
+    )
+    assert r["scoring"]["mode"] == "in-process" and r["scoring"]["dtype"] == "float32"
+    assert len(r["items"]) == 6 and r["ledger"]["seq"] == 0
+    assert results.check_file(r).ok
+    entries = ledger.read(evaluated["ledger"]).entries
+    assert entries[0]["weights_digest"] == r["model"]["weights_digest"]
+    assert camelid_main(["ledger", str(evaluated["ledger"])]) == 0
+    out = capsys.readouterr().out
+    assert "1 evaluations of 1 variants" in out and entries[0]["hash"] in out
+
+
+def test_verify_passes_on_an_honest_result(evaluated, model_dir, capsys):
+    argv = ["verify", str(evaluated["out"]), str(model_dir), "--sample", "-1"]
+    assert camelid_main(argv) == 0, capsys.readouterr().err
+    assert "verified" in capsys.readouterr().out
+
+
+def test_verify_fails_on_a_swapped_model(evaluated, model_dir, tmp_path, capsys):
+    other = random_llama_dir(
+        tmp_path / "other", seed=5, vocab_size=camelid.Tokenizer.load(model_dir).vocab_size
+    )
+    camelid.Tokenizer.load(model_dir).save(other)
+    assert camelid_main(["verify", str(evaluated["out"]), str(other)]) == 1
+    err = capsys.readouterr().err
+    assert "model: the result was measured on weights" in err and str(other) in err
+
+
+def test_verify_fails_on_an_edited_score(evaluated, model_dir, tmp_path, capsys):
+    data = json.loads(evaluated["out"].read_text())
+    data["items"][2]["logprobs"][0] += 3.0  # a forged raw score, with a fresh seal
+    data["metrics"] = runner.metrics_from_items("choice", data["items"], data["template"])
+    data["seal"] = results.seal(data)
+    forged = tmp_path / "forged.json"
+    forged.write_text(json.dumps(data))
+    assert camelid_main(["verify", str(forged), str(model_dir), "--sample", "-1",
+                         "--ledger", str(evaluated["ledger"])]) == 1  # fmt: skip
+    err = capsys.readouterr().err
+    assert "items[2]" in err and "choice 0: logprob" in err
+    data["metrics"]["acc"] = 1.0  # and an edited metric, seal not recomputed
+    forged.write_text(json.dumps(data))
+    assert camelid_main(["verify", str(forged), str(model_dir), "--sample", "0"]) == 1
+    err = capsys.readouterr().err
+    assert "metrics: the section was edited" in err and "metrics.acc: recorded 1.0" in err
+
+
+def test_verify_fails_on_an_edited_task_file(evaluated, model_dir, tmp_path, capsys):
+    edited = tmp_path / "mc.jsonl"
+    rows = [dict(r) for r in CHOICE_ITEMS]
+    rows[0]["gold"] = 1
+    write_jsonl(edited, rows)
+    argv = ["verify", str(evaluated["out"]), str(model_dir), "--task", str(edited), "--sample", "0"]
+    assert camelid_main(argv) == 1
+    assert "task: the result was measured on data" in capsys.readouterr().err
+
+
+def test_verify_fails_on_a_removed_ledger_entry(evaluated, model_dir, tmp_path, capsys):
+    # A second evaluation (another variant: 1-shot) in the same ledger, then its entry removed.
+    out2 = tmp_path / "res2.json"
+    assert camelid_main(["eval", str(model_dir), "--task", str(evaluated["task"]), "--shots", "1",
+                         "--out", str(out2), "--ledger", str(evaluated["ledger"]), "-q",
+                         "--device", "cpu"]) == 0  # fmt: skip
+    lines = evaluated["ledger"].read_text().splitlines()
+    assert len(lines) == 2
+    cut = tmp_path / "cut.jsonl"
+    cut.write_text(lines[0] + "\n")  # the last entry removed: the chain itself still holds
+    argv = ["verify", str(out2), str(model_dir), "--ledger", str(cut), "--sample", "0"]
+    assert camelid_main(argv) == 1
+    assert "ledger: entry 1 of this result is not in" in capsys.readouterr().err
+    cut.write_text(lines[1] + "\n")  # the first removed: the chain breaks
+    assert camelid_main(argv) == 1
+    assert "removed" in capsys.readouterr().err
+
+
+def test_in_process_and_served_scores_agree(model_dir, engine, tmp_path, capsys):
+    from test_serve import LiveServer
+
+    from camelid.serve import create_app
+    from camelid.weights.digest import directory_digest
+
+    task = write_jsonl(tmp_path / "mc.jsonl", CHOICE_ITEMS)
+    (tmp_path / "t.txt").write_text(" ".join(CORPUS[:4]))
+    gen = write_jsonl(tmp_path / "g.jsonl", [{"prompt": "The cat", "answer": "x"},
+                                             {"prompt": "Water is", "answer": "y"}])  # fmt: skip
+    app = create_app(engine, model_name="m", digest=directory_digest(model_dir))
+    server = LiveServer(app)
+    try:
+        argv = ["eval", str(model_dir), "--device", "cpu", "-q", "--max-new-tokens", "8",
+                "--compare", server.url]  # fmt: skip
+        for spec in (task, tmp_path / "t.txt", gen):
+            assert camelid_main([*argv, "--task", str(spec)]) == 0, capsys.readouterr()
+            assert " 0 differ beyond" in capsys.readouterr().out
+        # Scored through the server, the result says so and verifies in process.
+        out = tmp_path / "served.json"
+        assert (
+            camelid_main(
+                [
+                    "eval",
+                    str(model_dir),
+                    "--task",
+                    str(task),
+                    "--server",
+                    server.url,
+                    "--out",
+                    str(out),
+                    "--no-ledger",
+                    "-q",
+                    "--device",
+                    "cpu",
+                ]
+            )
+            == 0
+        )
+        r = results.read(out)
+        assert r["scoring"]["mode"] == "server" and r["scoring"]["server"] == server.url
+        local = runner.run_choice(engine, load_task(str(task)), Options())[1]
+        for a, b in zip(r["items"], local, strict=True):
+            assert a["logprobs"] == pytest.approx(b["logprobs"], abs=1e-4)
+        # A server of other weights is refused.
+        other = create_app(engine, model_name="m", digest="0" * 64)
+        server2 = LiveServer(other)
+        try:
+            assert camelid_main([*argv[:-1], server2.url, "--task", str(task)]) == 1
+            assert "not the same model" in capsys.readouterr().err
+        finally:
+            server2.close()
+    finally:
+        server.close()
