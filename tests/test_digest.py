@@ -344,3 +344,24 @@ def test_convert_refreshes_a_camelid_card_and_keeps_another(capsys, run, tmp_pat
     assert cli(capsys, "convert", src, tmp_path / "fresh")[0] == 0
     fresh = read_model_card(tmp_path / "fresh" / "README.md")
     assert fresh["digest"] == directory_digest(tmp_path / "fresh") and fresh["data"] is None
+
+
+def test_an_evaluated_run_exports_its_scores_in_the_card(capsys, run, tmp_path):
+    """camelid eval RUN appends to RUN/eval-ledger.jsonl; camelid export RUN puts the scores
+    measured on exactly the exported weights in the card's Evaluation table."""
+    shutil.copytree(run, tmp_path / "run")
+    runcopy = tmp_path / "run"
+    task = tmp_path / "mc.jsonl"
+    task.write_text("".join(json.dumps({"context": c, "choices": ["a b", "c d"], "gold": 0}) + "\n"
+                            for c in ("one two", "three four", "five")))  # fmt: skip
+    code, _, err = cli(capsys, "eval", runcopy, "--task", task, "--out", tmp_path / "r.json",
+                       "-q", "--device", "cpu")  # fmt: skip
+    assert code == 0, err
+    assert (runcopy / "eval-ledger.jsonl").exists()
+    code, _, err = cli(capsys, "export", runcopy, tmp_path / "out")
+    assert code == 0, err
+    _, tables = card_parts((tmp_path / "out" / "README.md").read_text())
+    _, *rows = tables["Evaluation"]
+    digest = digest_json(capsys, tmp_path / "out")["digest"]
+    assert {r[1] for r in rows} == {"acc", "acc_norm"}
+    assert all(r[0] == "mc" and r[3] == f"`{digest[:16]}`" for r in rows)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from camelid.cli.args import add_save_args, save_dtype
 from camelid.infer.export import export_checkpoint
@@ -45,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
         dtype=save_dtype(args),
         max_shard_size=args.max_shard_size,
         overwrite=args.overwrite,
+        evaluations=_evaluations(args.src),
         log=lambda text: print(text, file=sys.stderr, flush=True),
     )
     info = done.info
@@ -55,3 +57,20 @@ def run(args: argparse.Namespace) -> int:
         f"{format_bytes(info.nbytes)}, with its tokenizer, in {done.seconds:.1f}s"
     )
     return 0
+
+
+def _evaluations(src: str) -> list[dict] | None:
+    """The run's evaluation ledger as model-card rows (none when it has no ledger)."""
+    from camelid.eval import ledger
+    from camelid.weights import checkpoint as ckpt
+
+    path = Path(src)
+    run = path if (path / ledger.LEDGER_NAME).exists() else ckpt.run_of(path)
+    if run is None or not (Path(run) / ledger.LEDGER_NAME).exists():
+        return None
+    check = ledger.read(Path(run) / ledger.LEDGER_NAME)
+    if check.problems:
+        print(f"warning: {check.problems[0]}; the model card lists no evaluations",
+              file=sys.stderr)  # fmt: skip
+        return None
+    return ledger.card_rows(check.entries)

@@ -42,8 +42,14 @@ def model_section(source: ModelSource, engine: Any, weights_digest: str) -> dict
 
 
 def default_ledger(source: ModelSource) -> Path:
-    """A run's ledger lives in the run; a model directory's beside its weights."""
-    root = source.run if source.run is not None else source.path
+    """A run's ledger lives in the run (also when MODEL was read through the run's export);
+    a model directory's beside its weights."""
+    from camelid.infer.load import is_run
+
+    if source.given.is_dir() and is_run(source.given):
+        root = source.given
+    else:
+        root = source.run if source.run is not None else source.path
     if not root.is_dir():
         root = root.parent
     return root / ledger_mod.LEDGER_NAME

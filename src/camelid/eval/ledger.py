@@ -123,3 +123,17 @@ def variants(entries: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     for e in entries:
         out.setdefault(e.get("weights_digest", "?"), []).append(e)
     return out
+
+
+HEADLINE = ("acc", "acc_norm", "exact_match", "perplexity", "bits_per_byte")
+
+
+def card_rows(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Model-card rows (task, metric, value, digest, date) of every entry's headline scores."""
+    rows = []
+    for e in entries:
+        for metric, value in (e.get("metrics") or {}).items():
+            if value is not None and (metric in HEADLINE or metric.startswith("pass@")):
+                rows.append({"task": e.get("task"), "metric": metric, "value": value,
+                             "digest": e.get("weights_digest"), "date": e.get("date")})  # fmt: skip
+    return rows

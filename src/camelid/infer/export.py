@@ -112,10 +112,12 @@ def export_checkpoint(
     dtype: torch.dtype | None = None,
     max_shard_size: int | str = "5GB",
     overwrite: bool = False,
+    evaluations: list[dict[str, Any]] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> Written:
     """A training run (its newest complete checkpoint) or one checkpoint → a complete Hugging
-    Face directory ``out``. The run is only read. Everything is checked — the checkpoint's
+    Face directory ``out`` (``evaluations``: rows for its model card; those of other weights
+    are only counted). The run is only read. Everything is checked — the checkpoint's
     index, its tokenizer, ``out`` — before ``out`` is written; a new ``out`` is written beside
     it under a temporary name and renamed when complete."""
     t0 = time.perf_counter()
@@ -150,7 +152,8 @@ def export_checkpoint(
     if log is not None:  # only now: a bad checkpoint ends in its one error line
         log(f"read {path} (step {step}); writing {out} with the tokenizer {tok_path}")
     data = run_data(run)
-    _write(out, lambda d: save_pretrained(model, tokenizer, d, max_shard_size, data=data))
+    _write(out, lambda d: save_pretrained(model, tokenizer, d, max_shard_size, data=data,
+                                          evaluations=evaluations))  # fmt: skip
     return Written(source, out, hf.inspect_checkpoint(out), str(tok_path),
                    time.perf_counter() - t0)  # fmt: skip
 
