@@ -14,6 +14,7 @@ import sys
 from camelid import __version__
 from camelid.cli import (
     chat,
+    contamination,
     convert,
     eval,
     export,
@@ -44,6 +45,7 @@ COMMANDS = (
     eval,
     verify,
     ledger,
+    contamination,
 )
 
 
