@@ -14,6 +14,7 @@ import sys
 from camelid import __version__
 from camelid.cli import (
     chat,
+    contamination,
     convert,
     digest,
     eval,
@@ -46,6 +47,7 @@ COMMANDS = (
     eval,
     verify,
     ledger,
+    contamination,
 )
 
 
