@@ -316,3 +316,37 @@ def test_clear_errors(world, capsys, tmp_path):
     code, _, err = run(capsys, "contamination", "--data", str(world["data"]), "--task",
                        str(world["data"]))  # fmt: skip
     assert code == 1 and "has no items to check" in err
+
+
+def test_eval_marks_dirty_items_and_scores_the_clean_subset(world, capsys, tmp_path):
+    from conftest import random_llama_dir
+
+    from camelid.eval import results
+    from camelid.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(world["tok"])
+    model = random_llama_dir(tmp_path / "model", vocab_size=tok.vocab_size)
+    tok.save(model)
+    report = tmp_path / "contam.json"
+    code, _, err = run(capsys, "contamination", "--data", str(world["data"]), "--task",
+                       str(world["task"]), "--out", str(report))  # fmt: skip
+    assert code == 0, err
+    dirty = c.dirty_ids(report, load_task(str(world["task"])).sha256)
+    assert dirty and len(dirty) < len(ITEMS)
+    base = ["eval", str(model), "--task", str(world["task"]), "--contamination", str(report),
+            "--ledger", str(tmp_path / "ledger.jsonl"), "-q", "--device", "cpu"]  # fmt: skip
+    code, _, err = run(capsys, *base, "--out", str(tmp_path / "all.json"))
+    assert code == 0, err
+    r = results.read(tmp_path / "all.json")
+    assert {i["id"] for i in r["items"] if i["dirty"]} == dirty
+    assert r["metrics"]["clean"]["items"] == len(ITEMS) - len(dirty)
+    assert r["task"]["contamination"]["dirty"] == len(dirty)
+    code, _, err = run(capsys, *base, "--clean-only", "--shots", "1",
+                       "--out", str(tmp_path / "clean.json"))  # fmt: skip
+    assert code == 0, err
+    r = results.read(tmp_path / "clean.json")
+    assert r["task"]["scored"] == len(ITEMS) - len(dirty)
+    assert not any(i["dirty"] for i in r["items"])
+    code, _, err = run(capsys, "verify", str(tmp_path / "clean.json"), str(model),
+                         "--sample", "-1")  # fmt: skip
+    assert code == 0, err

@@ -59,6 +59,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--delimiter", default=" ", help="between a context and its continuation (default: a space)"
     )
     p.add_argument(
+        "--contamination",
+        type=Path,
+        default=None,
+        metavar="REPORT",
+        help="a `camelid contamination` report on the task: mark items dirty/clean and add "
+        "the clean subset's metrics",
+    )
+    p.add_argument(
+        "--clean-only",
+        action="store_true",
+        help="with --contamination: score only the clean items",
+    )
+    p.add_argument(
         "--skip-bad",
         action="store_true",
         help="skip malformed task lines (counted in the result) instead of stopping",
@@ -194,6 +207,8 @@ def run(args: argparse.Namespace) -> int:
             ledger=False if args.no_ledger else args.ledger,
             private_key=args.sign,
             skip_bad=args.skip_bad,
+            contamination=args.contamination,
+            clean_only=args.clean_only,
             scoring=scoring,
             progress=False if args.quiet else None,
             log=say,
@@ -259,6 +274,8 @@ def _options(args: argparse.Namespace) -> Options:
         raise CamelidError(f"--shots must be >= 0, got {args.shots}")
     if args.samples < 1 or any(k < 1 or k > args.samples for k in args.k):
         raise CamelidError(f"--k must be between 1 and --samples ({args.samples}), got {args.k}")
+    if args.clean_only and args.contamination is None:
+        raise CamelidError("--clean-only needs --contamination REPORT")
     if args.match == "regex" and not args.pattern:
         raise CamelidError("--match regex needs --pattern")
     return Options(

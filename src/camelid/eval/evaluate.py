@@ -94,12 +94,16 @@ def evaluate_model(
     private_key: Path | None = None,
     scoring: dict[str, Any] | None = None,
     skip_bad: bool = False,
+    contamination: Path | None = None,
+    clean_only: bool = False,
     progress: bool | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Score ``task_spec`` on ``model`` and return the sealed result (written to ``out`` when
     given). ``scorer``: what scores it instead of ``engine`` (a server's); ``ledger``: a path,
-    None for the default one, False for none."""
+    None for the default one, False for none; ``contamination``: a ``camelid contamination``
+    report on this task's data: items are marked dirty or clean and the metrics of the clean
+    ones added (``metrics.clean``), or with ``clean_only`` only the clean ones are scored."""
     from camelid.infer.load import load_engine
     from camelid.weights.digest import source_digest
 
@@ -116,8 +120,27 @@ def evaluate_model(
     if weights_digest is None:
         say(f"digesting the weights of {source.path}")
         weights_digest = source_digest(source)
+    dirty: set[str] | None = None
+    if contamination is not None:
+        from camelid.eval.contamination import dirty_ids
+
+        dirty = dirty_ids(contamination, task.sha256)
+        if clean_only:
+            kept = [item for item in task.items if item.id not in dirty]
+            say(f"{task.name}: scoring the {len(kept)} clean items of {len(task.items)}")
+            task.items = kept
+            if not kept:
+                raise EvalError(f"{task.source}: every item is dirty in {contamination}")
+    elif clean_only:
+        raise EvalError("--clean-only needs --contamination REPORT")
     template = opts.template(task.kind)
     metrics, items = score(scorer or engine, task, opts, progress=progress)
+    if dirty is not None:
+        for record in items:
+            record["dirty"] = record["id"] in dirty
+        clean = [r for r in items if not r["dirty"]]
+        if not clean_only and clean:
+            metrics["clean"] = runner.metrics_from_items(task.kind, clean, template)
     result: dict[str, Any] = {
         "created": results.now(),
         "task": {
@@ -129,6 +152,15 @@ def evaluate_model(
             "scored": len(items),
             "limit": opts.limit,
             "skipped_lines": [[n, why] for n, why in task.skipped],
+            "contamination": None
+            if contamination is None
+            else {
+                "report": str(contamination),
+                "report_sha256": _sha256(contamination),
+                "dirty": len(dirty or ()),
+                "clean_only": clean_only,
+                "dirty_ids": sorted(dirty or ()),
+            },
         },
         "template": template,
         "template_sha256": results.template_hash(template),
@@ -186,6 +218,12 @@ def _relative(path: Path, base: Path) -> Path:
         return path.resolve().relative_to(base.resolve())
     except ValueError:
         return path.resolve()
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def _version() -> str:

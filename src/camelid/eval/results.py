@@ -267,6 +267,10 @@ def verify(
     except EvalError as e:
         v.problems.append(f"task: cannot read the task data to check it ({e})")
     if task is not None:
+        found = task_rec.get("contamination") or {}
+        if found.get("clean_only"):  # scored on the clean items only: so is the re-score
+            dirty = set(found.get("dirty_ids") or ())
+            task.items = [item for item in task.items if item.id not in dirty]
         if task.sha256 != task_rec.get("sha256"):
             v.problems.append(
                 f"task: the result was measured on data {task_rec.get('sha256')}, but "
