@@ -18,6 +18,7 @@ from camelid.cli import (
     export,
     generate,
     inspect,
+    lm_eval,
     prepare,
     quickstart,
     serve,
@@ -38,6 +39,7 @@ COMMANDS = (
     generate,
     chat,
     serve,
+    lm_eval,
 )
 
 

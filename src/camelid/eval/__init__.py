@@ -1,0 +1,1 @@
+"""Evaluation: tasks, runners and adapters that score camelid models."""
