@@ -239,7 +239,7 @@ def test_cuda_without_cuda_falls_back(monkeypatch, capsys):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert _device("cuda:0") == "cpu" and _device(None) == "auto" and _device("cpu") == "cpu"
-    assert "cuda:0 requested but CUDA is not available; using the CPU" in capsys.readouterr().err
+    assert "cuda:0 (lm-eval's default without --device) has no CUDA" in capsys.readouterr().err
 
 
 def test_matches_lm_eval_hf_model(model, lm):

@@ -70,7 +70,8 @@ def _log(text: str) -> None:
 
 @register_model("camelid")
 class CamelidLM(TemplateLM):
-    """A camelid :class:`Engine` as an lm-eval model.
+    """A camelid :class:`Engine` as an lm-eval model (a ``TemplateLM``: lm-eval's ``LM`` with
+    its own splitting of (context, continuation) pairs, the one its hf model uses).
 
     From a MODEL (``pretrained``: a Hugging Face directory, a training run or a checkpoint, as
     everywhere in camelid) or an ``engine`` already loaded. ``batch_size``: rows per forward
@@ -222,11 +223,12 @@ class CamelidLM(TemplateLM):
                 tokens[b, : len(inp)] = torch.tensor(inp)
                 first.append(min(starts[i] for i in rows[inp]) - 1)
                 select[b, first[-1] : len(inp)] = True
-            logp = torch.log_softmax(self.engine.logits(tokens, select), dim=-1)
+            logits = self.engine.logits(tokens, select)  # (scored positions, vocab)
             offset = 0
             for b, inp in enumerate(chunk):
-                row = logp[offset : offset + len(inp) - first[b]]
-                offset += len(row)
+                n = len(inp) - first[b]
+                row = torch.log_softmax(logits[offset : offset + n], dim=-1)  # one row's copy
+                offset += n
                 for i in rows[inp]:
                     picked = row[starts[i] - 1 - first[b] :]
                     target = torch.tensor(wholes[i][starts[i] :], device=picked.device)
@@ -331,14 +333,16 @@ class CamelidLM(TemplateLM):
                     f"generate_until: do_sample=True needs a temperature > 0, got {temperature}"
                 )
         seed = kwargs.get("seed", self.seed)
-        return SamplingParams(
-            max_new_tokens=int(kwargs["max_gen_toks"]),
+        if seed is not None and not _is_int(seed):
+            raise RequestError(f"generate_until: invalid seed={seed!r}: must be an integer")
+        return SamplingParams(  # checks each value's type and range, naming the field
+            max_new_tokens=kwargs["max_gen_toks"],
             temperature=temperature,
-            top_p=float(kwargs.get("top_p", 1.0)),
-            top_k=int(kwargs.get("top_k", 0)),
-            min_p=float(kwargs.get("min_p", 0.0)),
-            repetition_penalty=float(kwargs.get("repetition_penalty", 1.0)),
-            seed=None if seed is None else derive_seed(int(seed), index),
+            top_p=kwargs.get("top_p", 1.0),
+            top_k=kwargs.get("top_k", 0),
+            min_p=kwargs.get("min_p", 0.0),
+            repetition_penalty=kwargs.get("repetition_penalty", 1.0),
+            seed=None if seed is None else derive_seed(seed, index),
             stop=tuple(s for s in until if s),
         )
 
@@ -411,7 +415,10 @@ def _device(device: str | None) -> str:
         return "auto"
     name = str(device)
     if name.startswith("cuda") and not torch.cuda.is_available():
-        _log(f"camelid: device {name} requested but CUDA is not available; using the CPU")
+        _log(
+            f"camelid: device {name} (lm-eval's default without --device) has no CUDA here; "
+            "using the CPU"
+        )
         return "cpu"
     return name
 
