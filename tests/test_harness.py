@@ -18,7 +18,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import random_llama_dir, transformers
+from conftest import camelid_main, random_llama_dir, transformers
 from lm_eval_tasks import (
     GENERATE_YAML,
     ROLLING_YAML,
@@ -229,6 +229,24 @@ def test_bad_arguments(model, lm):
         CamelidLM.create_from_arg_string(f"pretrained={model_dir},bogus=1")
     with pytest.raises(camelid.CamelidError, match="no such directory"):
         CamelidLM(str(model_dir / "missing"))
+
+
+def test_command_help_and_missing_lm_eval(capsys, monkeypatch):
+    """``camelid lm-eval --help``: camelid's model_args, then lm-eval's own options; without
+    lm-eval installed, one line saying how to install it."""
+    assert camelid_main(["lm-eval", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "pretrained=MODEL" in out and "python -m camelid.eval.harness" in out
+    assert "--model_args" in out and "--include_path" in out  # lm-eval's run --help
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "lm_eval" else find_spec(name, *a),
+    )
+    assert camelid_main(["lm-eval", "--model", "camelid", "--tasks", "x"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("camelid: error: lm-evaluation-harness is not installed: pip install")
 
 
 def test_cuda_without_cuda_falls_back(monkeypatch, capsys):
