@@ -839,3 +839,43 @@ def test_cuda_compiled_decode_matches_eager(tmp_path_factory, hf, tok):
         assert [c.token_ids for c in again] == [c.token_ids for c in eager]
     bf16 = camelid.Engine(model.to(torch.bfloat16), tok, compile=True)
     assert all(c.token_ids for c in bf16.generate(prompts, max_new_tokens=8, temperature=0))
+
+
+# ------------------------------------------------- batched logits, per-prompt sampling settings
+def test_batched_logits_on_right_padded_rows(engine, model, tok):
+    """Engine.logits: rows of different lengths padded on the right give each row's own
+    logits; ``select`` projects only the chosen positions (an int8 engine, whose output layer
+    has no float weight, selects after the projection)."""
+    rows = [tok.encode(p, bos=True)[:40] for p in PROMPTS]
+    tokens = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long)
+    select = torch.zeros_like(tokens, dtype=torch.bool)
+    for b, ids in enumerate(rows):
+        tokens[b, : len(ids)] = torch.tensor(ids)
+        select[b, len(ids) // 2 : len(ids)] = True
+    full = engine.logits(tokens)
+    picked = engine.logits(tokens, select)
+    assert picked.shape == (int(select.sum()), full.shape[-1])
+    torch.testing.assert_close(picked, full[select], atol=1e-5, rtol=1e-5)
+    for b, ids in enumerate(rows):
+        alone = engine.logits(torch.tensor([ids]))[0]
+        torch.testing.assert_close(full[b, : len(ids)], alone, atol=1e-5, rtol=1e-5)
+    int8 = camelid.Engine(model, tok, int8=True)
+    assert (int8.logits(tokens, select) - picked).abs().max() < 0.05  # the same model, int8
+
+
+def test_generate_with_settings_per_prompt(engine):
+    """A list of SamplingParams, one per prompt: copies of one prompt sample with their own
+    seeds in one batch, each as it would alone; greedy rows next to them stay greedy."""
+    kw = dict(max_new_tokens=12, temperature=1.0, ignore_eos=True)
+    params = [SamplingParams(seed=s, **kw) for s in (1, 2, 3)] + [
+        SamplingParams(max_new_tokens=12, temperature=0)
+    ]
+    prompts = [PROMPTS[0]] * 3 + [PROMPTS[1]]
+    batch = engine.generate(prompts, params)
+    assert len({c.text for c in batch[:3]}) == 3
+    for prompt, p, c in zip(prompts, params, batch, strict=True):
+        assert engine.generate(prompt, p).token_ids == c.token_ids
+    with pytest.raises(RequestError, match="2 sampling settings for 4 prompt"):
+        engine.generate(prompts, params[:2])
+    with pytest.raises(RequestError, match="sampling settings for 1 prompt"):
+        engine.generate(PROMPTS[0], params[:1])

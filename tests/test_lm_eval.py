@@ -24,13 +24,13 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 from conftest import random_llama_dir
+from lm_eval_tasks import mc_pairs, offline_env, write_mc_task
 from test_serve import CORPUS, LiveServer
 
 import camelid
@@ -62,26 +62,6 @@ ITEMS = [  # question, choices
 ]
 WRONG = {2, 5, 9}  # items whose gold label is not the model's pick: accuracy 7/10
 STOP_AFTER = {1, 6}  # the tokens picked after these items' choices become stop tokens
-
-TASK_YAML = """\
-task: {task}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{label}}}}"
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-  - metric: acc_norm
-    aggregation: mean
-    higher_is_better: true
-"""
 
 # lm-eval in a fresh interpreter (the offline switches are read when the Hub libraries are
 # imported), with only this test's task indexed (TaskManager would otherwise index all of its
@@ -149,11 +129,6 @@ class Recorder:
         self.exchanges.append((json.loads(b"".join(body)), json.loads(b"".join(answer))))
 
 
-def pairs(question: str, choices: list[str]) -> list[tuple[str, str]]:
-    """lm-eval's requests for one item: (context, continuation), target delimiter " "."""
-    return [(f"Question: {question}\nAnswer:", f" {c}") for c in choices]
-
-
 def sent_ids(tok, context: str, continuation: str) -> tuple[list[int], int]:
     """The ids lm-eval sends for a pair and its ctxlen (``TemplateLM._encode_pair`` and
     ``batch_loglikelihood_requests``): the whole text encoded, split where the context's own
@@ -174,7 +149,7 @@ def test_lm_eval_scores_equal_engine(tmp_path):
     want, greedy, picked, sent = [], [], [], []
     for question, choices in ITEMS:
         lls, flags, nexts = [], [], []
-        for context, continuation in pairs(question, choices):
+        for context, continuation in mc_pairs(question, choices):
             ids, ctxlen = sent_ids(tok, context, continuation)
             assert 1 <= ctxlen < len(ids)
             score = engine.score([*ids, 0], top_logprobs=1)
@@ -202,14 +177,7 @@ def test_lm_eval_scores_equal_engine(tmp_path):
     ends = [t in stops for nexts in picked for t in nexts]  # per request, in ``sent`` order
     assert any(ends) and not all(ends)
 
-    task_dir = tmp_path / "tasks"
-    task_dir.mkdir()
-    data = task_dir / "items.jsonl"
-    with data.open("w", encoding="utf-8") as f:
-        for (question, choices), label in zip(ITEMS, labels, strict=True):
-            row = {"question": question, "choices": choices, "label": label}
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    (task_dir / f"{TASK}.yaml").write_text(TASK_YAML.format(task=TASK, data=data))
+    task_dir = write_mc_task(tmp_path / "tasks", TASK, ITEMS, labels).parent
 
     app = create_app(engine, model_name=MODEL, api_key=KEY, extra_stop_ids=stops)
     recorder = Recorder(app, CONCURRENT)
@@ -223,18 +191,8 @@ def test_lm_eval_scores_equal_engine(tmp_path):
         out = tmp_path / "lm_eval.json"
         args = dict(model_args=model_args, task=TASK, include_path=str(task_dir),
                     batch_size=BATCH, out=str(out))  # fmt: skip
-        env = {
-            **os.environ,
-            "OPENAI_API_KEY": KEY,  # local-completions sends it as the bearer token
-            "HF_HOME": str(tmp_path / "hf"),  # empty: nothing cached to fall back on
-            "HF_HUB_OFFLINE": "1",
-            "HF_DATASETS_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1",
-            "HTTP_PROXY": "http://127.0.0.1:9",  # anything not on loopback fails at once
-            "HTTPS_PROXY": "http://127.0.0.1:9",
-            "NO_PROXY": "127.0.0.1,localhost",
-            "TOKENIZERS_PARALLELISM": "false",
-        }
+        # local-completions sends OPENAI_API_KEY as the bearer token
+        env = {**offline_env(tmp_path), "OPENAI_API_KEY": KEY}
         run = subprocess.run(
             [sys.executable, "-c", DRIVER, json.dumps(args)],
             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,

@@ -22,6 +22,7 @@ from camelid.cli import (
     generate,
     inspect,
     ledger,
+    lm_eval,
     prepare,
     quickstart,
     serve,
@@ -48,6 +49,7 @@ COMMANDS = (
     verify,
     ledger,
     contamination,
+    lm_eval,
 )
 
 

@@ -284,13 +284,19 @@ class Engine:
 
     # ---------------------------------------------------------------------------- public API
     def generate(
-        self, prompt: Prompt | Sequence[Prompt], params: SamplingParams | None = None, **kwargs
+        self,
+        prompt: Prompt | Sequence[Prompt],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        **kwargs,
     ) -> Completion | list[Completion]:
         """Complete one prompt (text, or a list of token ids) or a list of prompts.
 
         Sampling settings come as a :class:`SamplingParams` and/or keywords of the same names
-        (``max_new_tokens=64, temperature=0``). Text prompts get a BOS token; id lists are used
-        as given. Returns a :class:`Completion`, or a list of them for a list of prompts.
+        (``max_new_tokens=64, temperature=0``); for a list of prompts ``params`` may also be a
+        list, one per prompt (each row samples with its own settings and seed, so copies of a
+        prompt can draw different samples in one batch). Text prompts get a BOS token; id
+        lists are used as given. Returns a :class:`Completion`, or a list of them for a list
+        of prompts.
         """
         if isinstance(prompt, torch.Tensor):
             prompt = prompt.tolist()
@@ -298,7 +304,15 @@ class Engine:
             len(prompt) > 0 and all(isinstance(t, int) for t in prompt)
         )
         prompts = [prompt] if single else list(prompt)
-        p = params_from(params, kwargs)
+        if isinstance(params, Sequence):
+            if single or len(params) != len(prompts):
+                raise RequestError(
+                    f"{len(params)} sampling settings for {len(prompts)} prompt(s): give one "
+                    "per prompt of a list, or a single SamplingParams"
+                )
+            p = [params_from(q, kwargs) for q in params]
+        else:
+            p = params_from(params, kwargs)
         seqs = self._sequences(prompts, p)
         for _ in self._run(seqs):
             pass
@@ -339,7 +353,7 @@ class Engine:
             )
         if not 0 <= top_logprobs <= 20:
             raise RequestError(f"invalid top_logprobs={top_logprobs}: must be in [0, 20]")
-        logits = self._mask(self.model(torch.tensor([ids], device=self.device))[0, :-1])
+        logits = self.logits(torch.tensor([ids], device=self.device))[0, :-1]
         scored = _token_logprobs(logits, ids[1:], top_logprobs) if len(ids) > 1 else []
         return Score(token_ids=ids, tokens=[None, *scored])
 
@@ -486,6 +500,23 @@ class Engine:
                               head=lambda h, w: linear(h[rows, cols], w))  # fmt: skip
         return self.model(tokens, positions, cache=cache, kv_len=kv_len)[rows, cols]
 
+    @torch.inference_mode()
+    def logits(self, tokens: torch.Tensor, select: torch.Tensor | None = None) -> torch.Tensor:
+        """fp32 logits (B, T, vocab) of a batch of rows ``tokens`` (B, T), all starting at
+        position 0, in one forward pass without a cache: a row's logits at t depend on its
+        tokens 0..t only, so rows of different lengths can be padded on the right. With
+        ``select`` (bool, (B, T)) only those positions are projected to the vocabulary and
+        returned, (N, vocab) in row-major order: a scorer of a few tokens per long row does not
+        pay for (or hold) the logits of the rest. Ids past the tokenizer's are -inf."""
+        tokens = tokens.to(self.device)
+        if select is None:
+            return self._mask(self.model(tokens))
+        select = select.to(self.device)
+        output = self.model.output
+        if isinstance(getattr(output, "weight", None), torch.Tensor):  # int8 layers have none
+            return self._mask(self.model(tokens, head=lambda h, _: output(h[select])))
+        return self._mask(self.model(tokens)[select])
+
     # ------------------------------------------------------------------------------ internals
     def _encode(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
@@ -501,10 +532,13 @@ class Engine:
             )
         return ids
 
-    def _sequences(self, prompts: list[Prompt], params: SamplingParams) -> list[_Sequence]:
+    def _sequences(
+        self, prompts: list[Prompt], params: SamplingParams | list[SamplingParams]
+    ) -> list[_Sequence]:
         if not prompts:
             raise RequestError("no prompts given")
-        return [self._prepare(prompt, params) for prompt in prompts]
+        each = params if isinstance(params, list) else [params] * len(prompts)
+        return [self._prepare(prompt, p) for prompt, p in zip(prompts, each, strict=True)]
 
     def _prepare(self, prompt: Prompt, params: SamplingParams) -> _Sequence:
         """One request's state, after the checks every request passes (the context rule)."""
