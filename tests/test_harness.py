@@ -391,3 +391,39 @@ def test_apply_chat_template(model, lm, tmp_path, monkeypatch):
     config = json.loads((model_dir / "tokenizer_config.json").read_text())
     assert lm.chat_template(True) == config["chat_template"]
     assert lm.tokenizer_name == f"camelid-{tok.digest[:16]}"
+
+
+def test_adapter_equals_camelid_eval(model, lm, tmp_path, monkeypatch):
+    """The same local multiple-choice items through lm-eval with the adapter and through
+    `camelid eval`'s runner: every choice's log-likelihood within 1e-5, acc and acc_norm
+    exactly (one item longer than the context: both truncate it the same way)."""
+    import datasets
+    import huggingface_hub
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from camelid.eval import runner
+    from camelid.eval.tasks import load_task
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    labels = [i % len(choices) for i, (_, choices) in enumerate(ITEMS)]
+    task_dir = write_mc_task(tmp_path / "tasks", "camelid_same", ITEMS, labels).parent
+    ours = tmp_path / "ours.jsonl"
+    ours.write_text("".join(
+        json.dumps({"context": f"Question: {q}\nAnswer:", "choices": c, "gold": g}) + "\n"
+        for (q, c), g in zip(ITEMS, labels, strict=True)
+    ))  # fmt: skip
+    r = lm_eval.simple_evaluate(
+        model=lm, tasks=["camelid_same"], log_samples=True,
+        task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
+    )  # fmt: skip
+    samples = sorted(r["samples"]["camelid_same"], key=lambda s: s["doc_id"])
+    metrics, items = runner.run_choice(lm.engine, load_task(str(ours)), runner.Options())
+    assert lm.engine.max_seq_len == CONTEXT
+    for s, item in zip(samples, items, strict=True):
+        assert item["logprobs"] == pytest.approx([ll for ll, _ in s["filtered_resps"]], abs=1e-5)
+        assert item["greedy"] == [bool(x) for _, x in s["filtered_resps"]]
+        assert (item["acc"], item["acc_norm"]) == (s["acc"], s["acc_norm"])
+    res = r["results"]["camelid_same"]
+    assert (metrics["acc"], metrics["acc_norm"]) == (res["acc,none"], res["acc_norm,none"])
