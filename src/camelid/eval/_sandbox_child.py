@@ -95,6 +95,7 @@ def main() -> None:
     if "pid-namespace" in namespaces:
         child = os.fork()
         if child:
+            send(init=child)  # killed first on a timeout, so that this process can reap it
             supervise(child, send)  # never returns
         # The first process of the new namespace: when it ends, the kernel ends the others.
         # It dies with the supervisor too, even if it leaves the process group.

@@ -226,11 +226,21 @@ def _run(
         exited = _wait_exit(proc.pid, timeout_s)
     finally:
         leftover = 0
+        chunks: list[bytes] = []
         if proc is not None:
+            if not exited:  # kill the namespace's first process before its supervisor, which
+                # then reaps it: killed together, it would be orphaned and stay a zombie
+                _drain(read_fd, chunks)
+                init = _parse(chunks).get("init")
+                if isinstance(init, int) and init > 1:
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.kill(init, signal.SIGKILL)
+                    _wait_exit(proc.pid, 2.0)
             _kill_group(proc.pid)  # the leader is not reaped yet, so its group id is still ours
             status, rusage = _reap(proc)
             leftover = _sweep(proc.pid)
-        report = _read_report(read_fd)
+        _drain(read_fd, chunks)
+        report = _parse(chunks)
         os.close(read_fd)
     wall = time.monotonic() - start
     cpu = rusage.ru_utime + rusage.ru_stime
@@ -356,17 +366,20 @@ def _sweep(pgid: int) -> int:
     return 0
 
 
-def _read_report(fd: int) -> dict[str, Any]:
-    """The child's JSON lines, merged: ``refused`` collects, the rest keep the first value."""
-    chunks = []
+def _drain(fd: int, chunks: list[bytes]) -> None:
+    """Append what the child has written to the report pipe so far."""
     while True:
         try:
             chunk = os.read(fd, 65536)
         except BlockingIOError:
-            break
+            return
         if not chunk:
-            break
+            return
         chunks.append(chunk)
+
+
+def _parse(chunks: list[bytes]) -> dict[str, Any]:
+    """The child's JSON lines, merged: ``refused`` collects, the rest keep the first value."""
     report: dict[str, Any] = {}
     for line in b"".join(chunks).decode("utf-8", "replace").splitlines():
         try:
