@@ -365,3 +365,30 @@ def test_an_evaluated_run_exports_its_scores_in_the_card(capsys, run, tmp_path):
     digest = digest_json(capsys, tmp_path / "out")["digest"]
     assert {r[1] for r in rows} == {"acc", "acc_norm"}
     assert all(r[0] == "mc" and r[3] == f"`{digest[:16]}`" for r in rows)
+
+
+def test_perplexity_on_the_runs_validation_split(capsys, run, dataset, tmp_path):  # noqa: F811
+    """A prepared dataset directory is a perplexity task over its validation shards: every
+    token but each shard's first is scored once; a dataset of another tokenizer is refused."""
+    import numpy as np
+
+    from camelid.eval import results
+
+    out = tmp_path / "ppl.json"
+    code, _, err = cli(capsys, "eval", run, "--task", dataset / "data", "--out", out,
+                       "--no-ledger", "-q", "--device", "cpu")  # fmt: skip
+    assert code == 0, err
+    r = results.read(out)
+    manifest = json.loads((dataset / "data" / "manifest.json").read_text())
+    shards = manifest["splits"]["validation"]["shards"]
+    assert r["task"]["kind"] == "perplexity" and r["metrics"]["items"] == len(shards)
+    assert r["metrics"]["tokens"] == sum(s["tokens"] - 1 for s in shards)
+    m = r["metrics"]
+    assert m["bits_per_byte"] == pytest.approx(m["loss"] * m["tokens"] / (np.log(2) * m["bytes"]))
+    assert 1 < m["perplexity"] < 600  # a trained tiny model on its own data: better than chance
+    other = tmp_path / "other"
+    shutil.copytree(dataset / "data", other)
+    manifest["tokenizer"]["digest"] = "0" * 64
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    code, _, err = cli(capsys, "eval", run, "--task", other, "--no-ledger", "-q")
+    assert code == 1 and "tokenized with tokenizer 000000000000" in err

