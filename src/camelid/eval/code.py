@@ -122,7 +122,8 @@ def generate_completions(
     progress: bool = False,
 ) -> list[list[str]]:
     """``n`` completions of every problem's prompt (``[problem][sample]``), cut at the
-    HumanEval stop strings. Sample ``j`` of every problem is drawn with seed
+    HumanEval stop strings (a prompt longer than the context loses its first tokens; the
+    program still runs the whole prompt). Sample ``j`` of every problem is drawn with seed
     ``derive_seed(seed, j)``, so a seeded run repeats exactly, whatever the batching."""
     if not isinstance(n, int) or n < 1:
         raise RequestError(f"invalid n={n!r}: must be a positive integer")
@@ -142,6 +143,9 @@ def generate_completions(
                 top_p=top_p,
                 seed=derive_seed(seed, j),
                 stop=STOP,
+                # a prompt too long for the context keeps its end (the signature and docstring
+                # the completion continues) rather than failing the whole evaluation
+                truncate_prompt=True,
             )
             for start in range(0, len(prompts), batch):
                 chunk = prompts[start : start + batch]
@@ -222,6 +226,7 @@ def evaluate_humaneval(
             "max_new_tokens": max_new_tokens,
             "seed": seed,
             "stop": list(STOP),
+            "truncate_prompt": True,
             "timeout_s": timeout_s,
             "limit": limit,
         },
