@@ -315,8 +315,10 @@ def _table(rows: list, digest: str) -> None:
         shown = [
             f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
             for k, v in m.items()
-            if k not in ("items",) and not k.endswith("_stderr") and v is not None
+            if k != "items" and not k.endswith("_stderr") and isinstance(v, (int, float))
         ]
+        if isinstance(m.get("clean"), dict):
+            shown.append(f"(clean items: {m['clean'].get('items')})")
         print(
             f"{r['task']['name'][:24]:<24} {r['task']['kind']:<10} {m.get('items', ''):>6}  "
             + ", ".join(shown)
