@@ -1,12 +1,23 @@
 """The Llama chat format, defined once and emitted two ways: as pieces camelid tokenizes itself
 (so message text can never turn into control tokens), and as the Jinja template other tools
-read from ``tokenizer_config.json``. Both give the same ids for the same conversation. Also
-here: the prompt for a chat's next turn, and fitting a long history into a fixed context.
+read from ``tokenizer_config.json``. Both give the same ids for the same conversation (but see
+Llama 4 below). Also here: the prompt for a chat's next turn, and fitting a long history into
+a fixed context.
 
-Llama 3 (the plain 3.0 form; Llama 4 is the same with its own header and turn-end names)::
+Llama 3 (the plain 3.0 form, as its Hugging Face template writes it)::
 
     <|begin_of_text|><|start_header_id|>{role}<|end_header_id|>\\n\\n{content, trimmed}<|eot_id|>...
     <|start_header_id|>assistant<|end_header_id|>\\n\\n        (the generation prompt)
+
+Llama 4, as Meta's reference ``ChatFormat`` (llama-models 0.3.0, llama_models/llama4/
+chat_format.py) encodes it: the same shape with its own names, and the content *not* trimmed::
+
+    <|begin_of_text|><|header_start|>{role}<|header_end|>\\n\\n{content}<|eot|>...
+    <|header_start|>assistant<|header_end|>\\n\\n
+
+Meta encodes each part on its own (role, ``"\\n\\n"``, content); the pieces here do too. The
+Jinja template is tokenized as one string, so for Llama 4 content that starts with whitespace
+(``"\\n\\n"`` then ``"\\nx"`` can merge into one newline token) it can give other ids than Meta.
 """
 
 from __future__ import annotations
@@ -24,11 +35,12 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class ChatFormat:
-    """The three control tokens that frame a message."""
+    """The three control tokens that frame a message, and whether content is trimmed."""
 
     header_start: str
     header_end: str
     eot: str
+    strip: bool = True
 
     def jinja(self) -> str:
         """The format as a Hugging Face chat template (``bos_token`` is the tokenizer's BOS)."""
@@ -37,7 +49,7 @@ class ChatFormat:
             "{{ bos_token }}"
             "{% for message in messages %}"
             f"{{{{ '{head}' + message['role'] + '{end}\\n\\n'"
-            f" + (message['content'] | trim) + '{eot}' }}}}"
+            f" + (message['content']{' | trim' if self.strip else ''}) + '{eot}' }}}}"
             "{% endfor %}"
             "{% if add_generation_prompt %}"
             f"{{{{ '{head}assistant{end}\\n\\n' }}}}"
@@ -46,7 +58,7 @@ class ChatFormat:
 
 
 LLAMA3_CHAT = ChatFormat("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
-LLAMA4_CHAT = ChatFormat("<|header_start|>", "<|header_end|>", "<|eot|>")
+LLAMA4_CHAT = ChatFormat("<|header_start|>", "<|header_end|>", "<|eot|>", strip=False)
 
 
 def find_chat_format(special_tokens: Mapping[str, int]) -> ChatFormat | None:
@@ -98,7 +110,8 @@ def chat_pieces(
     for m in messages:
         header(m["role"])
         trained = m["role"] == "assistant"
-        pieces.append(Piece(m["content"].strip(), trained=trained))
+        content = m["content"].strip() if fmt.strip else m["content"]
+        pieces.append(Piece(content, trained=trained))
         pieces.append(Piece(fmt.eot, special=True, trained=trained))
     if add_generation_prompt:
         header("assistant")
