@@ -132,6 +132,7 @@ CONVERSATION = [
     {"role": "assistant", "content": "\nHello.\n  It is a greeting. "},
     {"role": "user", "content": "Code? <|eot|> is text here"},
     {"role": "assistant", "content": ""},
+    {"role": "tool", "content": '{"result": 42}'},  # Meta: an "ipython" header, ends in <|eom|>
     {"role": "user", "content": "def f():\n\treturn 1  \n"},
 ]
 
@@ -320,7 +321,9 @@ def test_llama4_chat_mask(tok4):
         if m["role"] == "assistant":
             expected += [*tok4.encode(m["content"]), tok4.eot_id]
     assert trained == expected
-    assert ids.count(tok4.eot_id) == len(CONVERSATION)  # "<|eot|>" in content stays text
+    # one turn end per message ("<|eot|>" in content stays text)
+    assert ids.count(tok4.eot_id) == len(CONVERSATION) - 1
+    assert ids.count(tok4.special_tokens["<|eom|>"]) == 1  # the tool message
 
 
 # --- tokenizer.json ---
@@ -359,6 +362,15 @@ def test_saved_json_in_transformers(tok4, saved4):
     hf = transformers.AutoTokenizer.from_pretrained(saved4)
     for text in HAND_WRITTEN + _numbers() + FRAGMENTS:
         assert hf(text)["input_ids"] == tok4.encode(text, bos=True, allow_special=True), text
+    # The chat template renders the same text; it gives the same ids where no content starts
+    # with a newline or holds special-token text (transformers tokenizes the rendered string
+    # as a whole, and reads such text there as control tokens).
+    chat = [m for m in CONVERSATION if m["content"][:1] != "\n" and "<|" not in m["content"]]
+    for gen in (False, True):
+        text = hf.apply_chat_template(CONVERSATION, add_generation_prompt=gen, tokenize=False)
+        assert text == tok4.render_chat(CONVERSATION, add_generation_prompt=gen)
+        ref = hf.apply_chat_template(chat, add_generation_prompt=gen, return_dict=False)
+        assert ref == tok4.apply_chat_template(chat, add_generation_prompt=gen)
 
 
 def test_hf_converted_json_same_ids(tok4, meta4, meta4_ids, tmp_path):

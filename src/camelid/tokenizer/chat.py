@@ -23,7 +23,7 @@ Jinja template is tokenized as one string, so for Llama 4 content that starts wi
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from camelid.errors import TokenizerError
@@ -35,21 +35,36 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class ChatFormat:
-    """The three control tokens that frame a message, and whether content is trimmed."""
+    """The three control tokens that frame a message, whether content is trimmed, and (Llama
+    4) the token that ends a ``tool`` message, whose header then reads ``ipython`` as in Meta's
+    reference format."""
 
     header_start: str
     header_end: str
     eot: str
     strip: bool = True
+    tool_end: str | None = None
+
+    def role_and_end(self, role: str) -> tuple[str, str]:
+        """The header text and the closing token of a message from ``role``."""
+        if self.tool_end is not None and role == "tool":
+            return "ipython", self.tool_end
+        return role, self.eot
 
     def jinja(self) -> str:
         """The format as a Hugging Face chat template (``bos_token`` is the tokenizer's BOS)."""
         head, end, eot = self.header_start, self.header_end, self.eot
+        content = f"(message['content']{' | trim' if self.strip else ''})"
+        message = f"{{{{ '{head}' + message['role'] + '{end}\\n\\n' + {content} + '{eot}' }}}}"
+        if self.tool_end is not None:
+            tool = f"{{{{ '{head}ipython{end}\\n\\n' + {content} + '{self.tool_end}' }}}}"
+            message = (
+                f"{{% if message['role'] == 'tool' %}}{tool}{{% else %}}{message}{{% endif %}}"
+            )
         return (
             "{{ bos_token }}"
             "{% for message in messages %}"
-            f"{{{{ '{head}' + message['role'] + '{end}\\n\\n'"
-            f" + (message['content']{' | trim' if self.strip else ''}) + '{eot}' }}}}"
+            f"{message}"
             "{% endfor %}"
             "{% if add_generation_prompt %}"
             f"{{{{ '{head}assistant{end}\\n\\n' }}}}"
@@ -58,13 +73,17 @@ class ChatFormat:
 
 
 LLAMA3_CHAT = ChatFormat("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
-LLAMA4_CHAT = ChatFormat("<|header_start|>", "<|header_end|>", "<|eot|>", strip=False)
+LLAMA4_CHAT = ChatFormat(
+    "<|header_start|>", "<|header_end|>", "<|eot|>", strip=False, tool_end="<|eom|>"
+)
 
 
 def find_chat_format(special_tokens: Mapping[str, int]) -> ChatFormat | None:
     """The format whose control tokens this vocabulary has, if any."""
     for fmt in (LLAMA3_CHAT, LLAMA4_CHAT):
         if {fmt.header_start, fmt.header_end, fmt.eot} <= special_tokens.keys():
+            if fmt.tool_end is not None and fmt.tool_end not in special_tokens:
+                return replace(fmt, tool_end=None)
             return fmt
     return None
 
@@ -108,11 +127,12 @@ def chat_pieces(
         )
 
     for m in messages:
-        header(m["role"])
+        role, end = fmt.role_and_end(m["role"])
+        header(role)
         trained = m["role"] == "assistant"
         content = m["content"].strip() if fmt.strip else m["content"]
         pieces.append(Piece(content, trained=trained))
-        pieces.append(Piece(fmt.eot, special=True, trained=trained))
+        pieces.append(Piece(end, special=True, trained=trained))
     if add_generation_prompt:
         header("assistant")
     return pieces
