@@ -16,8 +16,7 @@ from conftest import needs_hf, transformers
 
 from camelid.errors import TokenizerError
 from camelid.infer.engine import default_stop_ids
-from camelid.tokenizer import Tokenizer
-from camelid.tokenizer.bpe import LLAMA4_PATTERN
+from camelid.tokenizer import LLAMA4_PATTERN, Tokenizer
 
 llama_models = pytest.importorskip(
     "llama_models", reason="needs Meta's llama-models package (the reference; test extra)"
