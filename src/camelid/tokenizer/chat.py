@@ -16,8 +16,8 @@ chat_format.py) encodes it: the same shape with its own names, and the content *
     <|header_start|>assistant<|header_end|>\\n\\n
 
 Meta encodes each part on its own (role, ``"\\n\\n"``, content); the pieces here do too. The
-Jinja template is tokenized as one string, so for Llama 4 content that starts with whitespace
-(``"\\n\\n"`` then ``"\\nx"`` can merge into one newline token) it can give other ids than Meta.
+Jinja template is tokenized as one string, so for Llama 4 content that starts with a newline
+(``"\\n\\n"`` then ``"\\nx"`` merge into one newline token) it gives other ids than Meta.
 """
 
 from __future__ import annotations
