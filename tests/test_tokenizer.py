@@ -141,20 +141,6 @@ def hf_tok(saved):
     return transformers.AutoTokenizer.from_pretrained(saved)
 
 
-def write_ranks(tokenizer_json: Path, dst: Path) -> dict[bytes, int]:
-    """Meta's tokenizer.model from a tokenizer.json: its byte-level vocab as bytes, rank = id."""
-    needs_hf()
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    vocab = json.loads(tokenizer_json.read_text())["model"]["vocab"]
-    char_to_byte = {c: b for b, c in bytes_to_unicode().items()}
-    ranks = {bytes(char_to_byte[c] for c in token): i for token, i in vocab.items()}
-    by_rank = sorted(ranks.items(), key=lambda kv: kv[1])
-    lines = [f"{base64.b64encode(t).decode()} {r}\n" for t, r in by_rank]
-    dst.write_text("".join(lines))
-    return ranks
-
-
 # --- training and layout ---
 
 
@@ -305,26 +291,37 @@ def test_chat_content_cannot_inject(tok):
 
 
 # --- tiktoken tokenizer.model ---
+# Only Meta's own files are tokenizer.models camelid reads (the rank count tells Llama 3 from
+# Llama 4); the Llama 3 one ships in Meta's llama-models package. See test_tokenizer_llama4.py.
 
 
 @pytest.fixture(scope="module")
-def tiktoken_tok(saved, tmp_path_factory) -> tuple[Tokenizer, dict[bytes, int]]:
-    path = tmp_path_factory.mktemp("tt") / "tokenizer.model"
-    ranks = write_ranks(saved / "tokenizer.json", path)
-    return Tokenizer.load(path), ranks
+def tiktoken_tok() -> tuple[Tokenizer, int]:
+    llama_models = pytest.importorskip(
+        "llama_models", reason="needs Meta's llama-models package (its Llama 3 tokenizer.model)"
+    )
+    path = Path(llama_models.__file__).parent / "llama3" / "tokenizer.model"
+    return Tokenizer.load(path), 128_000
 
 
-def test_tiktoken_layout(tiktoken_tok, tok):
-    tt, ranks = tiktoken_tok
-    assert len(ranks) == VOCAB - 256
-    assert tt.vocab_size == len(ranks) + 256 == tok.vocab_size
+@pytest.fixture(scope="module")
+def tiktoken_saved(tiktoken_tok, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tt-json")
+    tiktoken_tok[0].save(out)
+    return out
+
+
+def test_tiktoken_layout(tiktoken_tok):
+    tt, n_ranks = tiktoken_tok
+    assert tt.vocab_size == n_ranks + 256
     for k, name in LLAMA3_NAMED.items():
-        assert tt.special_tokens[name] == len(ranks) + k
-    assert (tt.bos_id, tt.eos_id, tt.eot_id) == (tok.bos_id, tok.eos_id, tok.eot_id)
+        assert tt.special_tokens[name] == n_ranks + k
+    assert (tt.bos_id, tt.eos_id, tt.eot_id) == (n_ranks, n_ranks + 1, n_ranks + 9)
 
 
-def test_tiktoken_matches_json(tiktoken_tok, tok, corpus):
+def test_tiktoken_matches_json(tiktoken_tok, tiktoken_saved, corpus):
     tt, _ = tiktoken_tok
+    tok = Tokenizer.load(tiktoken_saved)
     texts = varied_texts(400, seed=4) + ROUND_TRIP + corpus[:20]
     for text in texts:
         assert tt.encode(text) == tok.encode(text), text
@@ -338,12 +335,11 @@ def test_tiktoken_matches_json(tiktoken_tok, tok, corpus):
     )
 
 
-def test_tiktoken_saves_as_json(tiktoken_tok, tmp_path):
+def test_tiktoken_saves_as_json(tiktoken_tok, tiktoken_saved):
     tt, _ = tiktoken_tok
-    tt.save(tmp_path)
-    again = Tokenizer.load(tmp_path)
+    again = Tokenizer.load(tiktoken_saved)
     needs_hf()
-    hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    hf = transformers.AutoTokenizer.from_pretrained(tiktoken_saved)
     for text in varied_texts(100, seed=5):
         assert again.encode(text) == tt.encode(text)
         assert hf(text)["input_ids"] == tt.encode(text, bos=True, allow_special=True)
@@ -374,7 +370,8 @@ def test_llama4_names(saved, tmp_path):
     assert tok4.eot_id == tok4.special_tokens["<|eot|>"]
     messages = CONVERSATIONS[1]
     assert tok4.render_chat(messages, add_generation_prompt=True) == (
-        "<|begin_of_text|><|header_start|>system<|header_end|>\n\nYou are terse.<|eot|>"
+        # Llama 4's format keeps content as written (Meta's reference does not trim it)
+        "<|begin_of_text|><|header_start|>system<|header_end|>\n\n  You are terse.\n<|eot|>"
         "<|header_start|>user<|header_end|>\n\nWhat is 2+2?<|eot|>"
         "<|header_start|>assistant<|header_end|>\n\n4<|eot|>"
         "<|header_start|>assistant<|header_end|>\n\n"
@@ -388,6 +385,12 @@ def test_llama4_names(saved, tmp_path):
     needs_hf()
     hf = transformers.AutoTokenizer.from_pretrained(out)
     for msgs in CONVERSATIONS:
+        text = hf.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        assert tok4.render_chat(msgs, add_generation_prompt=True) == text
+        if any(m["content"][:1] in ("\n", "\r") for m in msgs):
+            # the template is tokenized as one string: "\n\n" + "\n..." merges into one
+            # newline token, where Meta (and camelid) encode header and content apart
+            continue
         ref = hf.apply_chat_template(msgs, add_generation_prompt=True, return_dict=False)
         assert tok4.apply_chat_template(msgs, add_generation_prompt=True) == ref
 
@@ -442,6 +445,14 @@ def test_corrupt_model(tmp_path, content):
     path = tmp_path / "tokenizer.model"
     path.write_bytes(content)
     with pytest.raises(TokenizerError, match=re.escape(str(path))):
+        Tokenizer.load(path)
+
+
+def test_unknown_rank_count(tmp_path):
+    """A rank table of another size is refused, never read with Llama 3's layout."""
+    path = tmp_path / "tokenizer.model"
+    path.write_text("".join(f"{base64.b64encode(bytes([b])).decode()} {b}\n" for b in range(256)))
+    with pytest.raises(TokenizerError, match=r"256 BPE ranks.*128,000 \(Llama 3\), 200,000"):
         Tokenizer.load(path)
 
 

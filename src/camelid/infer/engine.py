@@ -209,8 +209,10 @@ def _token_logprobs(logits: torch.Tensor, tokens: Sequence[int], top: int) -> li
 
 
 def default_stop_ids(tokenizer: Tokenizer) -> tuple[int, ...]:
-    """End of text, end of turn and (Llama 3.1+) end of message, where the vocabulary has them."""
-    ids = [tokenizer.eos_id, tokenizer.eot_id, tokenizer.special_tokens.get("<|eom_id|>")]
+    """End of text, end of turn and (Llama 3.1+) end of message, where the vocabulary has them
+    (``<|eot_id|>``/``<|eom_id|>`` in Llama 3, ``<|eot|>``/``<|eom|>`` in Llama 4)."""
+    eom = [tokenizer.special_tokens.get(name) for name in ("<|eom_id|>", "<|eom|>")]
+    ids = [tokenizer.eos_id, tokenizer.eot_id, *eom]
     return tuple(dict.fromkeys(i for i in ids if i is not None))
 
 

@@ -23,6 +23,18 @@ LLAMA3_PATTERN = (
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
+# Llama 4's split, copied from Meta's reference tokenizer (llama-models 0.3.0,
+# llama_models/llama4/tokenizer.py, ``Tokenizer.O200K_PATTERN``): words split at case changes
+# with their contraction attached, numbers of up to three digits, punctuation runs that may end
+# in newlines or slashes, newlines, other whitespace.
+LLAMA4_PATTERN = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
 BOS = "<|begin_of_text|>"
 EOS = "<|end_of_text|>"
 
@@ -51,6 +63,53 @@ def llama3_special_names(n: int = 256) -> list[str]:
             names.append(f"<|reserved_special_token_{reserved}|>")
             reserved += 1
     return names
+
+
+LLAMA3_RANKS = 128_000
+LLAMA4_RANKS = 200_000
+LLAMA4_NUM_SPECIALS = 2048
+
+
+def _reserved(group: str, count: int, start: int = 0) -> list[str]:
+    return [f"<|{group}_reserved_special_token_{i}|>" for i in range(start, start + count)]
+
+
+def llama4_special_names() -> list[str]:
+    """Llama 4's 2,048 special tokens in id order (ids 200000 ..), as Meta's reference
+    tokenizer (llama-models 0.3.0, llama_models/llama4/tokenizer.py) assigns them."""
+    text_post_train = [  # 200005 .. 200079
+        "<|header_start|>",
+        "<|header_end|>",
+        "<|eom|>",
+        "<|eot|>",
+        "<|step|>",
+        *_reserved("text_post_train", 6),
+        "<|python_start|>",
+        "<|python_end|>",
+        "<|finetune_right_pad|>",
+        *_reserved("text_post_train", 61, 8),
+    ]
+    vision = [  # 200080 .. 201133
+        "<|image_start|>",
+        "<|image_end|>",
+        *_reserved("vision", 2),
+        "<|tile_x_separator|>",
+        "<|tile_y_separator|>",
+        *_reserved("vision", 4, 2),
+        "<|image|>",
+        *_reserved("vision", 1, 6),
+        "<|patch|>",
+        *_reserved("vision", 1041, 7),
+    ]
+    reasoning = [  # 201134 .. 201143
+        *_reserved("reasoning", 8),
+        "<|reasoning_thinking_start|>",
+        "<|reasoning_thinking_end|>",
+    ]
+    basic = [BOS, EOS, "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>"]
+    named = basic + text_post_train + vision + reasoning
+    rest = [f"<|reserved_special_token_{i}|>" for i in range(LLAMA4_NUM_SPECIALS - len(named))]
+    return named + rest
 
 
 def _byte_to_char() -> dict[int, str]:
@@ -93,19 +152,20 @@ def tiktoken_twin(spec: dict[str, Any]) -> tiktoken.Encoding | None:
     text (special-token text is not matched), or None.
 
     tiktoken runs the same byte-level BPE several times faster than ``tokenizers``. The proof
-    is structural: no normalizer, the Llama 3 split followed by a plain ByteLevel step, a BPE
-    model with ``ignore_merges`` whose ranks are 0..n-1 over all 256 bytes, and a merge list
-    that holds every two-token split of every token, in the order of the rank of its result
-    (see the module docstring). Anything else — Llama 4's tokenizer, say — returns None.
+    is structural: no normalizer, the Llama 3 or Llama 4 split followed by a plain ByteLevel
+    step, a BPE model with ``ignore_merges`` whose ranks are 0..n-1 over all 256 bytes, and a
+    merge list that holds every two-token split of every token, in the order of the rank of its
+    result (see the module docstring). Anything else returns None.
     """
     pre, model = spec.get("pre_tokenizer") or {}, spec.get("model") or {}
     steps = pre.get("pretokenizers") if pre.get("type") == "Sequence" else None
     if spec.get("normalizer") is not None or not steps or len(steps) != 2:
         return None
     split, byte_level = steps
+    pattern = (split.get("pattern") or {}).get("Regex")
     if (
         split.get("type") != "Split"
-        or split.get("pattern") != {"Regex": LLAMA3_PATTERN}
+        or pattern not in (LLAMA3_PATTERN, LLAMA4_PATTERN)
         or split.get("behavior") != "Isolated"
         or split.get("invert")
         or byte_level.get("type") != "ByteLevel"
@@ -139,7 +199,7 @@ def tiktoken_twin(spec: dict[str, Any]) -> tiktoken.Encoding | None:
     if -1 in order or order != sorted(order) or set(merges) != set(merges_from_ranks(ranks)):
         return None
     return tiktoken.Encoding(
-        name="camelid-twin", pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks, special_tokens={}
+        name="camelid-twin", pat_str=pattern, mergeable_ranks=ranks, special_tokens={}
     )
 
 

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
@@ -26,8 +27,12 @@ from camelid.tokenizer.bpe import (
     BOS,
     EOS,
     LLAMA3_PATTERN,
+    LLAMA3_RANKS,
+    LLAMA4_PATTERN,
+    LLAMA4_RANKS,
     hf_from_ranks,
     llama3_special_names,
+    llama4_special_names,
     tiktoken_twin,
     token_to_bytes,
 )
@@ -125,15 +130,52 @@ class _HFBackend:
         return self._tok
 
 
-class _TiktokenBackend:
-    """Meta's Llama 3 ranks through tiktoken, with the Llama 3.1 special tokens after them."""
+@dataclass(frozen=True)
+class TiktokenLayout:
+    """What a tiktoken ``tokenizer.model`` leaves out: the split regex and the special tokens
+    (ids right after the ranks). Meta's file holds ranks only, so its rank count tells them."""
 
-    def __init__(self, ranks: dict[bytes, int], name: str) -> None:
+    name: str
+    ranks: int
+    pattern: str
+    specials: tuple[str, ...]
+
+
+TIKTOKEN_LAYOUTS = {
+    LLAMA3_RANKS: TiktokenLayout(
+        "Llama 3", LLAMA3_RANKS, LLAMA3_PATTERN, tuple(llama3_special_names())
+    ),
+    LLAMA4_RANKS: TiktokenLayout(
+        "Llama 4", LLAMA4_RANKS, LLAMA4_PATTERN, tuple(llama4_special_names())
+    ),
+}
+
+
+def tiktoken_layout(path: str | Path, n_ranks: int) -> TiktokenLayout:
+    """The layout of a tokenizer.model with ``n_ranks`` ranks; any other count is refused,
+    never read as Llama 3 (wrong ids with no error would be the worst outcome)."""
+    layout = TIKTOKEN_LAYOUTS.get(n_ranks)
+    if layout is None:
+        known = ", ".join(f"{n:,} ({lay.name})" for n, lay in TIKTOKEN_LAYOUTS.items())
+        raise TokenizerError(
+            f"{path}: {n_ranks:,} BPE ranks, which is no tokenizer.model camelid knows "
+            f"(known: {known}); its split pattern and special tokens cannot be told, so it is "
+            "not read. Load a tokenizer.json instead."
+        )
+    return layout
+
+
+class _TiktokenBackend:
+    """Meta's ranks through tiktoken, with the split pattern and special tokens of the Llama
+    version they belong to (see :func:`tiktoken_layout`)."""
+
+    def __init__(self, ranks: dict[bytes, int], name: str, layout: TiktokenLayout) -> None:
         self._ranks = ranks
-        self._specials = llama3_special_names()
+        self.layout = layout
+        self._specials = list(layout.specials)
         self._enc = tiktoken.Encoding(
             name=name,
-            pat_str=LLAMA3_PATTERN,
+            pat_str=layout.pattern,
             mergeable_ranks=ranks,
             special_tokens={s: len(ranks) + i for i, s in enumerate(self._specials)},
         )
@@ -160,7 +202,7 @@ class _TiktokenBackend:
         return {i: len(token) for token, i in self._ranks.items()}
 
     def to_hf(self) -> HFTokenizer:
-        return hf_from_ranks(self._ranks, self._specials, LLAMA3_PATTERN)
+        return hf_from_ranks(self._ranks, self._specials, self.layout.pattern)
 
 
 class Tokenizer:
@@ -200,7 +242,9 @@ class Tokenizer:
             raise TokenizerError(f"{path}: tokenizer file not found")
         if path.suffix == ".json":
             return cls(_HFBackend(_read_tokenizer_json(path)), str(path))
-        return cls(_TiktokenBackend(_read_tiktoken_ranks(path), path.stem), str(path))
+        ranks = _read_tiktoken_ranks(path)
+        layout = tiktoken_layout(path, len(ranks))
+        return cls(_TiktokenBackend(ranks, path.stem, layout), str(path))
 
     @property
     def vocab_size(self) -> int:
