@@ -36,10 +36,8 @@ def _reference(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     for t in range(x.shape[0]):
         xt = x[t]
         logits = moe.router.weight.float() @ xt.float()
-        if moe.scoring == "sigmoid":
-            scores = torch.sigmoid(logits)
-        else:
-            scores = torch.softmax(logits, -1)
+        sigmoid = moe.scoring == "sigmoid"
+        scores = torch.sigmoid(logits) if sigmoid else torch.softmax(logits, -1)
         picked = sorted(
             range(moe.n_experts),
             key=lambda e: -(scores[e].item() + moe.selection_bias[e].item()),
@@ -252,7 +250,7 @@ def test_hf_round_trip_and_key_names():
 
 def test_hf_llama4_errors_name_the_field():
     hf = ModelConfig.from_preset("llama-4-scout").to_hf()
-    with pytest.raises(ConfigError, match="c.json: moe_layers"):
+    with pytest.raises(ConfigError, match=r"c\.json: moe_layers"):
         ModelConfig.from_hf({**hf, "moe_layers": [0, 5]}, source="c.json")
     with pytest.raises(ConfigError, match="no_rope_layers has 3 entries"):
         ModelConfig.from_hf({**hf, "no_rope_layers": [1, 0, 1]}, source="c.json")
@@ -278,3 +276,56 @@ def test_hf_llama4_errors_name_the_field():
 def test_moe_validation_names_the_field(kwargs, needle):
     with pytest.raises(ConfigError, match=needle):
         ModelConfig.from_preset("tiny", **kwargs)
+
+
+# ------------------------------------------------------------------------------ in the model
+def _tiny_moe(**overrides) -> ModelConfig:
+    fields = dict(n_layers=4, n_experts=4, n_experts_per_tok=2, n_shared_experts=1)
+    fields.update(moe_ffn_dim=32, moe_interleave_step=2)
+    return ModelConfig.from_preset("tiny", **{**fields, **overrides})
+
+
+def test_blocks_follow_the_interleave_step():
+    from camelid.model.moe import MoE as MoELayer
+    from camelid.model.transformer import FeedForward
+
+    model = Transformer(_tiny_moe())
+    kinds = [type(b.feed_forward) for b in model.layers]
+    assert kinds == [FeedForward, MoELayer, FeedForward, MoELayer]
+    assert model.num_params() == model.config.num_params()
+    dense = Transformer(ModelConfig.from_preset("tiny"))
+    assert all(isinstance(b.feed_forward, FeedForward) for b in dense.layers)
+
+
+def test_moe_model_trains_and_decodes_with_cache():
+    from camelid.model.transformer import KVCache
+
+    torch.manual_seed(0)
+    config = _tiny_moe()
+    model = Transformer(config)
+    tokens = torch.randint(0, config.vocab_size, (2, 12))
+    logits = model(tokens)
+    logits.float().logsumexp(-1).mean().backward()
+    moe = model.layers[1].feed_forward
+    assert moe.experts.w13.grad is not None and moe.router.weight.grad.abs().sum() > 0
+    assert int(moe.load.sum()) == 2 * 12 * config.n_experts_per_tok
+    with torch.no_grad():
+        cache = KVCache(config, 2, 16, "cpu", torch.float32)
+        model(tokens[:, :8], cache=cache)
+        steps = [model(tokens[:, t : t + 1], input_pos=torch.tensor([t]), cache=cache)
+                 for t in range(8, 12)]  # fmt: skip
+        full = model(tokens)
+    assert torch.allclose(torch.cat(steps, 1), full[:, 8:], atol=1e-5)
+
+
+def test_init_zeroes_selection_bias_and_scales_expert_outputs():
+    config = _tiny_moe()
+    model = Transformer.empty(config)
+    model.init_weights(generator=torch.Generator().manual_seed(0))
+    moe = model.layers[1].feed_forward
+    assert (moe.selection_bias == 0).all()
+    plan = {name: (kind, s) for name, kind, s in model.init_plan()}
+    assert (
+        plan["layers.1.feed_forward.experts.w2"][1] < plan["layers.1.feed_forward.experts.w13"][1]
+    )
+    assert "layers.1.feed_forward.selection_bias" in model.state_dict()

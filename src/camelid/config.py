@@ -299,7 +299,10 @@ class ModelConfig:
         model_type = hf.get("model_type")
         if model_type == "llama4" and isinstance(hf.get("text_config"), dict):
             # The multimodal Llama4Config: the language model is its text_config.
-            hf, source = {"model_type": "llama4_text", **hf["text_config"]}, f"{source}: text_config"
+            hf, source = (
+                {"model_type": "llama4_text", **hf["text_config"]},
+                f"{source}: text_config",
+            )
             model_type = "llama4_text"
         if model_type not in ("llama", "llama4_text"):
             raise ConfigError(
@@ -669,7 +672,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         moe_interleave_step=1,
         use_qk_norm=True,
         rope_scaling=RopeScaling(
-            factor=16.0, low_freq_factor=1.0, high_freq_factor=1.0, original_max_position_embeddings=8192
+            factor=16.0,
+            low_freq_factor=1.0,
+            high_freq_factor=1.0,
+            original_max_position_embeddings=8192,
         ),
         max_seq_len=10485760,
     ),

@@ -1,9 +1,10 @@
-"""The dense Llama transformer: plain PyTorch, no I/O.
+"""The Llama transformer (dense, or with Llama 4 MoE layers): plain PyTorch, no I/O.
 
 Block: ``h = x + attn(norm(x)); out = h + ffn(norm(h))``. Attention is grouped-query with RoPE
-through ``scaled_dot_product_attention``; the FFN is SwiGLU. The q/k/v projections are fused into
-one ``wqkv`` matrix, so one matmul and one RoPE pass serve all three; the mapping to the
-separate Hugging Face tensors lives in ``camelid.weights.hf``. The model computes no loss:
+through ``scaled_dot_product_attention``; the FFN is SwiGLU, or on the MoE layers of an MoE
+config (``ModelConfig.is_moe_layer``) the mixture of experts of :mod:`camelid.model.moe`. The
+q/k/v projections are fused into one ``wqkv`` matrix, so one matmul and one RoPE pass serve
+all three; the mapping to the separate Hugging Face tensors lives in ``camelid.weights.hf``. The model computes no loss:
 given a ``head`` callable it returns ``head(hidden, output_weight)`` instead of the logits, which
 is how ``camelid.loss`` fuses the head with the cross-entropy. Given a :class:`KVCache`,
 attention writes each token's keys and values into it at the token's position and attends
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from camelid.config import ModelConfig
+from camelid.model.moe import MoE
 from camelid.model.rope import apply_rope, inv_frequencies, rope_cos_sin
 
 
@@ -142,12 +144,14 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, layer: int = 0) -> None:
         super().__init__()
         self.attention_norm = RMSNorm(config.dim, config.norm_eps)
         self.attention = Attention(config)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
-        self.feed_forward = FeedForward(config)
+        self.feed_forward: FeedForward | MoE = (
+            MoE(config) if config.is_moe_layer(layer) else FeedForward(config)
+        )
 
     def forward(
         self,
@@ -161,7 +165,7 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """A dense Llama model. ``model(tokens)`` maps ids (B, T) to logits (B, T, vocab).
+    """A Llama model. ``model(tokens)`` maps ids (B, T) to logits (B, T, vocab).
 
     Build it on the meta device (``with torch.device("meta"):``) to get shapes and counts without
     allocating weights; ``to_empty(device=...)``, ``tie_weights()`` then ``init_weights()`` or a
@@ -172,7 +176,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         self.tie_weights()
@@ -207,23 +211,21 @@ class Transformer(nn.Module):
         """How each parameter is initialised for training from scratch, in a fixed order:
         ``(name, "normal" | "ones" | "zeros", std)``. A tied head appears once.
 
-        Embedding and every linear weight ~ N(0, std); the two projections that write into the
-        residual stream (``wo`` and ``w2``) use std / sqrt(2 · n_layers) so the residual's
-        variance does not grow with depth (GPT-2's scheme); biases 0, norm weights 1. The plan
-        is data, so a sharded model (``camelid.train.parallelize``) draws the same values.
+        Embedding and every linear weight ~ N(0, std); the projections that write into the
+        residual stream (``wo``, ``w2`` and the experts' ``w2``) use std / sqrt(2 · n_layers) so
+        the residual's variance does not grow with depth (GPT-2's scheme); biases 0, norm
+        weights 1. The plan is data, so a sharded model (``camelid.train.parallelize``) draws
+        the same values.
         """
         residual_std = std / math.sqrt(2 * self.config.n_layers)
+        residual = ("wo.weight", "w2.weight", "experts.w2")
         for name, p in self.named_parameters():
             if name.endswith("bias"):
                 yield name, "zeros", 0.0
             elif p.ndim == 1:  # RMSNorm weights
                 yield name, "ones", 0.0
             else:
-                yield (
-                    name,
-                    "normal",
-                    residual_std if name.endswith(("wo.weight", "w2.weight")) else std,
-                )
+                yield name, "normal", residual_std if name.endswith(residual) else std
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
@@ -235,6 +237,9 @@ class Transformer(nn.Module):
                 p.normal_(0.0, s, generator=generator)
             else:
                 p.fill_(1.0 if kind == "ones" else 0.0)
+        for module in self.modules():  # MoE selection biases start neutral
+            if isinstance(module, MoE):
+                module.selection_bias.zero_()
 
     def forward(
         self,
