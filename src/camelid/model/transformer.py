@@ -3,12 +3,12 @@
 Block: ``h = x + attn(norm(x)); out = h + ffn(norm(h))``. Attention is grouped-query with RoPE
 through ``scaled_dot_product_attention``; the FFN is SwiGLU, or on the MoE layers of an MoE
 config (``ModelConfig.is_moe_layer``) the mixture of experts of :mod:`camelid.model.moe`. The
-q/k/v projections are fused into one ``wqkv`` matrix, so one matmul and one RoPE pass serve
-all three; the mapping to the separate Hugging Face tensors lives in ``camelid.weights.hf``. The model computes no loss:
-given a ``head`` callable it returns ``head(hidden, output_weight)`` instead of the logits, which
-is how ``camelid.loss`` fuses the head with the cross-entropy. Given a :class:`KVCache`,
-attention writes each token's keys and values into it at the token's position and attends
-over everything cached so far (prefill and decode are the same code).
+q/k/v projections are fused into one ``wqkv`` matrix, so one matmul and one RoPE pass serve all
+three; the mapping to the separate Hugging Face tensors lives in ``camelid.weights.hf``. The
+model computes no loss: given a ``head`` callable it returns ``head(hidden, output_weight)``
+instead of the logits, which is how ``camelid.loss`` fuses the head with the cross-entropy.
+Given a :class:`KVCache`, attention writes each token's keys and values into it at the token's
+position and attends over everything cached so far (prefill and decode are the same code).
 """
 
 from __future__ import annotations
