@@ -329,3 +329,82 @@ def test_init_zeroes_selection_bias_and_scales_expert_outputs():
         plan["layers.1.feed_forward.experts.w2"][1] < plan["layers.1.feed_forward.experts.w13"][1]
     )
     assert "layers.1.feed_forward.selection_bias" in model.state_dict()
+
+
+def _hf_to_camelid(hf_state: dict[str, torch.Tensor], config: ModelConfig) -> dict:
+    """HF Llama4ForCausalLM tensors in camelid's names and layout. Llama 4 keeps Meta's
+    interleaved RoPE pairs in HF, so q/k rows get the (2i, 2i+1) -> (i, i + d/2) permutation."""
+
+    def half_layout(w: torch.Tensor, heads: int) -> torch.Tensor:
+        hd = config.head_dim
+        return w.view(heads, hd // 2, 2, -1).transpose(1, 2).reshape(heads * hd, -1)
+
+    out = {
+        "tok_embeddings.weight": hf_state["model.embed_tokens.weight"],
+        "norm.weight": hf_state["model.norm.weight"],
+        "output.weight": hf_state["lm_head.weight"],
+    }
+    names = {
+        "input_layernorm.weight": "attention_norm.weight",
+        "post_attention_layernorm.weight": "ffn_norm.weight",
+        "self_attn.o_proj.weight": "attention.wo.weight",
+        "feed_forward.gate_proj.weight": "feed_forward.w1.weight",
+        "feed_forward.up_proj.weight": "feed_forward.w3.weight",
+        "feed_forward.down_proj.weight": "feed_forward.w2.weight",
+        "feed_forward.router.weight": "feed_forward.router.weight",
+        "feed_forward.experts.gate_up_proj": "feed_forward.experts.w13",
+        "feed_forward.experts.down_proj": "feed_forward.experts.w2",
+        "feed_forward.shared_expert.gate_proj.weight": "feed_forward.shared.w1.weight",
+        "feed_forward.shared_expert.up_proj.weight": "feed_forward.shared.w3.weight",
+        "feed_forward.shared_expert.down_proj.weight": "feed_forward.shared.w2.weight",
+    }
+    for i in range(config.n_layers):
+        pre = f"model.layers.{i}."
+        for hf_name, name in names.items():
+            if pre + hf_name in hf_state:
+                out[f"layers.{i}.{name}"] = hf_state[pre + hf_name]
+        q = half_layout(hf_state[pre + "self_attn.q_proj.weight"], config.n_heads)
+        k = half_layout(hf_state[pre + "self_attn.k_proj.weight"], config.n_kv_heads)
+        v = hf_state[pre + "self_attn.v_proj.weight"]
+        out[f"layers.{i}.attention.wqkv.weight"] = torch.cat([q, k, v])
+    return out
+
+
+@pytest.mark.parametrize("qk_norm", [True, False])
+def test_logits_match_hf_llama4(qk_norm):
+    """A tiny Llama 4 (MoE every 2nd layer, top-2, NoPE every 2nd layer with temperature
+    tuning, chunked attention of 4, QK-norm) gives HF's logits, with and without a KV cache."""
+    transformers = pytest.importorskip("transformers")
+    from camelid.model.transformer import KVCache
+
+    torch.manual_seed(0)
+    hf_config = transformers.Llama4TextConfig(
+        vocab_size=96, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, intermediate_size=16, intermediate_size_mlp=48,
+        num_local_experts=4, num_experts_per_tok=2, interleave_moe_layer_step=2,
+        no_rope_layer_interval=2, attention_chunk_size=4, attn_temperature_tuning=True,
+        floor_scale=4, attn_scale=0.5, use_qk_norm=qk_norm, max_position_embeddings=64,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        attn_implementation="eager",
+    )  # fmt: skip
+    hf = transformers.Llama4ForCausalLM(hf_config).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "experts" in name or "router" in name:
+                p.normal_(0, 0.2)
+    config = ModelConfig.from_hf(hf_config.to_dict())
+    assert config.n_moe_layers == 2 and config.is_nope_layer(1) and not config.is_nope_layer(0)
+    model = Transformer(config).eval()
+    result = model.load_state_dict(_hf_to_camelid(hf.state_dict(), config), strict=False)
+    assert not result.unexpected_keys
+    assert all(k.endswith("selection_bias") for k in result.missing_keys)  # camelid's own state
+    tokens = torch.randint(0, 96, (2, 13))
+    with torch.no_grad():
+        ref = hf(tokens).logits
+        ours = model(tokens)
+        assert torch.allclose(ours, ref, atol=1e-4, rtol=1e-4)
+        cache = KVCache(config, 2, 16, "cpu", torch.float32)
+        first = model(tokens[:, :6], cache=cache)
+        steps = [model(tokens[:, t : t + 1], input_pos=torch.tensor([t]), cache=cache)
+                 for t in range(6, 13)]  # fmt: skip
+    assert torch.allclose(torch.cat([first, *steps], 1), ref, atol=1e-4, rtol=1e-4)

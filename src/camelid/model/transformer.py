@@ -78,7 +78,15 @@ _LayerCache = tuple[torch.Tensor, torch.Tensor, tuple, torch.Tensor, int]
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    """Grouped-query attention, with Llama 4's per-layer variants (FIELD-NOTES §2) when the
+    config asks: a NoPE layer (``config.is_nope_layer``) skips RoPE, attends causally over the
+    whole context and, with ``attn_temperature_tuning``, scales q by ``1 + attn_scale *
+    ln(floor((pos + 1) / floor_scale) + 1)`` at absolute position pos; a RoPE layer attends
+    within blocks of ``attention_chunk_size`` tokens (query i sees key j iff j <= i and
+    i // C == j // C) and, with ``use_qk_norm``, RMS-normalises q and k per head after RoPE
+    (no learnable weight). A dense Llama config turns all of these off."""
+
+    def __init__(self, config: ModelConfig, layer: int = 0) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = (
             config.n_heads,
@@ -88,6 +96,14 @@ class Attention(nn.Module):
         q, kv = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
         self.wqkv = nn.Linear(config.dim, q + 2 * kv, bias=config.attention_bias)
         self.wo = nn.Linear(q, config.dim, bias=config.attention_bias)
+        self.use_rope = not config.is_nope_layer(layer)
+        self.chunk_size = config.attention_chunk_size if self.use_rope else None
+        self.qk_norm_eps = config.norm_eps if config.use_qk_norm and self.use_rope else None
+        self.temperature = (
+            (config.attn_scale, config.floor_scale)
+            if config.attn_temperature_tuning and not self.use_rope
+            else None
+        )
 
     def forward(
         self,
@@ -95,15 +111,38 @@ class Attention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         cache: _LayerCache | None = None,
+        pos: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """``pos``: the tokens' absolute positions, (T,) or (B, T); needed only by the Llama 4
+        variants (chunks, temperature) and 0..T-1 when not given."""
         B, T, _ = x.shape
         H, K = self.n_heads, self.n_kv_heads
         qkv = self.wqkv(x).view(B, T, H + 2 * K, self.head_dim)
-        q, k = apply_rope(qkv[:, :, : H + K], cos, sin).split((H, K), dim=2)  # one pass for q, k
+        if self.use_rope:  # one pass for q and k
+            q, k = apply_rope(qkv[:, :, : H + K], cos, sin).split((H, K), dim=2)
+        else:
+            q, k = qkv[:, :, :H], qkv[:, :, H : H + K]
         v = qkv[:, :, H + K :]
+        if self.qk_norm_eps is not None:
+            q = F.rms_norm(q.float(), (self.head_dim,), eps=self.qk_norm_eps).to(x.dtype)
+            k = F.rms_norm(k.float(), (self.head_dim,), eps=self.qk_norm_eps).to(x.dtype)
+        if (self.temperature is not None or self.chunk_size) and pos is None:
+            pos = torch.arange(T, device=x.device)
+        if self.temperature is not None:
+            attn_scale, floor_scale = self.temperature
+            scale = torch.log1p(torch.floor((pos.float() + 1.0) / floor_scale)) * attn_scale + 1.0
+            q = (q * scale.expand(B, T)[..., None, None]).to(x.dtype)
         # (B, heads, T, head_dim); query head h reads kv head h // (n_heads // n_kv_heads).
         q = q.transpose(1, 2)
-        if cache is None:
+        if cache is None and self.chunk_size and T > 1:
+            k, v = k.transpose(1, 2), v.transpose(1, 2)
+            p = pos.expand(B, T)
+            chunk = torch.div(p, self.chunk_size, rounding_mode="floor")
+            mask = (p[:, None, :] <= p[:, :, None]) & (chunk[:, None, :] == chunk[:, :, None])
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask.unsqueeze(1), enable_gqa=K != H
+            )
+        elif cache is None:
             k, v = k.transpose(1, 2), v.transpose(1, 2)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=K != H)
         else:
@@ -147,7 +186,7 @@ class Block(nn.Module):
     def __init__(self, config: ModelConfig, layer: int = 0) -> None:
         super().__init__()
         self.attention_norm = RMSNorm(config.dim, config.norm_eps)
-        self.attention = Attention(config)
+        self.attention = Attention(config, layer)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
         self.feed_forward: FeedForward | MoE = (
             MoE(config) if config.is_moe_layer(layer) else FeedForward(config)
@@ -159,8 +198,9 @@ class Block(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         cache: _LayerCache | None = None,
+        pos: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, cache)
+        h = x + self.attention(self.attention_norm(x), cos, sin, cache, pos)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -272,7 +312,7 @@ class Transformer(nn.Module):
         cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
         if cache is None:
             for layer in self.layers:
-                h = layer(h, cos, sin)
+                h = layer(h, cos, sin, None, input_pos)
         else:
             kv_len = cache.max_len if kv_len is None else kv_len
             pos = input_pos.expand(B, T)
@@ -280,10 +320,20 @@ class Transformer(nn.Module):
             index = (rows, slice(None), pos)
             slots = torch.arange(kv_len, device=tokens.device)
             group = self.config.n_heads // self.config.n_kv_heads
-            mask = (slots <= pos.unsqueeze(-1)).unsqueeze(1)  # (B, 1, T, kv_len) ...
-            mask = mask.expand(B, group, T, kv_len).reshape(B, 1, group * T, kv_len)  # grouped
+
+            def grouped(mask: torch.Tensor) -> torch.Tensor:  # (B, T, kv_len) -> (B, 1, gT, kv)
+                return mask.unsqueeze(1).expand(B, group, T, kv_len).reshape(B, 1, -1, kv_len)
+
+            causal = slots <= pos.unsqueeze(-1)
+            mask = grouped(causal)
+            chunk = self.config.attention_chunk_size
+            chunked = mask
+            if chunk and any(layer.attention.chunk_size for layer in self.layers):
+                same = (slots // chunk) == torch.div(pos, chunk, rounding_mode="floor")[..., None]
+                chunked = grouped(causal & same)
             for layer, k_buf, v_buf in zip(self.layers, cache.k, cache.v, strict=True):
-                h = layer(h, cos, sin, (k_buf, v_buf, index, mask, kv_len))
+                m = chunked if layer.attention.chunk_size else mask
+                h = layer(h, cos, sin, (k_buf, v_buf, index, m, kv_len), input_pos)
         h = self.norm(h)
         if head is not None:
             return head(h, self.output.weight)
