@@ -4,11 +4,13 @@ Llama 4 config fields, presets, published counts and HF mapping, and MoE blocks 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import camelid_main as main
 
 from camelid import ConfigError, ModelConfig, Transformer
 from camelid.model.moe import MoE, grouped_mm_supported
@@ -408,3 +410,16 @@ def test_logits_match_hf_llama4(qk_norm):
         steps = [model(tokens[:, t : t + 1], input_pos=torch.tensor([t]), cache=cache)
                  for t in range(6, 13)]  # fmt: skip
     assert torch.allclose(torch.cat([first, *steps], 1), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_inspect_shows_total_and_active(capsys):
+    assert main(["inspect", "llama-4-maverick"]) == 0
+    out = capsys.readouterr().out
+    c = ModelConfig.from_preset("llama-4-maverick")
+    assert f"({c.num_params():,})" in out and f"({c.num_params(active=True):,})" in out
+    assert "128 x SwiGLU 8192, top-1 sigmoid, 1 shared" in out and "(24 MoE)" in out
+    assert main(["inspect", "llama-4-scout", "--json", "--seq-len", "4096"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    scout = ModelConfig.from_preset("llama-4-scout")
+    assert data["params"]["active"] == scout.num_params(active=True)
+    assert data["flops_per_token"]["training"] == scout.flops_per_token(4096)
