@@ -688,7 +688,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # + top-1 of 16 routed experts, head_dim 128, 8 kv heads, the 202048 vocab) and solving
     #   active = L*(attn + 2*3*d*F + d*16) + 2*V*d  = 288B
     #   total  = L*(attn + 17*3*d*F + d*16) + 2*V*d ~ 2T   (so 15*L*3*d*F ~ 1.7T)
-    # over multiples of 128 for d, 4 for L and 1024 for F: d 14336 (112 heads), L 128 and
+    # over d in 8192..20480 by 2048, L by 4 and F by 1024: d 14336 (112 heads), L 128 and
     # F 20480 give 287.7B active and 1.98T total. The dense width (unused: no dense layers)
     # follows Scout's 2x expert width.
     "llama-4-behemoth": dict(
