@@ -218,6 +218,11 @@ def test_dense_defaults_unchanged():
     assert c.num_params(active=True) == c.num_params()
     assert c.to_hf()["model_type"] == "llama"
     assert "active" not in c.describe(1024)["params"]
+    assert c.moe_ffn_dim is None and c.nope_layer_interval == 0 and not c.use_qk_norm
+    # Llama 4 attention on a dense model: written as Llama 4 with no experts, read back equal.
+    d = dataclasses.replace(c, nope_layer_interval=4, attention_chunk_size=128, use_qk_norm=True)
+    assert d.to_hf()["model_type"] == "llama4_text"
+    assert ModelConfig.from_hf(d.to_hf()) == d
 
 
 def test_active_params_and_flops_for_moe():
@@ -323,8 +328,10 @@ def test_moe_model_trains_and_decodes_with_cache():
 def test_init_zeroes_selection_bias_and_scales_expert_outputs():
     config = _tiny_moe()
     model = Transformer.empty(config)
-    model.init_weights(generator=torch.Generator().manual_seed(0))
     moe = model.layers[1].feed_forward
+    assert (moe.selection_bias == 0).all()  # set even before any init or load
+    moe.selection_bias.fill_(3.0)
+    model.init_weights(generator=torch.Generator().manual_seed(0))
     assert (moe.selection_bias == 0).all()
     plan = {name: (kind, s) for name, kind, s in model.init_plan()}
     assert (

@@ -64,10 +64,10 @@ class ModelConfig:
     MoE fields (``n_experts > 0`` turns them on; the defaults are the dense model): layer ``i``
     (0-based) has an MoE FFN when ``(i + 1) % moe_interleave_step == 0`` and the dense SwiGLU of
     width ``ffn_hidden_dim`` otherwise. An MoE FFN routes each token to ``n_experts_per_tok`` of
-    ``n_experts`` SwiGLU experts of width ``moe_ffn_dim`` (default ``ffn_hidden_dim``) and adds
-    ``n_shared_experts`` always-on experts of the same width. ``router_scoring`` "sigmoid" is
-    Llama 4 (the score scales the expert's input), "softmax" is Mixtral (renormalised top-k
-    weights scale the outputs).
+    ``n_experts`` SwiGLU experts of width ``moe_ffn_dim`` (default ``ffn_hidden_dim``; None in a
+    dense config) and adds ``n_shared_experts`` always-on experts of the same width.
+    ``router_scoring`` "sigmoid" is Llama 4 (the score scales the expert's input), "softmax" is
+    Mixtral (renormalised top-k weights scale the outputs).
 
     Llama 4 attention fields: layer ``i`` is NoPE when ``nope_layer_interval`` and
     ``(i + 1) % nope_layer_interval == 0``; RoPE layers attend within blocks of
@@ -162,9 +162,12 @@ class ModelConfig:
                 f"n_experts_per_tok ({self.n_experts_per_tok}) must be <= n_experts "
                 f"({self.n_experts})"
             )
-        if self.moe_ffn_dim is None:
+        # Derived only for an MoE model, so a dense config's fields stay what they were.
+        if self.moe_ffn_dim is None and self.n_experts:
             object.__setattr__(self, "moe_ffn_dim", self.ffn_hidden_dim)
-        if not isinstance(self.moe_ffn_dim, int) or self.moe_ffn_dim <= 0:
+        if self.moe_ffn_dim is not None and (
+            not isinstance(self.moe_ffn_dim, int) or self.moe_ffn_dim <= 0
+        ):
             raise ConfigError(f"moe_ffn_dim must be a positive integer, got {self.moe_ffn_dim!r}")
         if self.router_scoring not in ("sigmoid", "softmax"):
             raise ConfigError(
@@ -456,7 +459,7 @@ class ModelConfig:
             "num_attention_heads": self.n_heads,
             "num_key_value_heads": self.n_kv_heads,
             "head_dim": self.head_dim,
-            "intermediate_size": self.moe_ffn_dim,
+            "intermediate_size": self.moe_ffn_dim or self.ffn_hidden_dim,
             "intermediate_size_mlp": self.ffn_hidden_dim,
             "num_local_experts": self.n_experts,
             "num_experts_per_tok": self.n_experts_per_tok,
@@ -533,12 +536,14 @@ def _llama4_fields_from_hf(hf: dict[str, Any], source: str) -> dict[str, Any]:
         if hf.get("moe_layers") is not None:
             moe = {int(i) for i in hf["moe_layers"]}
             found = _every(n_layers, [i in moe for i in range(n_layers)])
-            if not found:
+            if found is None:
                 raise ConfigError(
                     f"{source}: moe_layers {sorted(moe)} is not every n-th layer; only an "
                     "interleave step is supported"
                 )
-            step = found
+            if found == 0 and int(hf["num_local_experts"]):
+                raise ConfigError(f"{source}: moe_layers is empty but num_local_experts > 0")
+            step = found or step
         if hf.get("no_rope_layers"):
             # HF: 1 = the layer uses RoPE, 0 = NoPE.
             flags = [not int(v) for v in hf["no_rope_layers"]]
@@ -558,10 +563,10 @@ def _llama4_fields_from_hf(hf: dict[str, Any], source: str) -> dict[str, Any]:
         chunk = hf.get("attention_chunk_size", 8192)
         return {
             "ffn_hidden_dim": int(hf["intermediate_size_mlp"]),
-            "moe_ffn_dim": int(hf["intermediate_size"]),
+            "moe_ffn_dim": int(hf["intermediate_size"]) if int(hf["num_local_experts"]) else None,
             "n_experts": int(hf["num_local_experts"]),
             "n_experts_per_tok": int(hf.get("num_experts_per_tok", 1)),
-            "n_shared_experts": 1,
+            "n_shared_experts": 1 if int(hf["num_local_experts"]) else 0,
             "moe_interleave_step": step,
             "router_scoring": "sigmoid",
             "nope_layer_interval": interval,
@@ -571,6 +576,8 @@ def _llama4_fields_from_hf(hf: dict[str, Any], source: str) -> dict[str, Any]:
             "floor_scale": int(hf.get("floor_scale", 8192)),
             "use_qk_norm": bool(hf.get("use_qk_norm", True)),
         }
+    except ConfigError:
+        raise
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{source}: bad value: {e}") from None
 

@@ -239,7 +239,15 @@ class Transformer(nn.Module):
             model = cls(config)
         model = model.to(dtype).to_empty(device=device)
         model.tie_weights()
+        model._reset_selection_bias()  # state, not weights: an HF checkpoint has none
         return model
+
+    @torch.no_grad()
+    def _reset_selection_bias(self) -> None:
+        """MoE selection biases start neutral (zero)."""
+        for module in self.modules():
+            if isinstance(module, MoE):
+                module.selection_bias.zero_()
 
     def tie_weights(self) -> None:
         """Share the embedding with the output head when the config ties them. Called again
@@ -277,9 +285,7 @@ class Transformer(nn.Module):
                 p.normal_(0.0, s, generator=generator)
             else:
                 p.fill_(1.0 if kind == "ones" else 0.0)
-        for module in self.modules():  # MoE selection biases start neutral
-            if isinstance(module, MoE):
-                module.selection_bias.zero_()
+        self._reset_selection_bias()
 
     def forward(
         self,
