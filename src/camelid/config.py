@@ -1,4 +1,5 @@
-"""Model configuration: every hyper-parameter of the dense Llama family, presets, HF mapping.
+"""Model configuration: every hyper-parameter of the Llama family (dense and Llama 4 MoE),
+presets, HF mapping.
 
 This module is the single home of the facts derived from a config: the FFN width rule, the
 parameter count, the training FLOPs per token and the memory estimates. It imports nothing
@@ -54,11 +55,25 @@ class RopeScaling:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Hyper-parameters of a dense Llama model (Llama 1, 2, 3, 3.1, 3.2, 3.3).
+    """Hyper-parameters of a Llama model: dense (Llama 1, 2, 3, 3.1, 3.2, 3.3) or MoE (Llama 4).
 
     ``n_kv_heads``, ``head_dim`` and ``ffn_hidden_dim`` may be left ``None`` and are then derived:
     MHA, ``dim // n_heads`` and Meta's FFN rule (see :func:`ffn_hidden_dim_for`). Use
     :func:`dataclasses.replace` to change a field; the result is validated again.
+
+    MoE fields (``n_experts > 0`` turns them on; the defaults are the dense model): layer ``i``
+    (0-based) has an MoE FFN when ``(i + 1) % moe_interleave_step == 0`` and the dense SwiGLU of
+    width ``ffn_hidden_dim`` otherwise. An MoE FFN routes each token to ``n_experts_per_tok`` of
+    ``n_experts`` SwiGLU experts of width ``moe_ffn_dim`` (default ``ffn_hidden_dim``; None in a
+    dense config) and adds ``n_shared_experts`` always-on experts of the same width.
+    ``router_scoring`` "sigmoid" is Llama 4 (the score scales the expert's input), "softmax" is
+    Mixtral (renormalised top-k weights scale the outputs).
+
+    Llama 4 attention fields: layer ``i`` is NoPE when ``nope_layer_interval`` and
+    ``(i + 1) % nope_layer_interval == 0``; RoPE layers attend within blocks of
+    ``attention_chunk_size`` tokens (None: no chunking) and RMS-normalise q and k per head when
+    ``use_qk_norm``; NoPE layers scale q by ``1 + attn_scale * ln(floor((pos + 1) /
+    floor_scale) + 1)`` when ``attn_temperature_tuning``.
     """
 
     vocab_size: int = 32000
@@ -78,6 +93,20 @@ class ModelConfig:
     tie_embeddings: bool = False
     attention_bias: bool = False
     mlp_bias: bool = False
+    # ---- mixture of experts (Llama 4 / Mixtral); n_experts 0 = dense
+    n_experts: int = 0
+    n_experts_per_tok: int = 1
+    n_shared_experts: int = 0
+    moe_interleave_step: int = 1
+    moe_ffn_dim: int | None = None
+    router_scoring: str = "sigmoid"
+    # ---- Llama 4 attention (iRoPE, chunked local attention, temperature tuning, QK-norm)
+    nope_layer_interval: int = 0
+    attention_chunk_size: int | None = None
+    attn_temperature_tuning: bool = False
+    attn_scale: float = 0.1
+    floor_scale: int = 8192
+    use_qk_norm: bool = False
     name: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -117,6 +146,57 @@ class ModelConfig:
             raise ConfigError(f"norm_eps must be > 0, got {self.norm_eps}")
         if not self.rope_theta > 0:
             raise ConfigError(f"rope_theta must be > 0, got {self.rope_theta}")
+        self._validate_moe_and_attention()
+
+    def _validate_moe_and_attention(self) -> None:
+        for key in ("n_experts", "n_shared_experts", "nope_layer_interval"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"{key} must be a non-negative integer, got {value!r}")
+        for key in ("n_experts_per_tok", "moe_interleave_step"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+        if self.n_experts and self.n_experts_per_tok > self.n_experts:
+            raise ConfigError(
+                f"n_experts_per_tok ({self.n_experts_per_tok}) must be <= n_experts "
+                f"({self.n_experts})"
+            )
+        # Derived only for an MoE model, so a dense config's fields stay what they were.
+        if self.moe_ffn_dim is None and self.n_experts:
+            object.__setattr__(self, "moe_ffn_dim", self.ffn_hidden_dim)
+        if self.moe_ffn_dim is not None and (
+            not isinstance(self.moe_ffn_dim, int) or self.moe_ffn_dim <= 0
+        ):
+            raise ConfigError(f"moe_ffn_dim must be a positive integer, got {self.moe_ffn_dim!r}")
+        if self.router_scoring not in ("sigmoid", "softmax"):
+            raise ConfigError(
+                f"router_scoring must be 'sigmoid' or 'softmax', got {self.router_scoring!r}"
+            )
+        if self.attention_chunk_size is not None and self.attention_chunk_size <= 0:
+            raise ConfigError(
+                f"attention_chunk_size must be a positive integer or null, "
+                f"got {self.attention_chunk_size!r}"
+            )
+        if not self.floor_scale > 0:
+            raise ConfigError(f"floor_scale must be > 0, got {self.floor_scale}")
+
+    # ------------------------------------------------------------------------- layer plan
+    @property
+    def is_moe(self) -> bool:
+        return self.n_experts > 0
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether layer ``layer`` (0-based) has an MoE FFN (HF's ``moe_layers`` rule)."""
+        return self.is_moe and (layer + 1) % self.moe_interleave_step == 0
+
+    def is_nope_layer(self, layer: int) -> bool:
+        """Whether layer ``layer`` (0-based) runs without RoPE (Llama 4's iRoPE)."""
+        return bool(self.nope_layer_interval) and (layer + 1) % self.nope_layer_interval == 0
+
+    @property
+    def n_moe_layers(self) -> int:
+        return sum(self.is_moe_layer(i) for i in range(self.n_layers))
 
     # ----------------------------------------------------------------------------- presets
     @classmethod
@@ -127,44 +207,56 @@ class ModelConfig:
         return cls(**{**PRESETS[name], **overrides, "name": name})
 
     # ------------------------------------------------------------------------------- sizes
-    def param_counts(self) -> dict[str, int]:
+    def param_counts(self, active: bool = False) -> dict[str, int]:
         """Parameters by group: embedding, attention, mlp, norm and the output head.
 
-        ``output`` is 0 when the head is tied to the embedding (the weight is shared).
+        ``output`` is 0 when the head is tied to the embedding (the weight is shared). ``mlp``
+        holds every FFN parameter: dense FFNs, and on MoE layers the router, the routed experts
+        and the shared experts. ``active`` counts what one token uses: on MoE layers only
+        ``n_experts_per_tok`` routed experts (plus the router and the shared experts).
         """
         d, hd, L = self.dim, self.head_dim, self.n_layers
         q, kv = self.n_heads * hd, self.n_kv_heads * hd
         attn = d * (q + 2 * kv) + q * d
         if self.attention_bias:
             attn += q + 2 * kv + d
-        mlp = 3 * d * self.ffn_hidden_dim
+        dense = 3 * d * self.ffn_hidden_dim
         if self.mlp_bias:
-            mlp += 2 * self.ffn_hidden_dim + d
+            dense += 2 * self.ffn_hidden_dim + d
+        n_moe = self.n_moe_layers
+        mlp = (L - n_moe) * dense
+        if n_moe:
+            expert = 3 * d * self.moe_ffn_dim  # experts have no biases
+            routed = self.n_experts_per_tok if active else self.n_experts
+            mlp += n_moe * (d * self.n_experts + (routed + self.n_shared_experts) * expert)
         embedding = self.vocab_size * d
         return {
             "embedding": embedding,
             "attention": L * attn,
-            "mlp": L * mlp,
+            "mlp": mlp,
             "norm": (2 * L + 1) * d,
             "output": 0 if self.tie_embeddings else embedding,
         }
 
-    def num_params(self, exclude_embedding: bool = False) -> int:
-        """Total parameter count (shared weights counted once), computed without any tensors."""
-        counts = self.param_counts()
+    def num_params(self, exclude_embedding: bool = False, active: bool = False) -> int:
+        """Total parameter count (shared weights counted once), computed without any tensors;
+        ``active``: the parameters one token uses (equal to the total for a dense model)."""
+        counts = self.param_counts(active=active)
         return sum(counts.values()) - (counts["embedding"] if exclude_embedding else 0)
 
     def flops_per_token(self, seq_len: int | None = None, training: bool = True) -> int:
         """Matmul FLOPs per token: ``6·N + 12·L·H·hd·T`` for training (forward: a third).
 
         ``N`` counts the parameters that take part in a matmul (attention, MLP and the output
-        head, which does its matmul even when tied); the embedding lookup does none. The second
+        head, which does its matmul even when tied); the embedding lookup does none. For an MoE
+        model ``N`` counts the active parameters only (the chosen experts, the shared experts
+        and the router), the work a token really does. The second
         term is the attention score and value products at context length ``T`` (default
         ``max_seq_len``), counted without the causal discount, as PaLM and torchtitan do, so
         MFU figures stay comparable with theirs.
         """
         t = self.max_seq_len if seq_len is None else seq_len
-        counts = self.param_counts()
+        counts = self.param_counts(active=True)
         n = counts["attention"] + counts["mlp"] + self.vocab_size * self.dim
         total = 6 * n + 12 * self.n_layers * self.n_heads * self.head_dim * t
         return total if training else total // 3
@@ -182,7 +274,11 @@ class ModelConfig:
         memory for the weights and for AdamW training."""
         return {
             "config": self.to_dict(),
-            "params": {"total": self.num_params(), **self.param_counts()},
+            "params": {
+                "total": self.num_params(),
+                **self.param_counts(),
+                **({"active": self.num_params(active=True)} if self.is_moe else {}),
+            },
             "seq_len": seq_len,
             "flops_per_token": {
                 "training": self.flops_per_token(seq_len),
@@ -204,9 +300,17 @@ class ModelConfig:
         ``rope_scaling``; 5.x writes ``rope_parameters`` and an explicit ``head_dim``.
         """
         model_type = hf.get("model_type")
-        if model_type != "llama":
+        if model_type == "llama4" and isinstance(hf.get("text_config"), dict):
+            # The multimodal Llama4Config: the language model is its text_config.
+            hf, source = (
+                {"model_type": "llama4_text", **hf["text_config"]},
+                f"{source}: text_config",
+            )
+            model_type = "llama4_text"
+        if model_type not in ("llama", "llama4_text"):
             raise ConfigError(
-                f"{source}: unsupported model_type {model_type!r} (supported: 'llama')"
+                f"{source}: unsupported model_type {model_type!r} "
+                "(supported: 'llama', 'llama4_text', 'llama4')"
             )
         required = [
             "vocab_size",
@@ -246,8 +350,9 @@ class ModelConfig:
                 f"{source}: {key}.rope_type {rope_type!r} is not supported "
                 "(supported: 'default', 'llama3')"
             )
+        extra = _llama4_fields_from_hf(hf, source) if model_type == "llama4_text" else {}
         try:
-            return cls(
+            fields = dict(
                 vocab_size=int(hf["vocab_size"]),
                 dim=int(hf["hidden_size"]),
                 n_layers=int(hf["num_hidden_layers"]),
@@ -263,6 +368,7 @@ class ModelConfig:
                 attention_bias=bool(hf.get("attention_bias", False)),
                 mlp_bias=bool(hf.get("mlp_bias", False)),
             )
+            return cls(**{**fields, **extra})
         except ConfigError as e:
             raise ConfigError(f"{source}: {e}") from None
         except (TypeError, ValueError) as e:
@@ -290,6 +396,8 @@ class ModelConfig:
                 "high_freq_factor": s.high_freq_factor,
                 "original_max_position_embeddings": s.original_max_position_embeddings,
             }
+        if self.is_moe or self._has_llama4_attention():
+            return self._to_hf_llama4(dtype, rope_scaling, bos_token_id, eos_token_id)
         return {
             "architectures": ["LlamaForCausalLM"],
             "model_type": "llama",
@@ -308,6 +416,70 @@ class ModelConfig:
             "tie_word_embeddings": self.tie_embeddings,
             "attention_bias": self.attention_bias,
             "mlp_bias": self.mlp_bias,
+            **({} if bos_token_id is None else {"bos_token_id": bos_token_id}),
+            **({} if eos_token_id is None else {"eos_token_id": eos_token_id}),
+            "torch_dtype": dtype,
+        }
+
+    def _has_llama4_attention(self) -> bool:
+        return bool(
+            self.nope_layer_interval
+            or self.attention_chunk_size
+            or self.attn_temperature_tuning
+            or self.use_qk_norm
+        )
+
+    def _to_hf_llama4(
+        self,
+        dtype: str,
+        rope_scaling: dict[str, Any] | None,
+        bos_token_id: int | None,
+        eos_token_id: int | list[int] | None,
+    ) -> dict[str, Any]:
+        """A ``Llama4TextConfig`` dict (``Llama4ForCausalLM``). Llama 4 has exactly one shared
+        expert, sigmoid routing and no biases; other MoE shapes have no HF Llama 4 form."""
+        problems = []
+        if self.is_moe and self.n_shared_experts != 1:
+            problems.append(f"n_shared_experts {self.n_shared_experts} (Llama 4 has 1)")
+        if self.is_moe and self.router_scoring != "sigmoid":
+            problems.append(f"router_scoring {self.router_scoring!r} (Llama 4 uses 'sigmoid')")
+        if self.attention_bias or self.mlp_bias:
+            problems.append("biases (Llama 4 has none)")
+        if problems:
+            raise ConfigError(
+                "config cannot be written as a Hugging Face Llama 4 config: " + "; ".join(problems)
+            )
+        interval = self.nope_layer_interval
+        return {
+            "architectures": ["Llama4ForCausalLM"],
+            "model_type": "llama4_text",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.dim,
+            "num_hidden_layers": self.n_layers,
+            "num_attention_heads": self.n_heads,
+            "num_key_value_heads": self.n_kv_heads,
+            "head_dim": self.head_dim,
+            "intermediate_size": self.moe_ffn_dim or self.ffn_hidden_dim,
+            "intermediate_size_mlp": self.ffn_hidden_dim,
+            "num_local_experts": self.n_experts,
+            "num_experts_per_tok": self.n_experts_per_tok,
+            "interleave_moe_layer_step": self.moe_interleave_step,
+            "moe_layers": [i for i in range(self.n_layers) if self.is_moe_layer(i)],
+            # HF's list is 1 where a layer USES RoPE and 0 on NoPE layers.
+            "no_rope_layers": [int(not self.is_nope_layer(i)) for i in range(self.n_layers)],
+            "no_rope_layer_interval": interval or self.n_layers + 1,
+            "attention_chunk_size": self.attention_chunk_size,
+            "attn_temperature_tuning": self.attn_temperature_tuning,
+            "attn_scale": self.attn_scale,
+            "floor_scale": self.floor_scale,
+            "use_qk_norm": self.use_qk_norm,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": rope_scaling,
+            "max_position_embeddings": self.max_seq_len,
+            "tie_word_embeddings": self.tie_embeddings,
+            "attention_bias": False,
             **({} if bos_token_id is None else {"bos_token_id": bos_token_id}),
             **({} if eos_token_id is None else {"eos_token_id": eos_token_id}),
             "torch_dtype": dtype,
@@ -342,6 +514,74 @@ def _opt_int(value: Any) -> int | None:
     return None if value is None else int(value)
 
 
+def _every(n_layers: int, flags: list[bool]) -> int | None:
+    """The step ``s`` with ``flags[i] == ((i + 1) % s == 0)`` for all layers (0: none set), or
+    None when the layers follow no such rule."""
+    if not any(flags):
+        return 0
+    for step in range(1, n_layers + 1):
+        if all(f == ((i + 1) % step == 0) for i, f in enumerate(flags)):
+            return step
+    return None
+
+
+def _llama4_fields_from_hf(hf: dict[str, Any], source: str) -> dict[str, Any]:
+    """The MoE and attention fields of a ``Llama4TextConfig`` dict, with HF's defaults."""
+    missing = [k for k in ("num_local_experts", "intermediate_size_mlp") if k not in hf]
+    if missing:
+        raise ConfigError(f"{source}: missing required key(s): {', '.join(missing)}")
+    try:
+        n_layers = int(hf["num_hidden_layers"])
+        step = int(hf.get("interleave_moe_layer_step", 1))
+        if hf.get("moe_layers") is not None:
+            moe = {int(i) for i in hf["moe_layers"]}
+            found = _every(n_layers, [i in moe for i in range(n_layers)])
+            if found is None:
+                raise ConfigError(
+                    f"{source}: moe_layers {sorted(moe)} is not every n-th layer; only an "
+                    "interleave step is supported"
+                )
+            if found == 0 and int(hf["num_local_experts"]):
+                raise ConfigError(f"{source}: moe_layers is empty but num_local_experts > 0")
+            step = found or step
+        if hf.get("no_rope_layers"):
+            # HF: 1 = the layer uses RoPE, 0 = NoPE.
+            flags = [not int(v) for v in hf["no_rope_layers"]]
+            if len(flags) != n_layers:
+                raise ConfigError(
+                    f"{source}: no_rope_layers has {len(flags)} entries for {n_layers} layers"
+                )
+            interval = _every(n_layers, flags)
+            if interval is None:
+                raise ConfigError(
+                    f"{source}: no_rope_layers is not every n-th layer; only an interval "
+                    "is supported"
+                )
+        else:
+            interval = int(hf.get("no_rope_layer_interval", 4))
+            interval = interval if interval <= n_layers else 0
+        chunk = hf.get("attention_chunk_size", 8192)
+        return {
+            "ffn_hidden_dim": int(hf["intermediate_size_mlp"]),
+            "moe_ffn_dim": int(hf["intermediate_size"]) if int(hf["num_local_experts"]) else None,
+            "n_experts": int(hf["num_local_experts"]),
+            "n_experts_per_tok": int(hf.get("num_experts_per_tok", 1)),
+            "n_shared_experts": 1 if int(hf["num_local_experts"]) else 0,
+            "moe_interleave_step": step,
+            "router_scoring": "sigmoid",
+            "nope_layer_interval": interval,
+            "attention_chunk_size": None if chunk is None else int(chunk),
+            "attn_temperature_tuning": bool(hf.get("attn_temperature_tuning", True)),
+            "attn_scale": float(hf.get("attn_scale", 0.1)),
+            "floor_scale": int(hf.get("floor_scale", 8192)),
+            "use_qk_norm": bool(hf.get("use_qk_norm", True)),
+        }
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{source}: bad value: {e}") from None
+
+
 _LLAMA3_ROPE = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
 _LLAMA31 = {
     "vocab_size": 128256,
@@ -351,6 +591,30 @@ _LLAMA31 = {
     "rope_scaling": RopeScaling(**_LLAMA3_ROPE),
 }
 _LLAMA32 = {**_LLAMA31, "rope_scaling": RopeScaling(**{**_LLAMA3_ROPE, "factor": 32.0})}
+
+# Llama 4 text models (HF Llama4TextConfig of the published checkpoints): 48 layers, dim 5120,
+# 40/8 heads of 128, SwiGLU experts of 8192 plus one shared expert, top-1 sigmoid routing, a
+# NoPE layer every 4th with temperature tuning, chunked attention (8192) elsewhere.
+_LLAMA4 = {
+    "vocab_size": 202048,
+    "dim": 5120,
+    "n_layers": 48,
+    "n_heads": 40,
+    "n_kv_heads": 8,
+    "head_dim": 128,
+    "ffn_hidden_dim": 16384,  # intermediate_size_mlp: the dense layers' width
+    "moe_ffn_dim": 8192,  # intermediate_size: each expert's width
+    "n_experts_per_tok": 1,
+    "n_shared_experts": 1,
+    "router_scoring": "sigmoid",
+    "nope_layer_interval": 4,
+    "attention_chunk_size": 8192,
+    "attn_temperature_tuning": True,
+    "attn_scale": 0.1,
+    "floor_scale": 8192,
+    "rope_theta": 500000.0,
+    "norm_eps": 1e-5,
+}
 
 #: Named configurations. The published ones follow Meta's reference ``params.json`` files;
 #: the small ones are for CPU work and tests.
@@ -406,5 +670,46 @@ PRESETS: dict[str, dict[str, Any]] = {
         n_heads=24,
         ffn_dim_multiplier=1.0,
         tie_embeddings=True,
+    ),
+    # ---- Llama 4 (MoE; tiktoken-style vocab of 202048)
+    # Scout: 16 experts on every layer, QK-norm, llama3 RoPE scaling (factor 16), 10M context.
+    "llama-4-scout": dict(
+        **_LLAMA4,
+        n_experts=16,
+        moe_interleave_step=1,
+        use_qk_norm=True,
+        rope_scaling=RopeScaling(
+            factor=16.0,
+            low_freq_factor=1.0,
+            high_freq_factor=1.0,
+            original_max_position_embeddings=8192,
+        ),
+        max_seq_len=10485760,
+    ),
+    # Maverick: 128 experts on every second layer, dense SwiGLU 16384 on the others, 1M context.
+    "llama-4-maverick": dict(
+        **_LLAMA4, n_experts=128, moe_interleave_step=2, use_qk_norm=False, max_seq_len=1048576
+    ),
+    # Behemoth (announced, not released): only "288B active, 16 experts, nearly 2T total" is
+    # published. The shape is derived, not Meta's: Scout's recipe (every layer MoE, one shared
+    # + top-1 of 16 routed experts, head_dim 128, 8 kv heads, the 202048 vocab) and solving
+    #   active = L*(attn + 2*3*d*F + d*16) + 2*V*d  = 288B
+    #   total  = L*(attn + 17*3*d*F + d*16) + 2*V*d ~ 2T   (so 15*L*3*d*F ~ 1.7T)
+    # over d in 8192..20480 by 2048, L by 4 and F by 1024: d 14336 (112 heads), L 128 and
+    # F 20480 give 287.7B active and 1.98T total. The dense width (unused: no dense layers)
+    # follows Scout's 2x expert width.
+    "llama-4-behemoth": dict(
+        **{
+            **_LLAMA4,
+            "dim": 14336,
+            "n_layers": 128,
+            "n_heads": 112,
+            "moe_ffn_dim": 20480,
+            "ffn_hidden_dim": 40960,
+        },
+        n_experts=16,
+        moe_interleave_step=1,
+        use_qk_norm=True,
+        max_seq_len=1048576,
     ),
 }

@@ -103,12 +103,39 @@ def run(args: argparse.Namespace) -> int:
             f"high {s.high_freq_factor:g}, original context {s.original_max_position_embeddings})"
         )
     bias = [b for b, on in (("attention", c.attention_bias), ("mlp", c.mlp_bias)) if on]
+    if c.is_moe:
+        n_moe = c.n_moe_layers
+        layers = f"{c.n_layers} x [RMSNorm > attention > RMSNorm > SwiGLU or MoE] ({n_moe} MoE)"
+    else:
+        layers = f"{c.n_layers} x [RMSNorm > attention > RMSNorm > SwiGLU]"
     rows = [
         ("model", name),
-        ("layers", f"{c.n_layers} x [RMSNorm > attention > RMSNorm > SwiGLU]"),
+        ("layers", layers),
         ("dim", f"{c.dim}"),
         ("attention", f"{c.n_heads} heads, {c.n_kv_heads} kv heads ({gqa}), head_dim {c.head_dim}"),
-        ("ffn hidden", f"{c.ffn_hidden_dim}"),
+        ("ffn hidden", f"{c.ffn_hidden_dim}" + (" (dense layers)" if c.is_moe else "")),
+    ]
+    if c.is_moe:
+        rows.append(
+            (
+                "experts",
+                f"{c.n_experts} x SwiGLU {c.moe_ffn_dim}, top-{c.n_experts_per_tok} "
+                f"{c.router_scoring}, {c.n_shared_experts} shared, every "
+                f"{c.moe_interleave_step} layer(s)",
+            )
+        )
+    attn = []
+    if c.nope_layer_interval:
+        attn.append(f"NoPE every {c.nope_layer_interval} layers")
+    if c.attention_chunk_size:
+        attn.append(f"chunked {c.attention_chunk_size} on RoPE layers")
+    if c.attn_temperature_tuning:
+        attn.append(f"temperature tuning (scale {c.attn_scale:g}, floor {c.floor_scale})")
+    if c.use_qk_norm:
+        attn.append("QK-norm")
+    if attn:
+        rows.append(("attn extras", ", ".join(attn)))
+    rows += [
         ("vocab", f"{c.vocab_size} ({'tied' if c.tie_embeddings else 'untied'} output head)"),
         ("rope", rope),
         ("context", f"{c.max_seq_len}"),
@@ -117,13 +144,18 @@ def run(args: argparse.Namespace) -> int:
     ]
     print("\n".join(f"{k:<12} {v}" for k, v in rows))
     print(f"\nparameters   {format_count(p['total'])} ({p['total']:,})")
+    if "active" in p:
+        print(f"  active     {format_count(p['active']):>8}  per token ({p['active']:,})")
     for key in ("embedding", "attention", "mlp", "norm", "output"):
         share = 100 * p[key] / p["total"]
         note = " (tied: shares the embedding)" if key == "output" and c.tie_embeddings else ""
         print(f"  {key:<10} {format_count(p[key]):>8}  {share:5.1f}%{note}")
     f = figures["flops_per_token"]
     print(f"\nFLOPs/token  at context {seq_len}")
-    print(f"  training   {f['training']:.3e}  (6N + 12·L·H·hd·T)")
+    print(
+        f"  training   {f['training']:.3e}  (6N + 12·L·H·hd·T"
+        + (", N active)" if c.is_moe else ")")
+    )
     print(f"  forward    {f['forward']:.3e}")
     m = figures["memory_bytes"]
     print("\nmemory")

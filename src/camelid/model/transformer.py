@@ -1,13 +1,14 @@
-"""The dense Llama transformer: plain PyTorch, no I/O.
+"""The Llama transformer (dense, or with Llama 4 MoE layers): plain PyTorch, no I/O.
 
 Block: ``h = x + attn(norm(x)); out = h + ffn(norm(h))``. Attention is grouped-query with RoPE
-through ``scaled_dot_product_attention``; the FFN is SwiGLU. The q/k/v projections are fused into
-one ``wqkv`` matrix, so one matmul and one RoPE pass serve all three; the mapping to the
-separate Hugging Face tensors lives in ``camelid.weights.hf``. The model computes no loss:
-given a ``head`` callable it returns ``head(hidden, output_weight)`` instead of the logits, which
-is how ``camelid.loss`` fuses the head with the cross-entropy. Given a :class:`KVCache`,
-attention writes each token's keys and values into it at the token's position and attends
-over everything cached so far (prefill and decode are the same code).
+through ``scaled_dot_product_attention``; the FFN is SwiGLU, or on the MoE layers of an MoE
+config (``ModelConfig.is_moe_layer``) the mixture of experts of :mod:`camelid.model.moe`. The
+q/k/v projections are fused into one ``wqkv`` matrix, so one matmul and one RoPE pass serve all
+three; the mapping to the separate Hugging Face tensors lives in ``camelid.weights.hf``. The
+model computes no loss: given a ``head`` callable it returns ``head(hidden, output_weight)``
+instead of the logits, which is how ``camelid.loss`` fuses the head with the cross-entropy.
+Given a :class:`KVCache`, attention writes each token's keys and values into it at the token's
+position and attends over everything cached so far (prefill and decode are the same code).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from camelid.config import ModelConfig
+from camelid.model.moe import MoE
 from camelid.model.rope import apply_rope, inv_frequencies, rope_cos_sin
 
 
@@ -76,7 +78,15 @@ _LayerCache = tuple[torch.Tensor, torch.Tensor, tuple, torch.Tensor, int]
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    """Grouped-query attention, with Llama 4's per-layer variants (FIELD-NOTES §2) when the
+    config asks: a NoPE layer (``config.is_nope_layer``) skips RoPE, attends causally over the
+    whole context and, with ``attn_temperature_tuning``, scales q by ``1 + attn_scale *
+    ln(floor((pos + 1) / floor_scale) + 1)`` at absolute position pos; a RoPE layer attends
+    within blocks of ``attention_chunk_size`` tokens (query i sees key j iff j <= i and
+    i // C == j // C) and, with ``use_qk_norm``, RMS-normalises q and k per head after RoPE
+    (no learnable weight). A dense Llama config turns all of these off."""
+
+    def __init__(self, config: ModelConfig, layer: int = 0) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = (
             config.n_heads,
@@ -86,6 +96,14 @@ class Attention(nn.Module):
         q, kv = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
         self.wqkv = nn.Linear(config.dim, q + 2 * kv, bias=config.attention_bias)
         self.wo = nn.Linear(q, config.dim, bias=config.attention_bias)
+        self.use_rope = not config.is_nope_layer(layer)
+        self.chunk_size = config.attention_chunk_size if self.use_rope else None
+        self.qk_norm_eps = config.norm_eps if config.use_qk_norm and self.use_rope else None
+        self.temperature = (
+            (config.attn_scale, config.floor_scale)
+            if config.attn_temperature_tuning and not self.use_rope
+            else None
+        )
 
     def forward(
         self,
@@ -93,15 +111,38 @@ class Attention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         cache: _LayerCache | None = None,
+        pos: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """``pos``: the tokens' absolute positions, (T,) or (B, T); needed only by the Llama 4
+        variants (chunks, temperature) and 0..T-1 when not given."""
         B, T, _ = x.shape
         H, K = self.n_heads, self.n_kv_heads
         qkv = self.wqkv(x).view(B, T, H + 2 * K, self.head_dim)
-        q, k = apply_rope(qkv[:, :, : H + K], cos, sin).split((H, K), dim=2)  # one pass for q, k
+        if self.use_rope:  # one pass for q and k
+            q, k = apply_rope(qkv[:, :, : H + K], cos, sin).split((H, K), dim=2)
+        else:
+            q, k = qkv[:, :, :H], qkv[:, :, H : H + K]
         v = qkv[:, :, H + K :]
+        if self.qk_norm_eps is not None:
+            q = F.rms_norm(q.float(), (self.head_dim,), eps=self.qk_norm_eps).to(x.dtype)
+            k = F.rms_norm(k.float(), (self.head_dim,), eps=self.qk_norm_eps).to(x.dtype)
+        if (self.temperature is not None or self.chunk_size) and pos is None:
+            pos = torch.arange(T, device=x.device)
+        if self.temperature is not None:
+            attn_scale, floor_scale = self.temperature
+            scale = torch.log1p(torch.floor((pos.float() + 1.0) / floor_scale)) * attn_scale + 1.0
+            q = (q * scale.expand(B, T)[..., None, None]).to(x.dtype)
         # (B, heads, T, head_dim); query head h reads kv head h // (n_heads // n_kv_heads).
         q = q.transpose(1, 2)
-        if cache is None:
+        if cache is None and self.chunk_size and T > 1:
+            k, v = k.transpose(1, 2), v.transpose(1, 2)
+            p = pos.expand(B, T)
+            chunk = torch.div(p, self.chunk_size, rounding_mode="floor")
+            mask = (p[:, None, :] <= p[:, :, None]) & (chunk[:, None, :] == chunk[:, :, None])
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask.unsqueeze(1), enable_gqa=K != H
+            )
+        elif cache is None:
             k, v = k.transpose(1, 2), v.transpose(1, 2)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=K != H)
         else:
@@ -142,12 +183,14 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, layer: int = 0) -> None:
         super().__init__()
         self.attention_norm = RMSNorm(config.dim, config.norm_eps)
-        self.attention = Attention(config)
+        self.attention = Attention(config, layer)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
-        self.feed_forward = FeedForward(config)
+        self.feed_forward: FeedForward | MoE = (
+            MoE(config) if config.is_moe_layer(layer) else FeedForward(config)
+        )
 
     def forward(
         self,
@@ -155,13 +198,14 @@ class Block(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         cache: _LayerCache | None = None,
+        pos: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, cache)
+        h = x + self.attention(self.attention_norm(x), cos, sin, cache, pos)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
 class Transformer(nn.Module):
-    """A dense Llama model. ``model(tokens)`` maps ids (B, T) to logits (B, T, vocab).
+    """A Llama model. ``model(tokens)`` maps ids (B, T) to logits (B, T, vocab).
 
     Build it on the meta device (``with torch.device("meta"):``) to get shapes and counts without
     allocating weights; ``to_empty(device=...)``, ``tie_weights()`` then ``init_weights()`` or a
@@ -172,7 +216,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         self.tie_weights()
@@ -195,7 +239,15 @@ class Transformer(nn.Module):
             model = cls(config)
         model = model.to(dtype).to_empty(device=device)
         model.tie_weights()
+        model._reset_selection_bias()  # state, not weights: an HF checkpoint has none
         return model
+
+    @torch.no_grad()
+    def _reset_selection_bias(self) -> None:
+        """MoE selection biases start neutral (zero)."""
+        for module in self.modules():
+            if isinstance(module, MoE):
+                module.selection_bias.zero_()
 
     def tie_weights(self) -> None:
         """Share the embedding with the output head when the config ties them. Called again
@@ -207,23 +259,21 @@ class Transformer(nn.Module):
         """How each parameter is initialised for training from scratch, in a fixed order:
         ``(name, "normal" | "ones" | "zeros", std)``. A tied head appears once.
 
-        Embedding and every linear weight ~ N(0, std); the two projections that write into the
-        residual stream (``wo`` and ``w2``) use std / sqrt(2 · n_layers) so the residual's
-        variance does not grow with depth (GPT-2's scheme); biases 0, norm weights 1. The plan
-        is data, so a sharded model (``camelid.train.parallelize``) draws the same values.
+        Embedding and every linear weight ~ N(0, std); the projections that write into the
+        residual stream (``wo``, ``w2`` and the experts' ``w2``) use std / sqrt(2 · n_layers) so
+        the residual's variance does not grow with depth (GPT-2's scheme); biases 0, norm
+        weights 1. The plan is data, so a sharded model (``camelid.train.parallelize``) draws
+        the same values.
         """
         residual_std = std / math.sqrt(2 * self.config.n_layers)
+        residual = ("wo.weight", "w2.weight", "experts.w2")
         for name, p in self.named_parameters():
             if name.endswith("bias"):
                 yield name, "zeros", 0.0
             elif p.ndim == 1:  # RMSNorm weights
                 yield name, "ones", 0.0
             else:
-                yield (
-                    name,
-                    "normal",
-                    residual_std if name.endswith(("wo.weight", "w2.weight")) else std,
-                )
+                yield name, "normal", residual_std if name.endswith(residual) else std
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
@@ -235,6 +285,7 @@ class Transformer(nn.Module):
                 p.normal_(0.0, s, generator=generator)
             else:
                 p.fill_(1.0 if kind == "ones" else 0.0)
+        self._reset_selection_bias()
 
     def forward(
         self,
@@ -267,7 +318,7 @@ class Transformer(nn.Module):
         cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
         if cache is None:
             for layer in self.layers:
-                h = layer(h, cos, sin)
+                h = layer(h, cos, sin, None, input_pos)
         else:
             kv_len = cache.max_len if kv_len is None else kv_len
             pos = input_pos.expand(B, T)
@@ -275,10 +326,20 @@ class Transformer(nn.Module):
             index = (rows, slice(None), pos)
             slots = torch.arange(kv_len, device=tokens.device)
             group = self.config.n_heads // self.config.n_kv_heads
-            mask = (slots <= pos.unsqueeze(-1)).unsqueeze(1)  # (B, 1, T, kv_len) ...
-            mask = mask.expand(B, group, T, kv_len).reshape(B, 1, group * T, kv_len)  # grouped
+
+            def grouped(mask: torch.Tensor) -> torch.Tensor:  # (B, T, kv_len) -> (B, 1, gT, kv)
+                return mask.unsqueeze(1).expand(B, group, T, kv_len).reshape(B, 1, -1, kv_len)
+
+            causal = slots <= pos.unsqueeze(-1)
+            mask = grouped(causal)
+            chunk = self.config.attention_chunk_size
+            chunked = mask
+            if chunk and any(layer.attention.chunk_size for layer in self.layers):
+                same = (slots // chunk) == torch.div(pos, chunk, rounding_mode="floor")[..., None]
+                chunked = grouped(causal & same)
             for layer, k_buf, v_buf in zip(self.layers, cache.k, cache.v, strict=True):
-                h = layer(h, cos, sin, (k_buf, v_buf, index, mask, kv_len))
+                m = chunked if layer.attention.chunk_size else mask
+                h = layer(h, cos, sin, (k_buf, v_buf, index, m, kv_len), input_pos)
         h = self.norm(h)
         if head is not None:
             return head(h, self.output.weight)

@@ -1,0 +1,150 @@
+"""The mixture-of-experts FFN (Llama 4 and Mixtral routing), with grouped expert matmuls.
+
+Each token's router logits ``x @ W_r`` are computed in fp32 and scored: ``sigmoid`` (Llama 4:
+the chosen expert's score scales the expert's INPUT; SwiGLU is not homogeneous, so this is not
+the same as scaling its output) or ``softmax`` (Mixtral: the top-k probabilities, renormalised to
+sum to one, scale the expert OUTPUTS). Shared experts run on every token and are added.
+
+The routed work is done once for all experts: the (token, expert) pairs are sorted by expert and
+every expert's rows go through one grouped matrix multiply, ``torch._grouped_mm`` where the device
+supports it, else one batched matmul over rows padded to the busiest expert's count. Neither has
+a Python loop over experts. Expert weights are stored as HF Llama 4 stores them, ``[in, out]``:
+``w13`` [E, dim, 2F] (gate half first, then up) and ``w2`` [E, F, dim].
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from camelid.config import ModelConfig
+
+GroupedImpl = Literal["auto", "grouped_mm", "bmm"]
+
+
+class SwiGLU(nn.Module):
+    """``w2(silu(w1(x)) * w3(x))`` without biases: the shared expert (HF ``shared_expert``)."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Experts(nn.Module):
+    """``n_experts`` SwiGLU experts held as two stacked weights, run as grouped matmuls."""
+
+    def __init__(self, n_experts: int, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.n_experts, self.dim, self.hidden = n_experts, dim, hidden
+        self.w13 = nn.Parameter(torch.empty(n_experts, dim, 2 * hidden))
+        self.w2 = nn.Parameter(torch.empty(n_experts, hidden, dim))
+        nn.init.normal_(self.w13, std=0.02)
+        nn.init.normal_(self.w2, std=0.02)
+
+    def forward(
+        self, x: torch.Tensor, counts: torch.Tensor, impl: GroupedImpl = "auto"
+    ) -> torch.Tensor:
+        """SwiGLU of rows ``x`` (M, dim) sorted by expert, ``counts[e]`` rows for expert e."""
+        if impl == "auto":
+            impl = "grouped_mm" if grouped_mm_supported(x, self.w13, self.w2) else "bmm"
+        if impl == "grouped_mm":
+            offs = counts.cumsum(0).to(torch.int32)
+            gate, up = torch._grouped_mm(x, self.w13, offs=offs).chunk(2, dim=-1)
+            return torch._grouped_mm(F.silu(gate) * up, self.w2, offs=offs)
+        return self._padded_bmm(x, counts)
+
+    def _padded_bmm(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Scatter each expert's rows into an (E, C, dim) block, C the busiest expert's count,
+        and run one bmm per projection. Padding rows are zero and are never read back."""
+        E, M = self.n_experts, x.shape[0]
+        capacity = int(counts.max()) if M else 0
+        starts = counts.cumsum(0) - counts
+        expert = torch.repeat_interleave(torch.arange(E, device=x.device), counts, output_size=M)
+        slot = torch.arange(M, device=x.device) - starts[expert]
+        blocks = x.new_zeros(E, capacity, self.dim).index_put((expert, slot), x)
+        gate, up = torch.bmm(blocks, self.w13).chunk(2, dim=-1)
+        return torch.bmm(F.silu(gate) * up, self.w2)[expert, slot]
+
+
+def grouped_mm_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """Whether ``torch._grouped_mm`` runs these operands: on CUDA it needs bf16 and sm90+; on
+    CPU (torch 2.13) it takes fp32 and bf16 but every stride must be a multiple of 16 bytes."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    tensors = (x, *weights)
+    if any(t.dtype != x.dtype for t in tensors):
+        return False
+    if x.device.type == "cuda":
+        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (9, 0)
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    size = x.element_size()
+    return all(t.shape[-1] * size % 16 == 0 for t in tensors) and all(
+        t.is_contiguous() for t in tensors
+    )
+
+
+class MoE(nn.Module):
+    """The MoE FFN of one layer: router, routed experts, shared experts.
+
+    ``selection_bias`` (E, fp32, zeros) is added to the scores for the top-k SELECTION only, never
+    to the gate values (DeepSeek-V3's aux-loss-free balancing adjusts it between steps).
+    ``load`` holds the tokens routed to each expert by the last forward (int64, E), for metrics.
+    ``impl`` picks the grouped matmul ("auto": ``torch._grouped_mm`` where supported).
+    """
+
+    def __init__(self, config: ModelConfig, impl: GroupedImpl = "auto") -> None:
+        super().__init__()
+        self.n_experts, self.top_k = config.n_experts, config.n_experts_per_tok
+        self.scoring = config.router_scoring
+        self.impl: GroupedImpl = impl
+        self.router = nn.Linear(config.dim, config.n_experts, bias=False)  # HF router: [E, D]
+        self.experts = Experts(config.n_experts, config.dim, config.moe_ffn_dim)
+        # n shared SwiGLU experts of width F summed == one SwiGLU of width n * F.
+        self.shared = (
+            SwiGLU(config.dim, config.n_shared_experts * config.moe_ffn_dim)
+            if config.n_shared_experts
+            else None
+        )
+        self.register_buffer("selection_bias", torch.zeros(config.n_experts, dtype=torch.float32))
+        self.load: torch.Tensor = torch.zeros(config.n_experts, dtype=torch.long)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Chosen experts (N, k) and their gate values (N, k, fp32) for tokens ``x`` (N, dim)."""
+        logits = F.linear(x.float(), self.router.weight.float())  # the router runs in fp32
+        scores = torch.sigmoid(logits) if self.scoring == "sigmoid" else logits.softmax(-1)
+        chosen = torch.topk(scores.detach() + self.selection_bias, self.top_k, dim=-1).indices
+        gates = scores.gather(-1, chosen)
+        if self.scoring == "softmax":
+            gates = gates / gates.sum(-1, keepdim=True)
+        return chosen, gates
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        N, k = x.shape[0], self.top_k
+        chosen, gates = self.route(x)
+        flat = chosen.reshape(-1)  # (N * k,) expert of each (token, choice) pair
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.n_experts)
+        token = order // k  # the token of each sorted pair
+        gate = gates.reshape(-1)[order].to(x.dtype).unsqueeze(-1)
+        rows = x[token]
+        if self.scoring == "sigmoid":
+            y = self.experts(rows * gate, counts, self.impl)
+        else:
+            y = self.experts(rows, counts, self.impl) * gate
+        out = x.new_zeros(N, shape[-1]).index_add(0, token, y)
+        if self.shared is not None:
+            out = out + self.shared(x)
+        with torch.no_grad():
+            self.load = counts.detach()
+        return out.view(shape)
