@@ -430,3 +430,21 @@ def test_inspect_shows_total_and_active(capsys):
     scout = ModelConfig.from_preset("llama-4-scout")
     assert data["params"]["active"] == scout.num_params(active=True)
     assert data["flops_per_token"]["training"] == scout.flops_per_token(4096)
+
+
+def test_llama4_checkpoint_is_refused_clearly_until_its_mapping_exists(tmp_path):
+    """Loading (or saving) Llama 4 weights names what is missing, instead of a list of
+    tensors that a dense model would have had."""
+    import camelid
+    from camelid import CheckpointError
+
+    config = ModelConfig.from_preset("tiny", n_experts=4, moe_ffn_dim=64, n_shared_experts=1,
+                                     router_scoring="sigmoid")  # fmt: skip
+    with pytest.raises(CheckpointError, match=r"Llama 4 .* cannot be read or written"):
+        camelid.save(Transformer(config), tmp_path / "out")
+    (tmp_path / "hf").mkdir()
+    cfg = config.to_hf()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "hf" / "model.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="Llama 4"):
+        camelid.load(tmp_path / "hf")

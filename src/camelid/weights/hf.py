@@ -69,6 +69,11 @@ def hf_layout(config: ModelConfig) -> dict[str, list[Piece]]:
     The tied output head is absent: it is the embedding. The fused ``wqkv`` is the
     row-wise concatenation of HF's q, k and v projections.
     """
+    if config.is_moe or config.nope_layer_interval or config.use_qk_norm:
+        raise CheckpointError(
+            "Llama 4 (mixture-of-experts) weights cannot be read or written in the Hugging Face "
+            "format yet: the model is defined (camelid.model.moe), its weight mapping is not"
+        )
     d, hd, ffn = config.dim, config.head_dim, config.ffn_hidden_dim
     q, kv = config.n_heads * hd, config.n_kv_heads * hd
 
