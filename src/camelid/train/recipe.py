@@ -299,6 +299,12 @@ class Recipe:
             text = str(e)
             named = text.split(" ", 1)[0] in ModelSection.schema()
             raise RecipeError(f"model.{text}" if named else f"[model] {text}") from None
+        if config.is_moe:
+            raise RecipeError(
+                f"[model] {self.model.preset!r} with these fields is a mixture-of-experts model "
+                f"({config.n_experts} experts): training MoE models (expert balancing, expert "
+                "parallelism) is not supported yet"
+            )
         name = _model_name(self.model.preset, config, [*overrides, "max_seq_len"])
         return dataclasses.replace(config, name=name)
 
