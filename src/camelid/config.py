@@ -396,7 +396,7 @@ class ModelConfig:
                 "high_freq_factor": s.high_freq_factor,
                 "original_max_position_embeddings": s.original_max_position_embeddings,
             }
-        if self.is_moe or self._has_llama4_attention():
+        if self.is_hf_llama4:
             return self._to_hf_llama4(dtype, rope_scaling, bos_token_id, eos_token_id)
         return {
             "architectures": ["LlamaForCausalLM"],
@@ -420,6 +420,12 @@ class ModelConfig:
             **({} if eos_token_id is None else {"eos_token_id": eos_token_id}),
             "torch_dtype": dtype,
         }
+
+    @property
+    def is_hf_llama4(self) -> bool:
+        """Whether Hugging Face holds this model as Llama 4 (``Llama4ForCausalLM``): it has
+        experts or Llama 4 attention. Its config and weight names follow from this."""
+        return self.is_moe or self._has_llama4_attention()
 
     def _has_llama4_attention(self) -> bool:
         return bool(

@@ -4,6 +4,11 @@ The one place that knows how camelid's parameter names and layout map to Hugging
 :func:`hf_layout`. Loading streams tensors through safetensors' memory mapping straight into
 the model's parameters, re-opening the mapping every 16 MiB copied so the pages already copied
 stop counting against the process: peak memory stays near the size of the model itself.
+
+Llama 4 (``Llama4ForCausalLM``, and the text part of ``Llama4ForConditionalGeneration``) is
+mapped here too: its experts are stored fused as camelid holds them, but HF keeps Meta's
+interleaved RoPE pairs in q/k, so those rows are permuted to camelid's half layout on load and
+back on save (:attr:`Piece.rope_heads`).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from camelid.config import ModelConfig
-from camelid.errors import CheckpointError
+from camelid.errors import CheckpointError, ConfigError
 from camelid.io import atomic_path, parse_size, write_text_atomic
 from camelid.model import Transformer
 
@@ -31,7 +36,11 @@ SINGLE_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 _SHARD_RE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 # Tensors some published checkpoints carry that hold no learned weights.
-_IGNORED_RE = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+_IGNORED_RE = re.compile(r"(language_model\.)?model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+# Llama4ForConditionalGeneration: the language model's tensors carry this prefix; the vision
+# tower and its projector (the other tensors) are not part of a camelid model and are skipped.
+MULTIMODAL_PREFIX = "language_model."
+_VISION_RE = re.compile(r"(vision_model|multi_modal_projector)\..*")
 # Bytes copied out of one memory mapping before it is re-opened (see module docstring).
 _REMAP_BYTES = 16 * 2**20
 
@@ -61,31 +70,108 @@ class Piece:
     hf_name: str
     start: int
     shape: tuple[int, ...]
+    # > 0: HF stores these rows per head in Meta's interleaved RoPE order (pairs 2i, 2i+1) for
+    # this many heads; camelid holds them in halves (i, i + head_dim/2). Llama 4's q and k.
+    rope_heads: int = 0
 
 
-def hf_layout(config: ModelConfig) -> dict[str, list[Piece]]:
+def from_hf_rows(tensor: torch.Tensor, piece: Piece) -> torch.Tensor:
+    """A tensor as HF stores it → as camelid holds it (q/k rows of Llama 4 permuted)."""
+    if not piece.rope_heads:
+        return tensor
+    h = piece.rope_heads
+    return tensor.view(h, -1, 2, tensor.shape[-1]).transpose(1, 2).reshape(tensor.shape)
+
+
+def to_hf_rows(tensor: torch.Tensor, piece: Piece) -> torch.Tensor:
+    """The inverse of :func:`from_hf_rows`."""
+    if not piece.rope_heads:
+        return tensor
+    h = piece.rope_heads
+    return tensor.view(h, 2, -1, tensor.shape[-1]).transpose(1, 2).reshape(tensor.shape)
+
+
+def hf_layout(config: ModelConfig, prefix: str = "") -> dict[str, list[Piece]]:
     """camelid parameter name → the HF tensors stacked (along dim 0) to form it, in HF order.
 
     The tied output head is absent: it is the embedding. The fused ``wqkv`` is the
-    row-wise concatenation of HF's q, k and v projections.
+    row-wise concatenation of HF's q, k and v projections. ``prefix`` is put before every HF
+    name (:data:`MULTIMODAL_PREFIX` for the text part of a multimodal Llama 4 checkpoint).
     """
-    if config.is_moe or config.nope_layer_interval or config.use_qk_norm:
-        raise CheckpointError(
-            "Llama 4 (mixture-of-experts) weights cannot be read or written in the Hugging Face "
-            "format yet: the model is defined (camelid.model.moe), its weight mapping is not"
+    layout = _llama4_layout(config) if config.is_hf_llama4 else _llama_layout(config)
+    if prefix:
+        layout = {
+            name: [Piece(prefix + p.hf_name, p.start, p.shape, p.rope_heads) for p in pieces]
+            for name, pieces in layout.items()
+        }
+    return layout
+
+
+def _stack(
+    hf_names: list[str], rows: list[int], cols: int | None, rope_heads: list[int] | None = None
+) -> list[Piece]:
+    pieces, start = [], 0
+    heads = rope_heads or [0] * len(hf_names)
+    for name, r, h in zip(hf_names, rows, heads, strict=True):
+        pieces.append(Piece(name, start, (r,) if cols is None else (r, cols), h))
+        start += r
+    return pieces
+
+
+def _llama4_layout(config: ModelConfig) -> dict[str, list[Piece]]:
+    """``Llama4ForCausalLM``: dense layers' ``feed_forward`` is a SwiGLU, MoE layers' holds
+    the router, the fused experts (``gate_up_proj`` [E, dim, 2F], ``down_proj`` [E, F, dim],
+    stored [in, out] exactly as camelid's ``w13``/``w2``) and the one shared expert. QK-norm
+    has no weights."""
+    try:
+        config.to_hf()  # the one statement of which MoE shapes HF's Llama 4 can express
+    except ConfigError as e:
+        raise CheckpointError(f"no Hugging Face weight layout: {e}") from None
+    d, hd, ffn = config.dim, config.head_dim, config.ffn_hidden_dim
+    q, kv = config.n_heads * hd, config.n_kv_heads * hd
+    E, moe_ffn = config.n_experts, config.moe_ffn_dim or 0
+    layout: dict[str, list[Piece]] = {
+        "tok_embeddings.weight": _stack(["model.embed_tokens.weight"], [config.vocab_size], d)
+    }
+    for i in range(config.n_layers):
+        ours, hf = f"layers.{i}.", f"model.layers.{i}."
+        attn = hf + "self_attn."
+        layout[ours + "attention_norm.weight"] = _stack([hf + "input_layernorm.weight"], [d], None)
+        layout[ours + "attention.wqkv.weight"] = _stack(
+            [attn + "q_proj.weight", attn + "k_proj.weight", attn + "v_proj.weight"],
+            [q, kv, kv], d, [config.n_heads, config.n_kv_heads, 0],
+        )  # fmt: skip
+        layout[ours + "attention.wo.weight"] = _stack([attn + "o_proj.weight"], [d], q)
+        layout[ours + "ffn_norm.weight"] = _stack(
+            [hf + "post_attention_layernorm.weight"], [d], None
         )
+        ff, mine = hf + "feed_forward.", ours + "feed_forward."
+        if config.is_moe_layer(i):
+            layout[mine + "router.weight"] = _stack([ff + "router.weight"], [E], d)
+            layout[mine + "experts.w13"] = [
+                Piece(ff + "experts.gate_up_proj", 0, (E, d, 2 * moe_ffn))
+            ]
+            layout[mine + "experts.w2"] = [Piece(ff + "experts.down_proj", 0, (E, moe_ffn, d))]
+            sh, ffn_i = ff + "shared_expert.", moe_ffn
+            mine = mine + "shared."
+        else:
+            sh, ffn_i = ff, ffn
+        layout[mine + "w1.weight"] = _stack([sh + "gate_proj.weight"], [ffn_i], d)
+        layout[mine + "w3.weight"] = _stack([sh + "up_proj.weight"], [ffn_i], d)
+        layout[mine + "w2.weight"] = _stack([sh + "down_proj.weight"], [d], ffn_i)
+    layout["norm.weight"] = _stack(["model.norm.weight"], [d], None)
+    if not config.tie_embeddings:
+        layout["output.weight"] = _stack(["lm_head.weight"], [config.vocab_size], d)
+    return layout
+
+
+def _llama_layout(config: ModelConfig) -> dict[str, list[Piece]]:
+    """``LlamaForCausalLM``."""
     d, hd, ffn = config.dim, config.head_dim, config.ffn_hidden_dim
     q, kv = config.n_heads * hd, config.n_kv_heads * hd
 
-    def stack(hf_names: list[str], rows: list[int], cols: int | None) -> list[Piece]:
-        pieces, start = [], 0
-        for name, r in zip(hf_names, rows, strict=True):
-            pieces.append(Piece(name, start, (r,) if cols is None else (r, cols)))
-            start += r
-        return pieces
-
     layout: dict[str, list[Piece]] = {
-        "tok_embeddings.weight": stack(["model.embed_tokens.weight"], [config.vocab_size], d)
+        "tok_embeddings.weight": _stack(["model.embed_tokens.weight"], [config.vocab_size], d)
     }
     # (camelid module, the HF modules stacked into it, their output rows, input columns, bias?)
     # in HF's order; norms have a weight vector only.
@@ -102,16 +188,16 @@ def hf_layout(config: ModelConfig) -> dict[str, list[Piece]]:
     for i in range(config.n_layers):
         ours, hf = f"layers.{i}.", f"model.layers.{i}."
         for name, hf_names, rows, cols, bias in per_layer:
-            layout[f"{ours}{name}.weight"] = stack(
+            layout[f"{ours}{name}.weight"] = _stack(
                 [hf + n + ".weight" for n in hf_names], rows, cols
             )
             if bias:
-                layout[f"{ours}{name}.bias"] = stack(
+                layout[f"{ours}{name}.bias"] = _stack(
                     [hf + n + ".bias" for n in hf_names], rows, None
                 )
-    layout["norm.weight"] = stack(["model.norm.weight"], [d], None)
+    layout["norm.weight"] = _stack(["model.norm.weight"], [d], None)
     if not config.tie_embeddings:
-        layout["output.weight"] = stack(["lm_head.weight"], [config.vocab_size], d)
+        layout["output.weight"] = _stack(["lm_head.weight"], [config.vocab_size], d)
     return layout
 
 
@@ -122,7 +208,9 @@ def load(
     dtype: torch.dtype | None = None,
     progress: bool | None = None,
 ) -> Transformer:
-    """Load a Hugging Face Llama directory into a :class:`Transformer`.
+    """Load a Hugging Face Llama directory into a :class:`Transformer`: ``LlamaForCausalLM``,
+    ``Llama4ForCausalLM``, or the language model of a ``Llama4ForConditionalGeneration``
+    (its vision tower is skipped).
 
     ``dtype=None`` keeps the checkpoint's dtype, except that half-precision weights are upcast
     to float32 on the CPU, where bf16/fp16 matmuls are emulated and slow. ``progress=None``
@@ -139,7 +227,8 @@ def load(
         for file, names in by_file.items():
             for hf_name, tensor in _stream(file, names):
                 name, piece = targets[hf_name]
-                params[name][piece.start : piece.start + piece.shape[0]].copy_(tensor)
+                rows = params[name][piece.start : piece.start + piece.shape[0]]
+                rows.copy_(from_hf_rows(tensor, piece))
                 bar.update(1)
     bar.close()
     return model
@@ -191,8 +280,9 @@ def _plan(
     checkpoint's dtype.
     """
     config = read_config(path)
-    layout = hf_layout(config)
-    where = _check_names(path, _tensor_files(path), layout, config)
+    prefix = _tensor_prefix(path)
+    layout = hf_layout(config, prefix)
+    where = _check_names(path, _tensor_files(path), layout, config, prefix)
     targets = {p.hf_name: p for pieces in layout.values() for p in pieces}
     by_file: dict[Path, list[str]] = {}
     for hf_name in targets:
@@ -206,6 +296,16 @@ def read_config(path: Path) -> ModelConfig:
     if not path.is_dir():
         raise CheckpointError(f"{path}: expected a checkpoint directory, found a file")
     return ModelConfig.from_hf_file(path / CONFIG_NAME)
+
+
+def _tensor_prefix(path: Path) -> str:
+    """What the language model's tensor names start with: :data:`MULTIMODAL_PREFIX` for a
+    multimodal Llama 4 config.json (one with a ``text_config``, already checked to be valid
+    by :func:`read_config`), else nothing."""
+    hf = json.loads((path / CONFIG_NAME).read_text())
+    if hf.get("model_type") == "llama4" and isinstance(hf.get("text_config"), dict):
+        return MULTIMODAL_PREFIX
+    return ""
 
 
 def _tensor_files(path: Path) -> dict[str, Path]:
@@ -265,7 +365,7 @@ def _check_headers(by_file: dict[Path, list[str]], targets: dict[str, Piece]) ->
                             f"{file}: tensor {name} has dtype {stored}, "
                             "expected a floating-point dtype (F32, F16, BF16)"
                         )
-                    if name == "model.embed_tokens.weight":
+                    if name.endswith("model.embed_tokens.weight"):
                         dtype = _SAFETENSORS_FLOATS[stored]
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
@@ -273,17 +373,24 @@ def _check_headers(by_file: dict[Path, list[str]], targets: dict[str, Piece]) ->
 
 
 def _check_names(
-    path: Path, files: dict[str, Path], layout: dict[str, list[Piece]], config: ModelConfig
+    path: Path,
+    files: dict[str, Path],
+    layout: dict[str, list[Piece]],
+    config: ModelConfig,
+    prefix: str = "",
 ) -> dict[str, Path]:
-    """Every expected tensor present, nothing unknown: name the first culprit otherwise."""
+    """Every expected tensor present, nothing unknown: name the first culprit otherwise. A
+    multimodal checkpoint's (``prefix``) vision tensors are not unknown, just not read."""
     expected = {p.hf_name for pieces in layout.values() for p in pieces}
     missing = sorted(expected - files.keys())
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise CheckpointError(f"{path}: missing tensor {missing[0]}{more}")
     extra = {n for n in files if n not in expected and not _IGNORED_RE.fullmatch(n)}
+    if prefix:
+        extra = {n for n in extra if not _VISION_RE.fullmatch(n)}
     if config.tie_embeddings:
-        extra.discard("lm_head.weight")  # some tied checkpoints store the head anyway
+        extra.discard(prefix + "lm_head.weight")  # some tied checkpoints store the head anyway
     if extra:
         first = sorted(extra)[0]
         more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
@@ -320,7 +427,8 @@ def save(
     eos_token_id: int | list[int] | None = None,
     stop_token_ids: Sequence[int] | None = None,
 ) -> None:
-    """Write ``model`` as a Hugging Face Llama directory that ``transformers`` loads.
+    """Write ``model`` as a Hugging Face Llama directory that ``transformers`` loads
+    (``Llama4ForCausalLM`` for a Llama 4 model).
 
     Above ``max_shard_size`` the weights are split into ``model-0000k-of-0000n.safetensors``
     with a ``model.safetensors.index.json``. Each file is written atomically, and weight files
@@ -404,7 +512,8 @@ def hf_tensors(model: Transformer) -> Iterator[tuple[str, torch.Tensor]]:
     for name, pieces in hf_layout(model.config).items():
         for piece in pieces:
             rows = params[name].detach()[piece.start : piece.start + piece.shape[0]]
-            yield piece.hf_name, rows.to(device="cpu", dtype=dtype).contiguous()
+            rows = rows.to(device="cpu", dtype=dtype).contiguous()
+            yield piece.hf_name, to_hf_rows(rows, piece).contiguous()
 
 
 def _pieces(config: ModelConfig) -> Iterator[Piece]:
