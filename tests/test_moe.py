@@ -340,50 +340,14 @@ def test_init_zeroes_selection_bias_and_scales_expert_outputs():
     assert "layers.1.feed_forward.selection_bias" in model.state_dict()
 
 
-def _hf_to_camelid(hf_state: dict[str, torch.Tensor], config: ModelConfig) -> dict:
-    """HF Llama4ForCausalLM tensors in camelid's names and layout. Llama 4 keeps Meta's
-    interleaved RoPE pairs in HF, so q/k rows get the (2i, 2i+1) -> (i, i + d/2) permutation."""
-
-    def half_layout(w: torch.Tensor, heads: int) -> torch.Tensor:
-        hd = config.head_dim
-        return w.view(heads, hd // 2, 2, -1).transpose(1, 2).reshape(heads * hd, -1)
-
-    out = {
-        "tok_embeddings.weight": hf_state["model.embed_tokens.weight"],
-        "norm.weight": hf_state["model.norm.weight"],
-        "output.weight": hf_state["lm_head.weight"],
-    }
-    names = {
-        "input_layernorm.weight": "attention_norm.weight",
-        "post_attention_layernorm.weight": "ffn_norm.weight",
-        "self_attn.o_proj.weight": "attention.wo.weight",
-        "feed_forward.gate_proj.weight": "feed_forward.w1.weight",
-        "feed_forward.up_proj.weight": "feed_forward.w3.weight",
-        "feed_forward.down_proj.weight": "feed_forward.w2.weight",
-        "feed_forward.router.weight": "feed_forward.router.weight",
-        "feed_forward.experts.gate_up_proj": "feed_forward.experts.w13",
-        "feed_forward.experts.down_proj": "feed_forward.experts.w2",
-        "feed_forward.shared_expert.gate_proj.weight": "feed_forward.shared.w1.weight",
-        "feed_forward.shared_expert.up_proj.weight": "feed_forward.shared.w3.weight",
-        "feed_forward.shared_expert.down_proj.weight": "feed_forward.shared.w2.weight",
-    }
-    for i in range(config.n_layers):
-        pre = f"model.layers.{i}."
-        for hf_name, name in names.items():
-            if pre + hf_name in hf_state:
-                out[f"layers.{i}.{name}"] = hf_state[pre + hf_name]
-        q = half_layout(hf_state[pre + "self_attn.q_proj.weight"], config.n_heads)
-        k = half_layout(hf_state[pre + "self_attn.k_proj.weight"], config.n_kv_heads)
-        v = hf_state[pre + "self_attn.v_proj.weight"]
-        out[f"layers.{i}.attention.wqkv.weight"] = torch.cat([q, k, v])
-    return out
-
-
 @pytest.mark.parametrize("qk_norm", [True, False])
-def test_logits_match_hf_llama4(qk_norm):
+def test_logits_match_hf_llama4(qk_norm, tmp_path):
     """A tiny Llama 4 (MoE every 2nd layer, top-2, NoPE every 2nd layer with temperature
-    tuning, chunked attention of 4, QK-norm) gives HF's logits, with and without a KV cache."""
+    tuning, chunked attention of 4, QK-norm) saved by transformers and read by camelid.load
+    (the one weight mapping, camelid.weights.hf) gives HF's logits, with and without a KV
+    cache."""
     transformers = pytest.importorskip("transformers")
+    import camelid
     from camelid.model.transformer import KVCache
 
     torch.manual_seed(0)
@@ -401,12 +365,10 @@ def test_logits_match_hf_llama4(qk_norm):
         for name, p in hf.named_parameters():
             if "experts" in name or "router" in name:
                 p.normal_(0, 0.2)
-    config = ModelConfig.from_hf(hf_config.to_dict())
+    hf.save_pretrained(tmp_path / "hf")
+    model = camelid.load(tmp_path / "hf").eval()
+    config = model.config
     assert config.n_moe_layers == 2 and config.is_nope_layer(1) and not config.is_nope_layer(0)
-    model = Transformer(config).eval()
-    result = model.load_state_dict(_hf_to_camelid(hf.state_dict(), config), strict=False)
-    assert not result.unexpected_keys
-    assert all(k.endswith("selection_bias") for k in result.missing_keys)  # camelid's own state
     tokens = torch.randint(0, 96, (2, 13))
     with torch.no_grad():
         ref = hf(tokens).logits
@@ -430,21 +392,3 @@ def test_inspect_shows_total_and_active(capsys):
     scout = ModelConfig.from_preset("llama-4-scout")
     assert data["params"]["active"] == scout.num_params(active=True)
     assert data["flops_per_token"]["training"] == scout.flops_per_token(4096)
-
-
-def test_llama4_checkpoint_is_refused_clearly_until_its_mapping_exists(tmp_path):
-    """Loading (or saving) Llama 4 weights names what is missing, instead of a list of
-    tensors that a dense model would have had."""
-    import camelid
-    from camelid import CheckpointError
-
-    config = ModelConfig.from_preset("tiny", n_experts=4, moe_ffn_dim=64, n_shared_experts=1,
-                                     router_scoring="sigmoid")  # fmt: skip
-    with pytest.raises(CheckpointError, match=r"Llama 4 .* cannot be read or written"):
-        camelid.save(Transformer(config), tmp_path / "out")
-    (tmp_path / "hf").mkdir()
-    cfg = config.to_hf()
-    (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
-    (tmp_path / "hf" / "model.safetensors").write_bytes(b"")
-    with pytest.raises(CheckpointError, match="Llama 4"):
-        camelid.load(tmp_path / "hf")
