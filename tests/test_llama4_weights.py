@@ -170,7 +170,7 @@ def test_multimodal_checkpoint_text_part_loads(tmp_path):
     assert model_digest(model) == directory_digest(tmp_path / "text")
 
 
-def test_convert_and_inspect_a_llama4_directory(tmp_path, capsys):
+def test_convert_inspect_and_digest_a_llama4_directory(tmp_path, capsys):
     case = CASES["E2-top1-step1-nope3-chunk16"]
     hf = _hf_llama4(case, seed=7)
     hf.save_pretrained(tmp_path / "hf")
@@ -182,6 +182,9 @@ def test_convert_and_inspect_a_llama4_directory(tmp_path, capsys):
         want = hf(tokens).logits
         got = _from_pretrained(tmp_path / "out")(tokens).logits
     assert torch.equal(got, want)
+    capsys.readouterr()
+    assert main(["digest", str(tmp_path / "out")]) == 0
+    assert model_digest(camelid.load(tmp_path / "hf")) in capsys.readouterr().out
 
 
 def test_moe_that_hf_cannot_express_is_refused_by_name(tmp_path):
