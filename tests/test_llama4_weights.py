@@ -128,6 +128,32 @@ def test_save_loads_in_transformers_and_back(case, tmp_path):
     assert directory_digest(tmp_path / "again") == directory_digest(tmp_path / "theirs")
 
 
+def test_bf16_tied_and_sharded(tmp_path):
+    """A bf16 checkpoint with a tied head: upcast to fp32 on the CPU by default, kept in bf16
+    when asked, and saved again in shards it is the same tensors (the same digest)."""
+    case = CASES["E4-top2-step2-nope2-chunk4-qknorm"]
+    torch.manual_seed(9)
+    config = transformers.Llama4TextConfig(**_hf_config(case, tie_word_embeddings=True))
+    hf = transformers.Llama4ForCausalLM._from_config(config, attn_implementation="eager")
+    _randomize(hf, 9)
+    hf = hf.to(torch.bfloat16).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    upcast = camelid.load(tmp_path / "hf")
+    assert upcast.config.tie_embeddings and upcast.output.weight is upcast.tok_embeddings.weight
+    assert upcast.tok_embeddings.weight.dtype == torch.float32
+    model = camelid.load(tmp_path / "hf", dtype=torch.bfloat16)
+    camelid.save(model, tmp_path / "shards", max_shard_size="40KB")
+    index = json.loads((tmp_path / "shards" / hfw.INDEX_NAME).read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    assert "lm_head.weight" not in index["weight_map"]
+    assert directory_digest(tmp_path / "shards") == directory_digest(tmp_path / "hf")
+    tokens = _tokens(10)
+    with torch.no_grad():
+        want = upcast(tokens)
+        got = _from_pretrained(tmp_path / "shards")(tokens).logits  # upcast by from_pretrained
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
 def test_rope_rows_permute_and_back():
     """HF's interleaved q/k rows → camelid's halves and back is the identity, and moves the
     pair (2i, 2i+1) of each head to (i, i + head_dim/2)."""
