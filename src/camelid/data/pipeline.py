@@ -148,9 +148,11 @@ class _ShardWriter:
         self.buffer = [data[n:]] if len(data) > n else []
         self.buffered = len(data) - n
         name = f"{self.split}-{len(self.shards):05d}.bin"
+        # Listed before it is written: a Ctrl-C just after the rename must still find it to
+        # take it back (the undo tolerates a listed shard that never came to exist).
+        self.shards.append({"file": name, "tokens": int(n)})
         with atomic_path(self.out / name) as tmp:
             data[:n].tofile(tmp)
-        self.shards.append({"file": name, "tokens": int(n)})
 
 
 def training_texts(config: PrepareConfig) -> Iterator[str]:
