@@ -32,7 +32,7 @@ import torch
 
 from camelid.errors import RequestError
 from camelid.infer.detok import TextStream
-from camelid.infer.linear import copyable, decode_copy, linear
+from camelid.infer.linear import copyable, decode_copy
 from camelid.infer.sampling import (
     Penalties,
     SamplingParams,
@@ -403,14 +403,12 @@ class Engine:
                 for b, g in enumerate(group)
                 for p in range(starts[g] - 1, len(sequences[g]) - 1)
             ]
-            bi = torch.tensor([b for b, _ in where], device=self.device)
-            pi = torch.tensor([p for _, p in where], device=self.device)
-            if isinstance(self.model.output, torch.nn.Linear):  # project the scored rows only
-                logits = self.model(tokens, head=lambda h, w, bi=bi, pi=pi: linear(h[bi, pi], w))
-            else:  # int8 head: no plain weight to hand over
-                logits = self.model(tokens)[bi, pi]
+            select = torch.zeros(tokens.shape, dtype=torch.bool)
+            for b, p in where:  # row-major, the order of ``where``
+                select[b, p] = True
+            logits = self.logits(tokens, select)  # only the scored positions are projected
             targets = [sequences[group[b]][p + 1] for b, p in where]
-            scored = iter(_token_logprobs(self._mask(logits), targets, 0))
+            scored = iter(_token_logprobs(logits, targets, 0))
             for g in group:
                 out[g] = [next(scored) for _ in range(len(sequences[g]) - starts[g])]
         return out
@@ -496,10 +494,12 @@ class Engine:
         rows: torch.Tensor,
         cols: torch.Tensor,
     ) -> torch.Tensor:
-        """Logits at (rows, cols) only, of a cached forward pass."""
-        if isinstance(self.model.output, torch.nn.Linear):
+        """Logits at (rows, cols) only, of a cached forward pass (as :meth:`logits` projects
+        only its selected positions)."""
+        output = self.model.output
+        if isinstance(getattr(output, "weight", None), torch.Tensor):  # int8 layers have none
             return self.model(tokens, positions, cache=cache, kv_len=kv_len,
-                              head=lambda h, w: linear(h[rows, cols], w))  # fmt: skip
+                              head=lambda h, _: output(h[rows, cols]))  # fmt: skip
         return self.model(tokens, positions, cache=cache, kv_len=kv_len)[rows, cols]
 
     @torch.inference_mode()
