@@ -223,7 +223,7 @@ def _read_jsonl(path: Path, kind: str, skip_bad: bool) -> tuple[list[Item], list
             ids.add(item.id)
             items.append(item)
         except (json.JSONDecodeError, ValueError, TypeError, KeyError) as e:
-            why = e.msg if isinstance(e, json.JSONDecodeError) else str(e).strip("'\"")
+            why = e.msg if isinstance(e, json.JSONDecodeError) else str(e)
             if isinstance(e, KeyError):
                 why = f"missing key {e}"
             if not skip_bad:
