@@ -130,8 +130,20 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        N, k = x.shape[0], self.top_k
         chosen, gates = self.route(x)
+        out, counts = self.routed(x, chosen, gates)
+        if self.shared is not None:
+            out = out + self.shared(x)
+        with torch.no_grad():
+            self.load = counts.detach()
+        return out.view(shape)
+
+    def routed(
+        self, x: torch.Tensor, chosen: torch.Tensor, gates: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The routed experts' summed output for tokens ``x`` (N, dim) and the tokens each
+        expert received (E,): pairs sorted by expert, one grouped matmul, added back per token."""
+        N, k = x.shape[0], self.top_k
         flat = chosen.reshape(-1)  # (N * k,) expert of each (token, choice) pair
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=self.n_experts)
@@ -142,9 +154,4 @@ class MoE(nn.Module):
             y = self.experts(rows * gate, counts, self.impl)
         else:
             y = self.experts(rows, counts, self.impl) * gate
-        out = x.new_zeros(N, shape[-1]).index_add(0, token, y)
-        if self.shared is not None:
-            out = out + self.shared(x)
-        with torch.no_grad():
-            self.load = counts.detach()
-        return out.view(shape)
+        return x.new_zeros(N, x.shape[-1]).index_add(0, token, y), counts
