@@ -103,9 +103,9 @@ def test_grouped_moe_equals_reference_forward_and_backward(E, k, scoring, shared
     assert set(grads) == set(ref_grads)
     for name in grads:
         assert torch.allclose(grads[name], ref_grads[name], atol=1e-5, rtol=1e-5), name
-    assert int(moe.load.sum()) == 14 * k
+    assert int(moe.tokens_seen.sum()) == 14 * k
     if starve:
-        assert moe.load[:starve].tolist() == [0] * starve
+        assert moe.tokens_seen[:starve].tolist() == [0] * starve
         assert (grads["experts.w13"][:starve] == 0).all()
         assert (grads["experts.w2"][:starve] == 0).all()
     assert grads["router.weight"].abs().sum() > 0  # the gate values carry gradient to the router
@@ -315,7 +315,7 @@ def test_moe_model_trains_and_decodes_with_cache():
     logits.float().logsumexp(-1).mean().backward()
     moe = model.layers[1].feed_forward
     assert moe.experts.w13.grad is not None and moe.router.weight.grad.abs().sum() > 0
-    assert int(moe.load.sum()) == 2 * 12 * config.n_experts_per_tok
+    assert int(moe.tokens_seen.sum()) == 2 * 12 * config.n_experts_per_tok
     with torch.no_grad():
         cache = KVCache(config, 2, 16, "cpu", torch.float32)
         model(tokens[:, :8], cache=cache)

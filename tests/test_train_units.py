@@ -127,11 +127,14 @@ def load_recipe_text(text: str):
         return load_recipe(path)
 
 
-def test_moe_models_are_refused_until_they_can_train():
-    for sets in (["model.preset=llama-4-scout"], ["model.n_experts=4", "model.moe_ffn_dim=64",
-                                                  "model.n_shared_experts=1"]):  # fmt: skip
-        with pytest.raises(RecipeError, match=r"mixture-of-experts .* not supported yet"):
-            model_recipe(*sets).model_config(300)
+def test_moe_recipes_make_moe_configs_and_check_the_moe_section():
+    config = model_recipe("model.n_experts=4", "model.moe_ffn_dim=64",
+                          "model.n_shared_experts=1").model_config(300)  # fmt: skip
+    assert config.is_moe and config.n_experts == 4 and config.moe_ffn_dim == 64
+    assert model_recipe("model.preset=llama-4-scout").model_config(300).n_experts == 16
+    for key in ("moe.bias_update_rate", "moe.aux_loss_coef", "moe.z_loss_coef"):
+        with pytest.raises(RecipeError, match=rf"{key} must be >= 0, got -1"):
+            model_recipe(f"{key}=-1")
 
 
 @pytest.mark.parametrize(

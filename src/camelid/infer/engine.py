@@ -274,9 +274,11 @@ class Engine:
         self._step = self._decode_step
         if compile:
             cuda = self.device.type == "cuda"
+            # An MoE layer's expert groups have data-dependent sizes: the graph breaks there.
+            moe = getattr(getattr(model, "config", None), "is_moe", False)
             self._step = torch.compile(
                 self._decode_step,
-                fullgraph=True,
+                fullgraph=not moe,
                 dynamic=False,
                 mode="reduce-overhead" if cuda else None,
             )

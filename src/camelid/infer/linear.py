@@ -153,8 +153,8 @@ def decode_copy(model: nn.Module, int8: bool = False, row_dot: bool = True) -> n
     clone = copy.deepcopy(model, memo=shared)
     for module in list(clone.modules()):
         for name, child in list(module.named_children()):
-            if type(child) is not nn.Linear:
-                continue
+            if type(child) is not nn.Linear or name == "router":
+                continue  # an MoE router reads its weight itself, in fp32 (model/moe.py)
             if int8:
                 setattr(module, name, Int8Linear(child))
             else:  # same parameters, other forward

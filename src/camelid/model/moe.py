@@ -86,19 +86,49 @@ def grouped_mm_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
         return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (9, 0)
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
         return False
+    if x.dtype != torch.bfloat16 and torch.compiler.is_compiling():
+        return False  # torch 2.13's meta kernel (what compile traces with) takes bf16 only
     size = x.element_size()
     return all(t.shape[-1] * size % 16 == 0 for t in tensors) and all(
         t.is_contiguous() for t in tensors
     )
 
 
+class _AddLossGrad(torch.autograd.Function):
+    """Identity on ``out``; in backward, also sends ``scale`` as the gradient of ``loss``.
+
+    This is how a layer's router losses join the training objective without the model returning
+    them: the gradient of ``scale * loss`` flows into the router as if it had been added to the
+    step's loss, under activation checkpointing and ``torch.compile`` alike.
+    """
+
+    @staticmethod
+    def forward(ctx, out: torch.Tensor, loss: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        ctx.save_for_backward(loss)
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        (loss,) = ctx.saved_tensors
+        return grad_out, torch.full_like(loss, ctx.scale), None
+
+
 class MoE(nn.Module):
     """The MoE FFN of one layer: router, routed experts, shared experts.
 
     ``selection_bias`` (E, fp32, zeros) is added to the scores for the top-k SELECTION only, never
-    to the gate values (DeepSeek-V3's aux-loss-free balancing adjusts it between steps).
-    ``load`` holds the tokens routed to each expert by the last forward (int64, E), for metrics.
+    to the gate values (DeepSeek-V3's aux-loss-free balancing adjusts it between steps; it is
+    part of the model, saved and exported with it).
     ``impl`` picks the grouped matmul ("auto": ``torch._grouped_mm`` where supported).
+
+    In training mode every forward adds to accumulators the trainer reads and clears once per
+    optimizer step (:mod:`camelid.train.balance`): ``tokens_seen`` (E, int64, the tokens
+    routed to each expert), ``logit_absmax`` (the largest |router logit|), and the unscaled
+    sums of the router losses, ``aux_sum`` and ``z_sum``. Those losses are on when
+    ``aux_loss_coef`` / ``z_loss_coef`` are above zero: ``loss_scale`` (set by the trainer)
+    turns their per-token sums into the step's normalised objective (see ``_router_losses``).
+    A forward recomputed by activation checkpointing adds again; the trainer divides that out.
     """
 
     def __init__(self, config: ModelConfig, impl: GroupedImpl = "auto") -> None:
@@ -115,28 +145,70 @@ class MoE(nn.Module):
             else None
         )
         self.register_buffer("selection_bias", torch.zeros(config.n_experts, dtype=torch.float32))
-        self.load: torch.Tensor = torch.zeros(config.n_experts, dtype=torch.long)
+        E = config.n_experts
+        self.register_buffer("tokens_seen", torch.zeros(E, dtype=torch.long), persistent=False)
+        for name in ("logit_absmax", "aux_sum", "z_sum"):
+            self.register_buffer(name, torch.zeros((), dtype=torch.float32), persistent=False)
+        self.aux_loss_coef = 0.0
+        self.z_loss_coef = 0.0
+        self.loss_scale = 0.0
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Chosen experts (N, k) and their gate values (N, k, fp32) for tokens ``x`` (N, dim)."""
+        chosen, gates, _, _ = self._route(x)
+        return chosen, gates
+
+    def _route(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``route`` plus the router's fp32 logits and scores (N, E), for the router losses."""
         logits = F.linear(x.float(), self.router.weight.float())  # the router runs in fp32
         scores = torch.sigmoid(logits) if self.scoring == "sigmoid" else logits.softmax(-1)
         chosen = torch.topk(scores.detach() + self.selection_bias, self.top_k, dim=-1).indices
         gates = scores.gather(-1, chosen)
         if self.scoring == "softmax":
             gates = gates / gates.sum(-1, keepdim=True)
-        return chosen, gates
+        return chosen, gates, logits, scores
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        chosen, gates = self.route(x)
+        chosen, gates, logits, scores = self._route(x)
         out, counts = self.routed(x, chosen, gates)
         if self.shared is not None:
             out = out + self.shared(x)
-        with torch.no_grad():
-            self.load = counts.detach()
+        if self.training:
+            with torch.no_grad():
+                self.tokens_seen.add_(counts)
+                self.logit_absmax.copy_(torch.maximum(self.logit_absmax, logits.abs().amax()))
+            if self.aux_loss_coef > 0 or self.z_loss_coef > 0:
+                loss = self._router_losses(logits, scores, counts)
+                out = _AddLossGrad.apply(out, loss, self.loss_scale)
         return out.view(shape)
+
+    def _router_losses(
+        self, logits: torch.Tensor, scores: torch.Tensor, counts: torch.Tensor
+    ) -> torch.Tensor:
+        """The router losses of this forward's N tokens, as a SUM over tokens (weighted by the
+        coefficients), so a step's objective is this summed over its micro-batches and ranks
+        times ``loss_scale`` (the world size / (the step's tokens x the MoE layers)):
+
+        - z-loss (ST-MoE): ``logsumexp(logits)^2`` per token, a mean over the step's tokens;
+        - Switch auxiliary loss: ``E * sum_e f_e * P_e`` over this forward's tokens, ``f_e`` the
+          share of the (token, choice) pairs routed to expert e and ``P_e`` the mean of its
+          normalised score, weighted by N: each micro-batch counts by its share of the step.
+        """
+        N = logits.shape[0]
+        total = logits.new_zeros(())
+        if self.z_loss_coef > 0:
+            z = torch.logsumexp(logits, dim=-1).square().sum()
+            self.z_sum.add_(z.detach())
+            total = total + self.z_loss_coef * z
+        if self.aux_loss_coef > 0 and N:
+            probs = scores / scores.sum(-1, keepdim=True)  # sigmoid scores normalised too
+            share = counts.to(probs.dtype) / (N * self.top_k)
+            aux = self.n_experts * (share * probs.mean(0)).sum() * N
+            self.aux_sum.add_(aux.detach())
+            total = total + self.aux_loss_coef * aux
+        return total
 
     def routed(
         self, x: torch.Tensor, chosen: torch.Tensor, gates: torch.Tensor

@@ -244,10 +244,13 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def _reset_selection_bias(self) -> None:
-        """MoE selection biases start neutral (zero)."""
+        """MoE selection biases start neutral (zero) and their step accumulators empty, all in
+        fp32 whatever dtype the model was cast to (a bias moved by 1e-3 steps needs it)."""
         for module in self.modules():
             if isinstance(module, MoE):
-                module.selection_bias.zero_()
+                for name, buf in module.named_buffers(recurse=False):
+                    dtype = torch.long if name == "tokens_seen" else torch.float32
+                    setattr(module, name, torch.zeros(buf.shape, dtype=dtype, device=buf.device))
 
     def tie_weights(self) -> None:
         """Share the embedding with the output head when the config ties them. Called again

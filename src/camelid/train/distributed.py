@@ -74,6 +74,13 @@ def all_reduce_sum(t: torch.Tensor, world: World) -> torch.Tensor:
     return t
 
 
+def all_reduce_max(t: torch.Tensor, world: World) -> torch.Tensor:
+    if world.distributed:
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
 def any_rank(flag: bool, world: World) -> bool:
     """True on every rank when it is true on any: ranks must agree to stop or roll back."""
     if not world.distributed:

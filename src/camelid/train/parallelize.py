@@ -99,6 +99,7 @@ def materialize(model: Transformer, device: torch.device, seed: int, std: float 
             continue
         full = torch.empty(p.shape, dtype=p.dtype).normal_(0.0, s, generator=generator)
         local.copy_(_own_shard(full, p))
+    model._reset_selection_bias()  # buffers too: to_empty left them uninitialised
 
 
 def _own_shard(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:

@@ -201,6 +201,17 @@ class TrainSection:
 
 
 @dataclass
+class MoeSection:
+    """How a mixture-of-experts model's experts are kept balanced (a dense model ignores it)."""
+
+    # DeepSeek-V3's auxiliary-loss-free balancing: after each kept step every expert's selection
+    # bias moves by this much toward the mean load (up if under-loaded, down if over); 0: off.
+    bias_update_rate: float = _ranged(1e-3, ge=0)
+    aux_loss_coef: float = _ranged(0.0, ge=0)  # Switch auxiliary loss (Switch used 0.01); 0: off
+    z_loss_coef: float = _ranged(0.0, ge=0)  # router z-loss (ST-MoE used 0.001); 0: off
+
+
+@dataclass
 class CheckpointSection:
     interval: int = _ranged(500, ge=0)  # steps; 0: only at the end
     keep: int = _ranged(3, ge=0)  # 0: keep every checkpoint
@@ -247,6 +258,7 @@ class Recipe:
     optim: OptimSection = field(default_factory=OptimSection)
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
     train: TrainSection = field(default_factory=TrainSection)
+    moe: MoeSection = field(default_factory=MoeSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     eval: EvalSection = field(default_factory=EvalSection)
     log: LogSection = field(default_factory=LogSection)
@@ -299,12 +311,6 @@ class Recipe:
             text = str(e)
             named = text.split(" ", 1)[0] in ModelSection.schema()
             raise RecipeError(f"model.{text}" if named else f"[model] {text}") from None
-        if config.is_moe:
-            raise RecipeError(
-                f"[model] {self.model.preset!r} with these fields is a mixture-of-experts model "
-                f"({config.n_experts} experts): training MoE models (expert balancing, expert "
-                "parallelism) is not supported yet"
-            )
         name = _model_name(self.model.preset, config, [*overrides, "max_seq_len"])
         return dataclasses.replace(config, name=name)
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from camelid.loss import next_token_loss, valid_targets
+from camelid.train import balance
 from camelid.train.distributed import World, all_reduce_sum
 
 
@@ -57,16 +58,23 @@ def forward_backward(
     micro-batches, all ranks — divided by the number of those targets, so masked targets and
     uneven micro-batches give the exact mean over the step's tokens (as torchtitan does), not a
     mean of per-batch means. Its head and the cross-entropy run fused
-    (``camelid.loss.next_token_loss``).
+    (``camelid.loss.next_token_loss``). An MoE model's router losses, when on, join the
+    gradients normalised over the step's tokens (:mod:`camelid.train.balance`); the loss
+    returned is the cross-entropy alone.
     """
     world = world or World()
     batches = list(batches)
     if not batches:
         raise ValueError("forward_backward needs at least one batch")
-    n_valid = all_reduce_sum(sum(valid_targets(y) for _, y in batches).double(), world)
+    device = batches[0][0].device
+    tokens = torch.tensor(float(sum(x.numel() for x, _ in batches)), device=device)
+    valid = sum(valid_targets(y) for _, y in batches)
+    counts = torch.stack([valid.double(), tokens.double()])
+    n_valid, n_tokens = all_reduce_sum(counts, world).unbind()
     # FSDP2 averages gradients over ranks; scaling by the world size turns that into the sum.
     scale = world.world_size / n_valid
-    total = torch.zeros((), dtype=torch.float64, device=batches[0][0].device)
+    balance.begin_step(model, int(n_tokens), world.world_size)  # MoE router accounting
+    total = torch.zeros((), dtype=torch.float64, device=device)
     for inputs, targets in batches:
         ctx = (
             torch.autocast(inputs.device.type, dtype=autocast_dtype)

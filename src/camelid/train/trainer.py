@@ -36,6 +36,7 @@ from camelid.loss import IGNORE_INDEX, next_token_loss, valid_targets
 from camelid.model import Transformer
 from camelid.system import device_name
 from camelid.tokenizer import Tokenizer
+from camelid.train import balance
 from camelid.train import checkpoint as ckpt
 from camelid.train.distributed import World, all_reduce_sum, any_rank, barrier, init_world
 from camelid.train.distributed import close as close_world
@@ -187,6 +188,7 @@ class _Run:
                             activation_checkpointing=r.train.activation_checkpointing,
                             compile=r.train.compile, bf16=bf16)  # fmt: skip
         self.model = model
+        balance.configure(model, r.moe.aux_loss_coef, r.moe.z_loss_coef)
         o = r.optim
         self.optimizer = build_optimizer(model, o.lr, o.weight_decay, (o.beta1, o.beta2), o.eps)
         self.guard = Guard(r.guard)
@@ -204,6 +206,7 @@ class _Run:
         self.tokens_per_step = (
             r.train.batch_size * r.train.seq_len * r.train.grad_accum * world.world_size
         )
+        self.local_tokens = self.tokens_per_step // world.world_size
         self.log = MetricsLog(self.run_dir, world.is_main, self.clock, r.log.tensorboard)
         self.step, self.tokens = 0, 0
         self._header(manifest, start_state)
@@ -370,9 +373,17 @@ class _Run:
 
     def _model_text(self) -> str:
         c = self.config
-        return (
+        text = (
             f"{c.name}: {c.n_layers} layers, dim {c.dim}, {c.n_heads}/{c.n_kv_heads} heads, "
             f"vocab {c.vocab_size}"
+        )
+        return text + (f", {self._experts_text()}" if c.is_moe else "")
+
+    def _experts_text(self) -> str:
+        c = self.config
+        return (
+            f"{c.n_experts} experts (top-{c.n_experts_per_tok}, {c.n_shared_experts} shared, "
+            f"{c.router_scoring}) on {c.n_moe_layers} of {c.n_layers} layers"
         )
 
     def _header(self, manifest: dict[str, Any], start_state: tuple[Path, dict] | None) -> None:
@@ -438,7 +449,13 @@ class _Run:
                 ("run", where),
             ]
             params = c.num_params()
-            print(f"camelid train: {c.name}, {format_count(params)} parameters ({params:,})")
+            active = ""
+            if c.is_moe:
+                n = c.num_params(active=True)
+                active = f", {format_count(n)} active per token ({n:,})"
+                rows.insert(0, ("experts", f"{self._experts_text()}; {self._balance_text()}"))
+            print(f"camelid train: {c.name}, {format_count(params)} parameters ({params:,})"
+                  f"{active}")  # fmt: skip
             for key, value in rows:
                 print(f"  {key:<11} {value}", flush=True)
         if self.log.torn:
@@ -454,6 +471,16 @@ class _Run:
             )
         for kind, text in warnings:
             self._warn(kind, text)
+
+    def _balance_text(self) -> str:
+        m = self.recipe.moe
+        parts = [f"bias balancing at {m.bias_update_rate:g} per step" if m.bias_update_rate
+                 else "no bias balancing"]  # fmt: skip
+        if m.aux_loss_coef:
+            parts.append(f"aux loss x {m.aux_loss_coef:g}")
+        if m.z_loss_coef:
+            parts.append(f"z-loss x {m.z_loss_coef:g}")
+        return ", ".join(parts)
 
     def _plan_validation(self, manifest: dict[str, Any]) -> list[tuple[str, str]]:
         """How each evaluation reads the validation split (batch size, batches) and the
@@ -546,6 +573,7 @@ class _Run:
                 ]
                 loss = forward_backward(self.model, batches, self.autocast, world)
                 grad_norm = clip_grad_norm(self.model, r.optim.grad_clip)  # global, every rank
+                experts = balance.end_step(self.model, world, self.local_tokens)
                 stats = torch.stack([loss.float(), grad_norm.float().to(loss.device)])
                 loss_value, norm_value = (float(v) for v in stats.tolist())
                 drill = self.guard.drill(self.step)
@@ -556,6 +584,8 @@ class _Run:
                 verdict = self.guard.verdict(loss_value, norm_value)
                 if verdict is None:
                     self.optimizer.step()
+                    if experts is not None:
+                        balance.update_bias(self.model, experts.tokens, r.moe.bias_update_rate)
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
                 self.steps_run += 1
@@ -575,7 +605,9 @@ class _Run:
                                lr=lr, tokens=self.tokens, tokens_per_s=tps, mfu=mfu,
                                peak_mem_bytes=peak_memory(world.device), step_time_s=seconds,
                                skipped=verdict is not None)  # fmt: skip
-                self._show(bar, loss_value, lr, tps, mfu)
+                if experts is not None:
+                    self.log.write("experts", step=self.step, **experts.record())
+                self._show(bar, loss_value, lr, tps, mfu, experts)
 
                 if self.guard.must_roll_back:
                     target = self._roll_back(since_checkpoint)
@@ -605,13 +637,23 @@ class _Run:
             self.bar = None
         return "finished"
 
-    def _show(self, bar: Any, loss: float, lr: float, tps: float, mfu: float | None) -> None:
+    def _show(
+        self,
+        bar: Any,
+        loss: float,
+        lr: float,
+        tps: float,
+        mfu: float | None,
+        experts: balance.StepExperts | None = None,
+    ) -> None:
         """The live line: a bar's postfix on a terminal, else a line every log.interval steps
         with this process's elapsed time and the ETA at its pace so far (evaluations and
         checkpoints included)."""
         text = f"loss {loss:.4f} lr {lr:.2e} {tps:,.0f} tok/s"
         if mfu is not None:
             text += " " + format_mfu(mfu, self.peak)
+        if experts is not None:
+            text += " " + balance.summary_text(experts)
         steps = self.recipe.train.steps
         due = self.step % self.recipe.log.interval == 0 or self.step == steps
         if bar is not None:

@@ -41,6 +41,12 @@ _IGNORED_RE = re.compile(r"(language_model\.)?model\.layers\.\d+\.self_attn\.rot
 # tower and its projector (the other tensors) are not part of a camelid model and are skipped.
 MULTIMODAL_PREFIX = "language_model."
 _VISION_RE = re.compile(r"(vision_model|multi_modal_projector)\..*")
+# camelid's own tensor, not part of HF's Llama 4: an MoE layer's selection bias, saved when
+# balancing moved it (fp32, [E]); transformers ignores it (it warns of an unused weight).
+_SELECTION_BIAS = "model.layers.{}.feed_forward.router.selection_bias"
+_SELECTION_BIAS_RE = re.compile(
+    r"(?:language_model\.)?model\.layers\.(\d+)\.feed_forward\.router\.selection_bias"
+)
 # Bytes copied out of one memory mapping before it is re-opened (see module docstring).
 _REMAP_BYTES = 16 * 2**20
 
@@ -221,7 +227,7 @@ def load(
     targets = {p.hf_name: (name, p) for name, pieces in layout.items() for p in pieces}
     device = torch.device(device)
     model = Transformer.empty(config, device, load_dtype(dtype, stored, device))
-    params = dict(model.named_parameters())
+    params = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     bar = progress_bar(len(targets), f"loading {path.name}", progress)
     with torch.no_grad():
         for file, names in by_file.items():
@@ -282,12 +288,30 @@ def _plan(
     config = read_config(path)
     prefix = _tensor_prefix(path)
     layout = hf_layout(config, prefix)
-    where = _check_names(path, _tensor_files(path), layout, config, prefix)
+    files = _tensor_files(path)
+    layout.update(_selection_bias_layout(config, files, prefix))
+    where = _check_names(path, files, layout, config, prefix)
     targets = {p.hf_name: p for pieces in layout.values() for p in pieces}
     by_file: dict[Path, list[str]] = {}
     for hf_name in targets:
         by_file.setdefault(where[hf_name], []).append(hf_name)
     return config, layout, by_file, _check_headers(by_file, targets)
+
+
+def _selection_bias_layout(
+    config: ModelConfig, files: dict[str, Path], prefix: str
+) -> dict[str, list[Piece]]:
+    """The selection biases a checkpoint holds (camelid's exports of balanced MoE training);
+    one on a layer without experts stays unknown, and :func:`_check_names` names it."""
+    layout = {}
+    for name in files:
+        match = _SELECTION_BIAS_RE.fullmatch(name)
+        if match and name.startswith(prefix) and config.is_moe_layer(int(match.group(1))):
+            layer = int(match.group(1))
+            layout[f"layers.{layer}.feed_forward.selection_bias"] = [
+                Piece(name, 0, (config.n_experts,))
+            ]
+    return layout
 
 
 def read_config(path: Path) -> ModelConfig:
@@ -456,6 +480,7 @@ def save(
             size = 0
         shards[-1].append(piece.hf_name)
         size += nbytes
+    shards[-1] += [name for name, _ in selection_biases(model)]
     n = len(shards)
     names = (
         [SINGLE_NAME] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
@@ -514,6 +539,18 @@ def hf_tensors(model: Transformer) -> Iterator[tuple[str, torch.Tensor]]:
             rows = params[name].detach()[piece.start : piece.start + piece.shape[0]]
             rows = rows.to(device="cpu", dtype=dtype).contiguous()
             yield piece.hf_name, to_hf_rows(rows, piece).contiguous()
+    yield from selection_biases(model)
+
+
+def selection_biases(model: Transformer) -> list[tuple[str, torch.Tensor]]:
+    """The MoE layers' selection biases as saved (fp32, on the CPU), when any is not zero:
+    they choose the experts, so an export without them would route differently."""
+    out = []
+    for i, block in enumerate(model.layers):
+        bias = getattr(block.feed_forward, "selection_bias", None)
+        if bias is not None:
+            out.append((_SELECTION_BIAS.format(i), bias.detach().to("cpu", torch.float32)))
+    return out if any(bool(t.any()) for _, t in out) else []
 
 
 def _pieces(config: ModelConfig) -> Iterator[Piece]:
