@@ -482,6 +482,24 @@ def _ranges(steps: list[int], limit: int = MAX_RANGES) -> str:
     return text
 
 
+def _load_ratios(tokens: np.ndarray, columns: int) -> tuple[np.ndarray, int]:
+    """The heatmap's cells from tokens [step, layer, expert]: rows layer-major (layer 0's
+    experts, then layer 1's, ...), one column per step or, past ``columns`` steps, per bin of
+    consecutive steps (their tokens summed), each cell the expert's load ÷ its layer's mean in
+    that column; NaN where the layer routed nothing. Returns (cells, steps per column)."""
+    n_steps, n_layers, n_experts = tokens.shape
+    per_bin = max(1, math.ceil(n_steps / columns))
+    n_cols = math.ceil(n_steps / per_bin)
+    pad = n_cols * per_bin - n_steps
+    if pad:  # the last bin sums fewer steps; load ÷ mean does not depend on how many
+        tokens = np.concatenate([tokens, np.zeros((pad, n_layers, n_experts))])
+    binned = tokens.reshape(n_cols, per_bin, n_layers, n_experts).sum(axis=1)
+    mean = binned.mean(axis=2, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = binned / mean
+    return ratio.transpose(1, 2, 0).reshape(n_layers * n_experts, n_cols), per_bin
+
+
 def _plot_experts(ex: _Experts, dst: Path) -> None:
     """Heatmap: one row per expert, grouped by MoE layer (separated and labelled), one column
     per step (or per bin of steps on a long run), colour = the expert's load ÷ its layer's mean
@@ -494,18 +512,8 @@ def _plot_experts(ex: _Experts, dst: Path) -> None:
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    loads = ex.tokens
-    n_layers, n_experts = len(ex.layers), loads.shape[2]
-    per_bin = max(1, math.ceil(len(ex.steps) / HEATMAP_COLUMNS))
-    n_cols = math.ceil(len(ex.steps) / per_bin)
-    pad = n_cols * per_bin - len(ex.steps)
-    if pad:  # the last bin sums fewer steps; load ÷ mean does not depend on how many
-        loads = np.concatenate([loads, np.zeros((pad, n_layers, n_experts))])
-    binned = loads.reshape(n_cols, per_bin, n_layers, n_experts).sum(axis=1)
-    mean = binned.mean(axis=2, keepdims=True)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = binned / mean  # 0 / 0 (a layer that routed nothing): NaN, drawn as no token
-    image = ratio.transpose(1, 2, 0).reshape(n_layers * n_experts, n_cols)  # [layer·expert, col]
+    n_layers, n_experts = len(ex.layers), ex.tokens.shape[2]
+    image, per_bin = _load_ratios(ex.tokens, HEATMAP_COLUMNS)
     image = np.ma.masked_where(~(image > 0), image)
     # A fixed range, so that runs compare at a glance: 8x above or below the mean saturates
     # (fewer experts cannot be more than E times the mean).
