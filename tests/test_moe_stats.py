@@ -93,6 +93,15 @@ def test_router_blowup_is_a_bad_step_that_counts_toward_the_roll_back():
     assert g.bad_streak == 1 and not g.must_roll_back
 
 
+def test_router_blowup_leaves_a_full_spike_window_as_a_bad_step_would():
+    g = guard(window=3, min_history=3)
+    for loss in (3.0, 3.1, 3.2):
+        assert g.verdict(loss, 1.0) is None
+    assert g.verdict(3.3, 1.0) is None and list(g.recent) == [3.1, 3.2, 3.3]
+    assert g.experts(4, [0], [[1, 1]], [51.0])
+    assert list(g.recent) == [3.0, 3.1, 3.2] and g.bad_streak == 1
+
+
 def test_router_blowup_on_a_step_already_bad_is_counted_once():
     g = guard()
     assert g.verdict(math.nan, 1.0) == "nonfinite" and g.bad_streak == 1

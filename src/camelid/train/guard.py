@@ -45,9 +45,11 @@ class Guard:
         self.dead_runs: dict[int, list[int]] = {}
         # (layer, expert) whose dead_expert alarm fired; re-armed when it gets a token again.
         self.dead_fired: set[tuple[int, int]] = set()
-        # The streak before the latest verdict accepted its step (None: it did not), so that a
-        # bad MoE alarm on the same step can count that step as bad after all.
+        # The streak before the latest verdict accepted its step (None: it did not) and the
+        # loss its append pushed out of a full window, so that a bad MoE alarm on the same step
+        # can count that step as bad after all, leaving the history as a bad step leaves it.
         self._accepted_from: int | None = None
+        self._evicted: float | None = None
 
     def drill(self, step: int) -> str | None:
         """The fire drill planned for ``step``, once: "nan" or "spike"."""
@@ -63,6 +65,8 @@ class Guard:
         elif self._z(loss) > self.config.z_threshold:
             reason = "spike"
         else:
+            full = len(self.recent) == self.recent.maxlen
+            self._evicted = self.recent[0] if full and self.recent else None
             self.recent.append(loss)
             self._accepted_from, self.bad_streak = self.bad_streak, 0
             return None
@@ -127,8 +131,9 @@ class Guard:
 
     def _count_bad(self) -> None:
         if self._accepted_from is not None:  # the verdict passed this step: take that back
-            if self.recent:
-                self.recent.pop()
+            self.recent.pop()
+            if self._evicted is not None:
+                self.recent.appendleft(self._evicted)
             self.bad_streak = self._accepted_from + 1
             self._accepted_from = None
 
