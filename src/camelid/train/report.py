@@ -579,7 +579,8 @@ def _plot_expert_balance(ex: _Experts, dst: Path) -> None:
     FigureCanvasAgg(fig)
     axes = fig.subplots(2 if has_logits else 1, 1, sharex=True, squeeze=False)[:, 0]
     n = len(ex.layers)
-    colours = [colormaps["viridis"](j / max(n - 1, 1)) for j in range(n)]
+    lo, span = ex.layers[0], max(ex.layers[-1] - ex.layers[0], 1)
+    colours = [colormaps["viridis"]((layer - lo) / span) for layer in ex.layers]  # as the bar
     balance = ex.balance()["max_mean"]
     ax = axes[0]
     for j, layer in enumerate(ex.layers):
@@ -611,7 +612,7 @@ def _plot_expert_balance(ex: _Experts, dst: Path) -> None:
         from matplotlib.cm import ScalarMappable
         from matplotlib.colors import Normalize
 
-        sm = ScalarMappable(Normalize(ex.layers[0], ex.layers[-1]), colormaps["viridis"])
+        sm = ScalarMappable(Normalize(lo, lo + span), colormaps["viridis"])
         fig.colorbar(sm, ax=list(axes), label="MoE layer", fraction=0.04)
     _save(fig, dst)
 
