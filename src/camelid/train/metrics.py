@@ -9,6 +9,10 @@ it comes out low and MFU high, so such a measurement is flagged, and so is any M
 
 Goodput = time spent in steps whose update was kept ÷ wall time; start-up, checkpointing,
 evaluation, rolled-back and skipped steps and export all count against it.
+
+Expert load (MoE models): :func:`expert_balance` turns one step's tokens per expert into the
+figures metrics.jsonl's ``experts`` record, the live line (:func:`format_balance`) and the
+report share.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import math
 import os
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -260,3 +265,60 @@ def _ends_mid_line(path: Path) -> bool:
             return f.read(1) != b"\n"
     except FileNotFoundError:
         return False
+
+
+# --- expert load (mixture-of-experts models) ------------------------------------------------
+
+
+def expert_balance(tokens: torch.Tensor | Sequence[Sequence[int]]) -> dict[str, Any]:
+    """How evenly each MoE layer spread one step's tokens over its experts.
+
+    ``tokens[l][e]`` is the number of tokens layer ``l`` routed to expert ``e`` (the whole
+    step, all ranks): a [L, E] tensor or nested lists. Per layer: ``max_mean`` (the busiest
+    expert's load ÷ the mean load; 1 is perfect balance, ``E`` is every token on one expert),
+    ``cv`` (population standard deviation ÷ mean) and ``dead`` (experts that got no token).
+    Whole model: ``max_mean_worst`` (the highest ``max_mean``), ``worst_layer`` (its position in
+    the lists) and ``dead_total``. A layer that routed no token at all has no balance to speak
+    of: its ``max_mean`` and ``cv`` are None (not a division by zero), and every one of its
+    experts counts as dead. The values are plain lists, ints and floats, ready for
+    metrics.jsonl. Rows are independent, so the report passes a whole run's [steps · L, E].
+    """
+    t = torch.as_tensor(tokens, dtype=torch.float64, device="cpu")
+    if t.numel() == 0:
+        return {"max_mean": [], "cv": [], "dead": [], "max_mean_worst": None,
+                "worst_layer": None, "dead_total": 0}  # fmt: skip
+    if t.ndim != 2:
+        raise ValueError(f"expert_balance: tokens must be [layers, experts], got {tuple(t.shape)}")
+    mean = t.mean(dim=1)
+    live = mean > 0
+    safe = torch.where(live, mean, torch.ones_like(mean))
+    ratio = t.amax(dim=1) / safe
+    cv = t.std(dim=1, correction=0) / safe
+    dead = (t == 0).sum(dim=1)
+    max_mean = [
+        float(r) if ok else None for r, ok in zip(ratio.tolist(), live.tolist(), strict=True)
+    ]
+    cvs = [float(c) if ok else None for c, ok in zip(cv.tolist(), live.tolist(), strict=True)]
+    worst = int(torch.where(live, ratio, -math.inf).argmax()) if bool(live.any()) else None
+    return {
+        "max_mean": max_mean,
+        "cv": cvs,
+        "dead": [int(d) for d in dead.tolist()],
+        "max_mean_worst": max_mean[worst] if worst is not None else None,
+        "worst_layer": worst,
+        "dead_total": int(dead.sum()),
+    }
+
+
+def format_balance(balance: dict[str, Any] | None) -> str:
+    """The live line's expert text: the worst layer's max/mean and CV, and the dead experts
+    of the whole model, e.g. ``experts max/mean 1.84 cv 0.41 dead 1``; "" for a dense model
+    (no balance) or a step whose layers routed nothing."""
+    if not balance:
+        return ""
+    worst = balance.get("worst_layer")
+    dead = int(balance.get("dead_total") or 0)
+    if worst is None:
+        return f"experts dead {dead}" if dead else ""
+    cv = balance["cv"][worst]
+    return f"experts max/mean {balance['max_mean'][worst]:.2f} cv {cv:.2f} dead {dead}"

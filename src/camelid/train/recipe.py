@@ -240,6 +240,13 @@ class GuardSection:
     z_threshold: float = _ranged(6.0, gt=0)  # robust z-score (median / MAD) of a spike
     min_history: int = _ranged(20, ge=1, le="guard.window")  # good steps before detecting
     max_bad_steps: int = _ranged(3, ge=0)  # bad steps in a row before a roll-back (0: never)
+    # MoE: a step whose max |router logit| exceeds this is bad (0: never). Past ~20 a sigmoid
+    # gate is saturated (1 - 2e-9) and a softmax gap of 20 gives one expert all the weight, so
+    # at 50 the router passes no useful gradient; a z-loss there (logsumexp² ~ 2500) would dwarf
+    # the LM loss; and it is still below fp32's exp overflow (88.7), so it fires before infs do.
+    router_logit_limit: float = _ranged(50.0, ge=0)
+    # MoE: warn once when an expert got no token for this many steps in a row (0: never).
+    dead_expert_steps: int = _ranged(20, ge=0)
     # A fire drill: "nan:STEP" or "spike:STEP" corrupts that step's loss on purpose, to check
     # that the guard reacts (each fires once).
     drill: list[str] = field(default_factory=list)

@@ -15,13 +15,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
 from camelid.errors import CamelidError
 from camelid.io import atomic_path, format_bytes
-from camelid.train.metrics import mfu_doubtful
+from camelid.train.metrics import expert_balance, mfu_doubtful
 
 WARMUP_STEPS = 3  # first steps left out of throughput means (compilation, allocator warm-up)
 MAX_EVENT_ROWS = 50
 GUARD_EVENTS = ("nonfinite", "spike")
+MOE_EVENTS = ("router_blowup", "dead_expert")
+HEATMAP_COLUMNS = 240  # at most this many step columns in experts.png; more steps are binned
+HEATMAP_PANEL_ROWS = 1600  # expert rows per heatmap panel (~1 pixel each at the largest size)
+HEATMAP_RANGE = 8.0  # the heatmap's colours saturate at 8x above or below the mean load
+MAX_RANGES = 12  # step ranges listed per layer in the Experts table
 
 
 @dataclass
@@ -59,6 +67,7 @@ class _Run:
     steps: list[dict] = field(default_factory=list)
     evals: list[dict] = field(default_factory=list)
     events: list[dict] = field(default_factory=list)
+    experts: list[dict] = field(default_factory=list)  # MoE models: one record per step
     invocations: list[Invocation] = field(default_factory=list)
     bad_lines: int = 0
 
@@ -125,6 +134,8 @@ def _read_metrics(path: Path) -> _Run:
                 run.evals.append(rec)
             elif kind == "event":
                 run.events.append(rec)
+            elif kind == "experts" and _finite(rec.get("step")) is not None:
+                run.experts.append(rec)
             elif kind == "summary":
                 inv.summary = rec
     _account(run)
@@ -403,6 +414,269 @@ def _plot_throughput(run: _Run, dst: Path) -> None:
     _save(fig, dst)
 
 
+# --- experts (mixture-of-experts runs) ------------------------------------------------------
+
+
+@dataclass
+class _Experts:
+    """The run's expert-load records that the report uses: the last one per step (a step redone
+    after a resume or roll-back replaces the abandoned branch's), in step order, all of the
+    final record's shape (its MoE layers and experts)."""
+
+    layers: list[int]
+    steps: list[int]
+    tokens: np.ndarray  # [step, layer, expert]
+    records: list[dict]
+
+    def balance(self) -> dict[str, list]:
+        """:func:`expert_balance`'s per-layer lists, each reshaped to [step][layer]."""
+        n_steps, n_layers, n_experts = self.tokens.shape
+        flat = expert_balance(torch.from_numpy(self.tokens.reshape(-1, n_experts)))
+        return {key: [flat[key][i : i + n_layers] for i in range(0, n_steps * n_layers, n_layers)]
+                for key in ("max_mean", "cv", "dead")}  # fmt: skip
+
+
+def _expert_tokens(rec: dict) -> tuple[list[int], np.ndarray] | None:
+    """(layers, tokens [layer, expert]) of an ``experts`` record, or None when it is not well
+    formed (a record of another version, or cut)."""
+    layers, tokens = rec.get("layers"), rec.get("tokens")
+    if not isinstance(layers, list) or not layers or any(_finite(x) is None for x in layers):
+        return None
+    try:
+        loads = np.asarray(tokens, dtype=np.float64)
+    except (TypeError, ValueError):  # ragged, or not numbers
+        return None
+    if loads.ndim != 2 or loads.shape[0] != len(layers) or loads.shape[1] == 0:
+        return None
+    if not (np.isfinite(loads).all() and (loads >= 0).all()):
+        return None
+    return [int(x) for x in layers], loads
+
+
+def _kept_experts(run: _Run) -> _Experts | None:
+    kept, lowest = [], math.inf
+    for rec in reversed(run.experts):  # kept unless a later record redoes its step (as _account)
+        step = _finite(rec.get("step"))
+        if step < lowest and (parsed := _expert_tokens(rec)) is not None:
+            kept.append((int(step), *parsed, rec))
+        lowest = min(lowest, step)
+    if not kept:
+        return None
+    layers, shape = kept[0][1], kept[0][2].shape
+    kept = [k for k in reversed(kept) if k[1] == layers and k[2].shape == shape]
+    return _Experts(layers, [k[0] for k in kept], np.stack([k[2] for k in kept]),
+                    [k[3] for k in kept])  # fmt: skip
+
+
+def _ranges(steps: list[int], limit: int = MAX_RANGES) -> str:
+    """``3–7, 12, 20–21`` for sorted steps; the first ``limit`` ranges, then how many more."""
+    spans: list[list[int]] = []
+    for s in steps:
+        if spans and s == spans[-1][1] + 1:
+            spans[-1][1] = s
+        else:
+            spans.append([s, s])
+    text = ", ".join(f"{a}" if a == b else f"{a}–{b}" for a, b in spans[:limit])
+    if len(spans) > limit:
+        text += f", … ({len(steps)} steps in all)"
+    return text
+
+
+def _load_ratios(tokens: np.ndarray, columns: int) -> tuple[np.ndarray, int]:
+    """The heatmap's cells from tokens [step, layer, expert]: rows layer-major (layer 0's
+    experts, then layer 1's, ...), one column per step or, past ``columns`` steps, per bin of
+    consecutive steps (their tokens summed), each cell the expert's load ÷ its layer's mean in
+    that column; NaN where the layer routed nothing. Returns (cells, steps per column)."""
+    n_steps, n_layers, n_experts = tokens.shape
+    per_bin = max(1, math.ceil(n_steps / columns))
+    n_cols = math.ceil(n_steps / per_bin)
+    pad = n_cols * per_bin - n_steps
+    if pad:  # the last bin sums fewer steps; load ÷ mean does not depend on how many
+        tokens = np.concatenate([tokens, np.zeros((pad, n_layers, n_experts))])
+    binned = tokens.reshape(n_cols, per_bin, n_layers, n_experts).sum(axis=1)
+    mean = binned.mean(axis=2, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = binned / mean
+    return ratio.transpose(1, 2, 0).reshape(n_layers * n_experts, n_cols), per_bin
+
+
+def _plot_experts(ex: _Experts, dst: Path) -> None:
+    """Heatmap: one row per expert, grouped by MoE layer (separated and labelled), one column
+    per step (or per bin of steps on a long run), colour = the expert's load ÷ its layer's mean
+    load on a log scale centred at 1 (black: no token). A model with more experts in all than a
+    panel shows at about a pixel each is drawn in several panels side by side, so a dead
+    expert stays a visible line even with 48 layers of 128 experts."""
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import LogNorm
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    n_layers, n_experts = len(ex.layers), ex.tokens.shape[2]
+    image, per_bin = _load_ratios(ex.tokens, HEATMAP_COLUMNS)
+    image = np.ma.masked_where(~(image > 0), image)
+    # A fixed range, so that runs compare at a glance: 8x above or below the mean saturates
+    # (fewer experts cannot be more than E times the mean).
+    vmax = float(min(HEATMAP_RANGE, max(n_experts, 2)))
+    norm = LogNorm(vmin=1 / vmax, vmax=vmax)
+    cmap = colormaps["RdBu_r"].with_extremes(bad="black")
+
+    panels = math.ceil(n_layers * n_experts / HEATMAP_PANEL_ROWS)
+    per_panel = math.ceil(n_layers / panels)
+    panels = math.ceil(n_layers / per_panel)
+    rows = per_panel * n_experts
+    height = min(max(3.5, 1.5 + 0.012 * rows), 18)
+    fig = Figure(figsize=(min(6 + 4 * panels, 20), height), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, panels, squeeze=False)[0]
+    first, last = ex.steps[0], ex.steps[-1]
+    im = None
+    for p, ax in enumerate(axes):
+        lo, hi = p * per_panel, min((p + 1) * per_panel, n_layers)
+        im = ax.imshow(image[lo * n_experts : hi * n_experts], aspect="auto",
+                       interpolation="nearest", cmap=cmap, norm=norm,
+                       extent=(first - 0.5, last + 0.5, (hi - lo) * n_experts, 0))  # fmt: skip
+        for j in range(1, hi - lo):
+            ax.axhline(j * n_experts, color="white", lw=1.0 if hi - lo <= 16 else 0.6)
+        if n_layers == 1:
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True, nbins=16))
+            ticks = [t for t in ax.get_yticks() if 0 <= t < n_experts]
+            ax.set_yticks([t + 0.5 for t in ticks], [f"{t:.0f}" for t in ticks])
+            ax.set_ylabel(f"expert (MoE layer {ex.layers[0]})")
+        else:
+            every = math.ceil((hi - lo) / 24)  # at most 24 labels a panel
+            shown = range(0, hi - lo, every)
+            ax.set_yticks([(j + 0.5) * n_experts for j in shown],
+                          [f"layer {ex.layers[lo + j]}" for j in shown])  # fmt: skip
+            ax.tick_params(axis="y", length=0, labelsize="small" if hi - lo <= 12 else "x-small")
+            if p == 0:
+                ax.set_ylabel(f"{n_experts} experts per MoE layer, grouped by layer")
+        ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=6 if panels > 1 else 10))
+    title = "Expert load (tokens ÷ the layer's mean)"
+    if per_bin > 1:
+        title += f", {per_bin} steps per column"
+    fig.suptitle(title)
+    bar = fig.colorbar(im, ax=list(axes), extend="both", fraction=0.04 if panels == 1 else 0.02)
+    k = math.floor(math.log2(vmax))
+    ticks = [2.0**i for i in range(-k, k + 1)]  # powers of two: a factor of 2 is one step
+    bar.set_ticks(ticks, labels=[f"{t:g}" if t >= 1 else f"1/{1 / t:g}" for t in ticks])
+    bar.minorticks_off()
+    bar.set_label("load ÷ mean load (log; black: no token)")
+    _save(fig, dst)
+
+
+def _plot_expert_balance(ex: _Experts, dst: Path) -> None:
+    """Each MoE layer's max/mean load over the steps, and its max |router logit| when logged."""
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    logits = [rec.get("router_logit_max") for rec in ex.records]
+    has_logits = any(isinstance(v, list) and len(v) == len(ex.layers) for v in logits)
+    fig = Figure(figsize=(8, 6.5 if has_logits else 4.5), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2 if has_logits else 1, 1, sharex=True, squeeze=False)[:, 0]
+    n = len(ex.layers)
+    lo, span = ex.layers[0], max(ex.layers[-1] - ex.layers[0], 1)
+    colours = [colormaps["viridis"]((layer - lo) / span) for layer in ex.layers]  # as the bar
+    balance = ex.balance()["max_mean"]
+    ax = axes[0]
+    for j, layer in enumerate(ex.layers):
+        ys = [math.nan if b[j] is None else b[j] for b in balance]
+        ax.plot(ex.steps, ys, color=colours[j], lw=1.2, label=f"layer {layer}")
+    ax.axhline(1.0, color="0.5", lw=0.8, ls=":")
+    ax.set_title("Expert balance: max / mean load per MoE layer")
+    ax.set_ylabel("max / mean load (1: even)")
+    finite = [y for b in balance for y in b if y is not None]
+    if finite and max(finite) > 10:
+        ax.set_yscale("log")
+    if has_logits:
+        ax2 = axes[1]
+        for j in range(n):
+            ys = []
+            for v in logits:
+                y = _num(v[j]) if isinstance(v, list) and len(v) == n else None
+                ys.append(math.nan if y is None else y)
+            ax2.plot(ex.steps, ys, color=colours[j], lw=1.2)
+        ax2.set_title("Router: max |logit| per MoE layer")
+        ax2.set_ylabel("max |router logit|")
+    for a in axes:
+        a.grid(True, alpha=0.3)
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[-1].set_xlabel("step")
+    if n <= 8:
+        ax.legend(loc="upper right", fontsize="small")
+    else:  # too many layers for a legend: a colour bar of the layer numbers
+        from matplotlib.cm import ScalarMappable
+        from matplotlib.colors import Normalize
+
+        sm = ScalarMappable(Normalize(lo, lo + span), colormaps["viridis"])
+        fig.colorbar(sm, ax=list(axes), label="MoE layer", fraction=0.04)
+    _save(fig, dst)
+
+
+def _experts_section(run: _Run, run_dir: Path) -> list[str]:
+    """Empty for a dense run (no ``experts`` records)."""
+    ex = _kept_experts(run)
+    if ex is None:
+        return []
+    _plot_experts(ex, run_dir / "experts.png")
+    _plot_expert_balance(ex, run_dir / "experts_balance.png")
+    final = expert_balance(torch.from_numpy(ex.tokens[-1]))
+    last = ex.records[-1]
+    logits = last.get("router_logit_max")
+    logits = logits if isinstance(logits, list) and len(logits) == len(ex.layers) else None
+    any_dead = (ex.tokens == 0).any(axis=2)  # [step, layer]
+    dead_steps = [[s for s, d in zip(ex.steps, any_dead[:, j], strict=True) if d]
+                  for j in range(len(ex.layers))]  # fmt: skip
+    rows = []
+    for j, layer in enumerate(ex.layers):
+        row = ex.tokens[-1, j]
+        rows.append(
+            (
+                str(layer),
+                _float(final["max_mean"][j], 2),
+                _float(final["cv"][j], 2),
+                f"{final['dead'][j]} of {len(row)}",
+                f"{min(row):,.0f}",
+                f"{max(row):,.0f}",
+                "–" if logits is None else _float(_finite(logits[j]), 2),
+                _cell(_ranges(dead_steps[j]) or "none"),
+            )
+        )
+    header = ("MoE layer", "max/mean", "CV", "dead", "min tokens", "max tokens",
+              "max abs router logit", "steps with a dead expert")  # fmt: skip
+    lines = [
+        "## Experts",
+        "",
+        f"{len(ex.layers)} MoE layer(s) of {ex.tokens.shape[2]} routed experts; expert "
+        f"loads of {len(ex.steps)} step(s), steps {ex.steps[0]}–{ex.steps[-1]} (a step redone "
+        "after a resume or roll-back counts once, as redone). The table is the last step's "
+        f"(step {ex.steps[-1]}): max/mean is the busiest expert's tokens ÷ the layer's mean, "
+        "CV the coefficient of variation of the loads.",
+        "",
+        *_table(header, rows),
+        "",
+    ]
+    extras = [(name, _finite(last.get(key))) for name, key in
+              (("aux loss", "aux_loss"), ("router z-loss", "z_loss"))]  # fmt: skip
+    bias = last.get("bias_absmax")
+    if isinstance(bias, list) and bias and all(_finite(b) is not None for b in bias):
+        extras.append(("max abs selection bias", max(_finite(b) for b in bias)))
+    if shown := [f"{name} {value:.4g}" for name, value in extras if value is not None]:
+        lines += [f"At step {ex.steps[-1]}: " + ", ".join(shown) + ".", ""]
+    alarms = {k: sum(1 for e in run.events if e.get("event") == k) for k in MOE_EVENTS}
+    if any(alarms.values()):
+        counts = ", ".join(f"{n} {k}" for k, n in alarms.items() if n)
+        lines += [f"Alarms: {counts} (listed under Events).", ""]
+    else:
+        lines += ["No MoE alarm (router_blowup, dead_expert).", ""]
+    lines += ["![Expert load](experts.png)", "", "![Expert balance](experts_balance.png)", ""]
+    return lines
+
+
 # --- report ---------------------------------------------------------------------------------
 
 
@@ -658,6 +932,8 @@ def write_report(run_dir: str | Path) -> Path:
 
     try:
         lines += ["## Plots", "", *_write_plots(run, run_dir)]
+        if expert_lines := _experts_section(run, run_dir):
+            lines += [*expert_lines]
         lines += [*_events_section(run), ""]
         if sample_lines := _sample_section(run):
             lines += [*sample_lines, ""]
