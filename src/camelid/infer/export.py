@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from camelid.config import ModelConfig
-from camelid.errors import CheckpointError
+from camelid.errors import CamelidError, CheckpointError
 from camelid.infer.engine import default_stop_ids
 from camelid.infer.load import (
     RUN_TOKENIZER,
@@ -375,7 +375,8 @@ def model_card(
         f"# {c.name or 'Llama model'}",
         "",
         "A Llama-architecture language model in the Hugging Face format, written by camelid. "
-        "It loads in `transformers` (`LlamaForCausalLM`) and in camelid.",
+        f"It loads in `transformers` (`{_architecture(c)}`) and in camelid.",
+        *_moe_note(c),
         "",
         "## Model",
         "",
@@ -391,6 +392,7 @@ def model_card(
             ("rope theta", f"{c.rope_theta:g}"),
             ("rope scaling", _rope_scaling(c)),
             ("output head", "tied to the embedding" if c.tie_embeddings else "untied"),
+            *_moe_rows(c),
         ]),
         "",
         "## Parameters",
@@ -398,6 +400,7 @@ def model_card(
         *_table(("count", "parameters"), [
             ("total", _count(c.num_params())),
             ("non-embedding", _count(c.num_params(exclude_embedding=True))),
+            *([("active per token", _count(c.num_params(active=True)))] if c.is_moe else []),
         ]),
         "",
         "## Digests",
@@ -439,6 +442,35 @@ def read_model_card(path: str | Path) -> dict[str, Any] | None:
                 return None
             return meta if isinstance(meta, dict) else None
     return None
+
+
+def _architecture(c: ModelConfig) -> str:
+    try:
+        return c.to_hf()["architectures"][0]
+    except CamelidError:  # an MoE shape with no HF form: hf.save refuses it before this
+        return "no Hugging Face class"
+
+
+def _moe_rows(c: ModelConfig) -> list[tuple[str, Any]]:
+    if not c.is_moe:
+        return []
+    return [
+        ("experts", f"{c.n_experts} routed (top-{c.n_experts_per_tok}, {c.router_scoring}) + "
+                    f"{c.n_shared_experts} shared, width {c.moe_ffn_dim}"),
+        ("MoE layers", f"{c.n_moe_layers} of {c.n_layers} (every {c.moe_interleave_step})"),
+    ]  # fmt: skip
+
+
+def _moe_note(c: ModelConfig) -> list[str]:
+    if not c.is_moe:
+        return []
+    return [
+        "",
+        "If balancing moved its experts' selection biases in training, they are saved as "
+        "`model.layers.N.feed_forward.router.selection_bias`: camelid routes with them; "
+        "`transformers` ignores them (it warns of unused weights), so its routing, and its "
+        "outputs, then differ from camelid's.",
+    ]
 
 
 def _rope_scaling(c: ModelConfig) -> str:

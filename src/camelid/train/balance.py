@@ -128,12 +128,3 @@ def update_bias(model: nn.Module, tokens: torch.Tensor, rate: float) -> None:
     for (_, moe), load in zip(moe_layers(model), tokens, strict=True):
         load = load.to(moe.selection_bias.device, torch.float32)
         moe.selection_bias.add_(torch.sign(load.mean() - load), alpha=rate)
-
-
-def summary_text(stats: StepExperts) -> str:
-    """The live line's part: the worst layer's max/mean load and the dead experts in all."""
-    tokens = stats.tokens.double()
-    mean = tokens.mean(-1).clamp(min=1e-9)
-    worst = float((tokens.max(-1).values / mean).max())
-    dead = int((stats.tokens == 0).sum())
-    return f"experts max/mean {worst:.2f} dead {dead}"

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from camelid.data import TokenLoader, read_manifest
-from camelid.errors import CamelidError, CheckpointError, DataError
+from camelid.errors import CamelidError, CheckpointError, ConfigError, DataError
 from camelid.infer import Engine, SamplingParams
 from camelid.infer.export import data_summary, keep_run_tokenizer, save_pretrained
 from camelid.io import format_count, write_text_atomic
@@ -41,7 +41,15 @@ from camelid.train import checkpoint as ckpt
 from camelid.train.distributed import World, all_reduce_sum, any_rank, barrier, init_world
 from camelid.train.distributed import close as close_world
 from camelid.train.guard import Guard
-from camelid.train.metrics import Clock, MetricsLog, device_peak, format_mfu, peak_memory
+from camelid.train.metrics import (
+    Clock,
+    MetricsLog,
+    device_peak,
+    expert_balance,
+    format_balance,
+    format_mfu,
+    peak_memory,
+)
 from camelid.train.parallelize import build_model, local_param_bytes
 from camelid.train.recipe import Recipe, RecipeError
 from camelid.train.report import format_duration, read_invocations, run_time
@@ -143,6 +151,7 @@ class _Run:
         self.last_eval_step: int | None = None
         self.saved_step: int | None = None  # the step of the newest checkpoint
         self.steps_run = 0  # steps this process ran
+        self.exported = False
         self.bar: Any = None
         self.val_batch_size, self.val_batches = recipe.train.batch_size, recipe.eval.batches
 
@@ -582,6 +591,13 @@ class _Run:
                 elif drill == "spike":
                     loss_value *= 100.0
                 verdict = self.guard.verdict(loss_value, norm_value)
+                alarms = []
+                if experts is not None:  # after the verdict: a router blow-up makes it bad
+                    alarms = self.guard.experts(self.step + 1, experts.layers, experts.tokens,
+                                                experts.router_logit_max)  # fmt: skip
+                    bad = next((a for a in alarms if a.bad), None)
+                    if verdict is None and bad is not None:
+                        verdict = bad.kind
                 if verdict is None:
                     self.optimizer.step()
                     if experts is not None:
@@ -595,8 +611,11 @@ class _Run:
                     since_checkpoint += seconds
                 else:
                     self.clock.move("train", "skipped", seconds)
+                if verdict is not None and not any(a.kind == verdict for a in alarms):
                     self._event(verdict, f"loss {loss_value:.4g}, grad norm {norm_value:.4g}; "
                                 "update skipped" + (" (drill)" if drill else ""))  # fmt: skip
+                for alarm in alarms:  # router blow-ups (bad steps) and dead experts
+                    (self._event if alarm.bad else self._warn)(alarm.kind, alarm.detail)
                 tps = self.tokens_per_step / seconds
                 # The peak is one device's: the run's is world_size of them.
                 peak = self.peak.flops * world.world_size if self.peak.flops else None
@@ -605,9 +624,11 @@ class _Run:
                                lr=lr, tokens=self.tokens, tokens_per_s=tps, mfu=mfu,
                                peak_mem_bytes=peak_memory(world.device), step_time_s=seconds,
                                skipped=verdict is not None)  # fmt: skip
+                balance_now = None
                 if experts is not None:
-                    self.log.write("experts", step=self.step, **experts.record())
-                self._show(bar, loss_value, lr, tps, mfu, experts)
+                    balance_now = expert_balance(experts.tokens)
+                    self.log.write("experts", step=self.step, **experts.record(), **balance_now)
+                self._show(bar, loss_value, lr, tps, mfu, balance_now)
 
                 if self.guard.must_roll_back:
                     target = self._roll_back(since_checkpoint)
@@ -644,7 +665,7 @@ class _Run:
         lr: float,
         tps: float,
         mfu: float | None,
-        experts: balance.StepExperts | None = None,
+        experts: dict[str, Any] | None = None,
     ) -> None:
         """The live line: a bar's postfix on a terminal, else a line every log.interval steps
         with this process's elapsed time and the ETA at its pace so far (evaluations and
@@ -652,8 +673,8 @@ class _Run:
         text = f"loss {loss:.4f} lr {lr:.2e} {tps:,.0f} tok/s"
         if mfu is not None:
             text += " " + format_mfu(mfu, self.peak)
-        if experts is not None:
-            text += " " + balance.summary_text(experts)
+        if experts:
+            text += " " + format_balance(experts)
         steps = self.recipe.train.steps
         due = self.step % self.recipe.log.interval == 0 or self.step == steps
         if bar is not None:
@@ -778,7 +799,7 @@ class _Run:
             if self.saved_step != self.step:
                 self._checkpoint()
             if r.checkpoint.export_hf:
-                self._export()
+                self.exported = self._export()
         last = self.last_eval
         c = self.config
         # This process's figures, and the run's: the processes before it (as metrics.jsonl
@@ -807,9 +828,7 @@ class _Run:
             device=device_name(self.world.device),
             world_size=self.world.world_size,
             run_dir=str(self.run_dir),
-            export=str(self.run_dir / "hf")
-            if status == "finished" and r.checkpoint.export_hf
-            else None,
+            export=str(self.run_dir / "hf") if self.exported else None,
             events=dict(self.events),
             reports=self.world.is_main,
             invocations=len(before) + 1,
@@ -829,11 +848,22 @@ class _Run:
             summary.report = str(write_report(self.run_dir))
         return summary
 
-    def _export(self) -> None:
+    def _export(self) -> bool:
         """The complete Hugging Face directory run_dir/hf (weights, config with token ids,
         generation_config, tokenizer), loadable by transformers and camelid: what
-        ``camelid export`` makes of the run's last checkpoint, written by the same function."""
+        ``camelid export`` makes of the run's last checkpoint, written by the same function.
+        A model with no Hugging Face form (an MoE shape HF's Llama 4 cannot express) is not
+        exported: a warning says so, and its checkpoints serve every camelid command."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        try:
+            self.config.to_hf()
+        except ConfigError as e:
+            self._warn("export_skipped", f"no Hugging Face export of this model: {e}; "
+                       f"`camelid generate` and `serve` read its checkpoints "
+                       f"({self.run_dir / 'checkpoints'}) directly")  # fmt: skip
+            self.clock.lap("export")
+            return False
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         state = get_model_state_dict(self.model, options=options)
@@ -845,6 +875,7 @@ class _Run:
         barrier(self.world)
         self.clock.lap("export")
         self._event("export", str(self.run_dir / "hf"))
+        return True
 
     @contextlib.contextmanager
     def _signals(self):
