@@ -198,6 +198,7 @@ class TrainSection:
     precision: str = _one_of("auto", "auto", "fp32", "bf16")  # auto: bf16 on GPU, fp32 on CPU
     compile: bool = False
     activation_checkpointing: bool = False
+    expert_parallel: bool = False  # under torchrun: split each MoE layer's experts over ranks
 
 
 @dataclass
@@ -279,6 +280,11 @@ class Recipe:
             raise RecipeError(
                 f"model.max_seq_len ({given}) is shorter than train.seq_len ({t.seq_len})"
             )
+        if t.expert_parallel and not config.is_moe:
+            raise RecipeError(
+                f"train.expert_parallel = true splits the experts of a mixture-of-experts model, "
+                f"but model {self.model.preset!r} with these fields is dense (n_experts = 0)"
+            )
         if not self.data.dir:
             raise RecipeError("data.dir is required: a dataset directory from `camelid prepare`")
         for drill in self.guard.drill:
@@ -299,12 +305,6 @@ class Recipe:
             text = str(e)
             named = text.split(" ", 1)[0] in ModelSection.schema()
             raise RecipeError(f"model.{text}" if named else f"[model] {text}") from None
-        if config.is_moe:
-            raise RecipeError(
-                f"[model] {self.model.preset!r} with these fields is a mixture-of-experts model "
-                f"({config.n_experts} experts): training MoE models (expert balancing, expert "
-                "parallelism) is not supported yet"
-            )
         name = _model_name(self.model.preset, config, [*overrides, "max_seq_len"])
         return dataclasses.replace(config, name=name)
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from camelid.loss import next_token_loss, valid_targets
 from camelid.train.distributed import World, all_reduce_sum
+from camelid.train.parallelize import expert_grads_averaged
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -67,23 +68,27 @@ def forward_backward(
     # FSDP2 averages gradients over ranks; scaling by the world size turns that into the sum.
     scale = world.world_size / n_valid
     total = torch.zeros((), dtype=torch.float64, device=batches[0][0].device)
-    for inputs, targets in batches:
-        ctx = (
-            torch.autocast(inputs.device.type, dtype=autocast_dtype)
-            if autocast_dtype is not None
-            else contextlib.nullcontext()
-        )
-        with ctx:
-            nats = next_token_loss(model, inputs, targets, reduction="sum")
-        (nats * scale.to(nats.dtype)).backward()
-        total += nats.detach()
+    # Expert-parallel weights are not reduced by FSDP2: this gives them its averaged gradient.
+    with expert_grads_averaged(model):
+        for inputs, targets in batches:
+            ctx = (
+                torch.autocast(inputs.device.type, dtype=autocast_dtype)
+                if autocast_dtype is not None
+                else contextlib.nullcontext()
+            )
+            with ctx:
+                nats = next_token_loss(model, inputs, targets, reduction="sum")
+            (nats * scale.to(nats.dtype)).backward()
+            total += nats.detach()
     return (all_reduce_sum(total, world) / n_valid).float()
 
 
 def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
     """Clip to ``max_norm`` (0: only measure); return the total norm before clipping.
 
-    Works for plain and FSDP2-sharded (DTensor) parameters alike.
+    Works for plain and sharded (DTensor) parameters alike: FSDP2's and the expert-parallel
+    ones are all DTensors on one mesh, so each shard's norm is a partial one and the total is
+    reduced over the ranks once, into the norm of the whole gradient.
     """
     params = [p for p in model.parameters() if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))

@@ -41,7 +41,7 @@ from camelid.train.distributed import World, all_reduce_sum, any_rank, barrier, 
 from camelid.train.distributed import close as close_world
 from camelid.train.guard import Guard
 from camelid.train.metrics import Clock, MetricsLog, device_peak, format_mfu, peak_memory
-from camelid.train.parallelize import build_model, local_param_bytes
+from camelid.train.parallelize import build_model, check_expert_parallel, local_param_bytes
 from camelid.train.recipe import Recipe, RecipeError
 from camelid.train.report import format_duration, read_invocations, run_time
 from camelid.train.schedule import lr_at
@@ -166,6 +166,8 @@ class _Run:
                 f"{self.tokenizer.vocab_size}"
             )
         self._check_training_windows(manifest)
+        check_expert_parallel(self.config, world, expert_parallel=r.train.expert_parallel,
+                              compile=r.train.compile)  # fmt: skip
         self.loader = TokenLoader(r.data.dir, "train", r.train.batch_size, r.train.seq_len,
                                   r.train.seed, world.rank, world.world_size)  # fmt: skip
         if r.log.tensorboard and importlib.util.find_spec("tensorboard") is None:
@@ -185,7 +187,8 @@ class _Run:
         )
         model = build_model(self.config, world, seed=r.train.seed,
                             activation_checkpointing=r.train.activation_checkpointing,
-                            compile=r.train.compile, bf16=bf16)  # fmt: skip
+                            compile=r.train.compile, bf16=bf16,
+                            expert_parallel=r.train.expert_parallel)  # fmt: skip
         self.model = model
         o = r.optim
         self.optimizer = build_optimizer(model, o.lr, o.weight_decay, (o.beta1, o.beta2), o.eps)
