@@ -50,10 +50,11 @@ def moe_config(scoring: str = "sigmoid", top_k: int = 1, interleave: int = 1) ->
 
 def moe_case(text: str) -> dict:
     """``"softmax,top_k=2,interleave=2,ac,accum=2,ep"``: scoring first, then the
-    ``moe_config`` fields, activation checkpointing, micro-batches, expert parallelism."""
+    ``moe_config`` fields, activation checkpointing, micro-batches, expert parallelism (and
+    ``bf16``: FSDP2's bf16 mixed precision)."""
     scoring, *rest = text.split(",")
     case = {"scoring": scoring, "top_k": 1, "interleave": 1, "ac": False, "accum": 1,
-            "ep": False}  # fmt: skip
+            "ep": False, "bf16": False}  # fmt: skip
     for item in rest:
         key, _, value = item.partition("=")
         case[key] = int(value) if value else True
@@ -110,7 +111,7 @@ def moe_step(case: dict, world) -> dict:
 
     cfg = moe_config(case["scoring"], case["top_k"], case["interleave"])
     model = build_model(cfg, world, seed=0, activation_checkpointing=case["ac"],
-                        expert_parallel=case["ep"])  # fmt: skip
+                        expert_parallel=case["ep"], bf16=case["bf16"])  # fmt: skip
     real, calls = funcol.all_to_all_single_autograd, []
     funcol.all_to_all_single_autograd = lambda *a, **k: calls.append(1) or real(*a, **k)
     try:

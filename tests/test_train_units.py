@@ -127,11 +127,10 @@ def load_recipe_text(text: str):
         return load_recipe(path)
 
 
-def test_moe_models_are_refused_until_they_can_train():
-    for sets in (["model.preset=llama-4-scout"], ["model.n_experts=4", "model.moe_ffn_dim=64",
-                                                  "model.n_shared_experts=1"]):  # fmt: skip
-        with pytest.raises(RecipeError, match=r"mixture-of-experts .* not supported yet"):
-            model_recipe(*sets).model_config(300)
+def test_moe_recipes_give_moe_models():
+    sets = ["model.n_experts=4", "model.moe_ffn_dim=64", "model.n_shared_experts=1"]
+    config = model_recipe(*sets).model_config(300)
+    assert config.is_moe and config.n_experts == 4
 
 
 @pytest.mark.parametrize(
