@@ -51,10 +51,11 @@ def moe_config(scoring: str = "sigmoid", top_k: int = 1, interleave: int = 1) ->
 def moe_case(text: str) -> dict:
     """``"softmax,top_k=2,interleave=2,ac,accum=2,ep"``: scoring first, then the
     ``moe_config`` fields, activation checkpointing, micro-batches, expert parallelism (and
-    ``bf16``: FSDP2's bf16 mixed precision)."""
+    ``bf16``: FSDP2's bf16 mixed precision; ``starve``: every token routed to experts 0 and 1,
+    so the rank holding experts 2 and 3 receives no rows)."""
     scoring, *rest = text.split(",")
     case = {"scoring": scoring, "top_k": 1, "interleave": 1, "ac": False, "accum": 1,
-            "ep": False, "bf16": False}  # fmt: skip
+            "ep": False, "bf16": False, "starve": False}  # fmt: skip
     for item in rest:
         key, _, value = item.partition("=")
         case[key] = int(value) if value else True
@@ -104,6 +105,14 @@ def main() -> None:
     close(world)
 
 
+def starve(model: torch.nn.Module, case: dict) -> None:
+    """For a ``starve`` case: a selection bias that only experts 0 and 1 can win against."""
+    if case.get("starve"):
+        for m in model.modules():
+            if isinstance(m, MoE):
+                m.selection_bias.copy_(torch.tensor([10.0, 10.0, 0.0, 0.0]))
+
+
 def moe_step(case: dict, world) -> dict:
     """One step of the MoE ``case`` on this rank's rows; also how many row exchanges
     (all-to-alls out and back) its forwards made, counted on this rank."""
@@ -112,6 +121,7 @@ def moe_step(case: dict, world) -> dict:
     cfg = moe_config(case["scoring"], case["top_k"], case["interleave"])
     model = build_model(cfg, world, seed=0, activation_checkpointing=case["ac"],
                         expert_parallel=case["ep"], bf16=case["bf16"])  # fmt: skip
+    starve(model, case)
     real, calls = funcol.all_to_all_single_autograd, []
     funcol.all_to_all_single_autograd = lambda *a, **k: calls.append(1) or real(*a, **k)
     try:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import test_train
 import torch
-from dist_worker import full_grads, masked_batch, moe_config
+from dist_worker import full_grads, masked_batch, moe_config, starve
 from test_train import recipe_file, step_losses
 
 from camelid.errors import CamelidError
@@ -47,6 +47,7 @@ def one_process(case: dict) -> dict:
     """What the worker's ``moe_step`` measures, for the whole batch in one process."""
     model = build_model(moe_config(case["scoring"], case["top_k"], case["interleave"]), World(),
                         seed=0, activation_checkpointing=case["ac"])  # fmt: skip
+    starve(model, case)
     x, y = masked_batch()
     n = case["accum"]
     loss = forward_backward(model, list(zip(x.chunk(n), y.chunk(n), strict=True)))
@@ -70,6 +71,7 @@ EP_CASES = [
     "sigmoid,top_k=2,interleave=2,ac,accum=2,ep",
     "softmax,accum=2,ep",
     "softmax,top_k=2,ac,ep",
+    "sigmoid,starve,ep",  # rank 1's experts get no rows at all
 ]
 BF16_CASES = ["sigmoid,top_k=2,bf16", "sigmoid,top_k=2,bf16,ep"]  # FSDP2 alone, then with EP
 ALL_CASES = FSDP_CASES + EP_CASES + BF16_CASES
@@ -106,6 +108,9 @@ def test_two_process_expert_parallel_step_matches_one_process(two_process_steps)
         # Two row exchanges (out and back) per MoE layer per micro-batch forward, and as many
         # again when activation checkpointing recomputes the forward in backward.
         assert r["exchanges"] == 2 * layers * c["accum"] * (2 if c["ac"] else 1), c
+        if c["starve"]:  # rank 1 ran its experts on no rows: zero gradients, not none
+            w13 = [g for k, g in r["grads"].items() if k.endswith("experts.w13")]
+            assert w13 and all(g[2:].count_nonzero() == 0 < g[:2].count_nonzero() for g in w13)
     check_against_one_process(results)
 
 
