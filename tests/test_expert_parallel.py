@@ -160,8 +160,8 @@ def test_recipe_key_and_its_errors(tmp_path, dataset):
 def test_camelid_train_expert_parallel_matches_one_process_and_resumes(tmp_path, dataset):
     """`camelid train` under torchrun with expert parallelism (validation and a sample every 2
     steps too): the losses of 1 process within 1e-4; resumed from its step-2 DCP checkpoint
-    (2 processes, expert-parallel again) it continues to the uninterrupted run's losses; its
-    HF export holds every expert."""
+    (2 processes, expert-parallel again) it continues to the uninterrupted run's losses, and
+    in one process nearly so; its HF export holds every expert."""
     moe = {"preset": "tiny", "n_experts": 4, "n_experts_per_tok": 2, "moe_ffn_dim": 32,
            "n_shared_experts": 1, "moe_interleave_step": 2}  # fmt: skip
     # A configured MFU peak: measuring the CPU's would take seconds of each process's start.
@@ -194,6 +194,15 @@ def test_camelid_train_expert_parallel_matches_one_process_and_resumes(tmp_path,
     c = step_losses(resumed / "run")
     assert sorted(c) == [3, 4]
     assert max(abs(c[k] - b[k]) for k in c) < 1e-6, (b, c)
+
+    # The same checkpoint resumes in one process too (DCP re-shards model and optimizer).
+    single = tmp_path / "single"
+    single.mkdir()
+    recipe = recipe_file(single, dataset, train={"steps": 4, "batch_size": 4},
+                         checkpoint={"interval": 0, "export_hf": False}, **common)  # fmt: skip
+    train(load_recipe(recipe), resume=str(start), progress=False)
+    d = step_losses(single / "run")
+    assert sorted(d) == [3, 4] and max(abs(d[k] - b[k]) for k in d) < 1e-4, (b, d)
 
     # The export gathered every expert: exactly the weights of the run's last checkpoint (read
     # in one process: DCP re-shards), and nearly the 1-process run's.
