@@ -43,6 +43,11 @@ def torchrun(*args: str) -> subprocess.CompletedProcess:
     return res
 
 
+def grad_norms(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["grad_norm"] for r in records if r["kind"] == "step"}
+
+
 def one_process(case: dict) -> dict:
     """What the worker's ``moe_step`` measures, for the whole batch in one process."""
     model = build_model(moe_config(case["scoring"], case["top_k"], case["interleave"]), World(),
@@ -182,6 +187,10 @@ def test_camelid_train_expert_parallel_matches_one_process_and_resumes(tmp_path,
     a, b = step_losses(one / "run"), step_losses(two / "run")
     assert a.keys() == b.keys() and len(a) == 4
     assert max(abs(a[k] - b[k]) for k in a) < 1e-4, (a, b)
+    # The gradient norms too: AdamW hardly sees a gradient off by a constant factor, the norm
+    # (and so clipping) does — every step's, so a gradient rule applied twice would show.
+    na, nb = grad_norms(one / "run"), grad_norms(two / "run")
+    assert na.keys() == nb.keys() and max(abs(na[k] - nb[k]) / na[k] for k in na) < 1e-4
     records = [json.loads(x) for x in (two / "run" / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["kind"] == "summary" and records[-1]["world_size"] == 2
 

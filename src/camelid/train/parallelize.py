@@ -22,9 +22,6 @@ A plain ``camelid train`` is a world of one: steps 1, 2 and 4 apply, unsharded.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
 from torch import nn
 
@@ -173,23 +170,21 @@ def expert_parallel_params(model: nn.Module) -> list[tuple[nn.Parameter, int]]:
     return out
 
 
-@contextlib.contextmanager
-def expert_grads_averaged(model: nn.Module) -> Iterator[None]:
-    """While open, backward gives expert-parallel weights FSDP2's gradient: the mean over
-    ranks of each rank's gradient.
+def average_expert_grads(model: nn.Module) -> None:
+    """Make backward give every expert-parallel weight of ``model`` FSDP2's gradient: the mean
+    over ranks of each rank's gradient (idempotent; ``forward_backward`` calls it).
 
     FSDP2 averages a sharded weight's gradient over the ranks. An expert's weight lives on one
     rank only, and the all-to-all's backward already brings every rank's rows' gradient to it,
     so its gradient is the SUM over ranks: world size times the FSDP2 convention (which
     ``forward_backward``'s loss scale turns into the exact sum over the step). A gradient hook
     divides by the number of ranks each time backward reaches the weight, so gradient
-    accumulation over micro-batches (and gradients already held) stay exact."""
-    handles = [p.register_hook(lambda g, n=n: g / n) for p, n in expert_parallel_params(model)]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+    accumulation over micro-batches and activation checkpointing stay exact."""
+    for p, n in expert_parallel_params(model):
+        # Marked on the weight itself: one that replaces it (a load that assigns) gets its own.
+        if not getattr(p, "_camelid_grad_mean", False):
+            p.register_hook(lambda g, n=n: g / n)
+            p._camelid_grad_mean = True
 
 
 @torch.no_grad()

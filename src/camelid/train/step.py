@@ -16,7 +16,7 @@ from torch import nn
 
 from camelid.loss import next_token_loss, valid_targets
 from camelid.train.distributed import World, all_reduce_sum
-from camelid.train.parallelize import expert_grads_averaged
+from camelid.train.parallelize import average_expert_grads
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -67,19 +67,18 @@ def forward_backward(
     n_valid = all_reduce_sum(sum(valid_targets(y) for _, y in batches).double(), world)
     # FSDP2 averages gradients over ranks; scaling by the world size turns that into the sum.
     scale = world.world_size / n_valid
+    average_expert_grads(model)  # expert-parallel weights, which FSDP2 does not reduce, too
     total = torch.zeros((), dtype=torch.float64, device=batches[0][0].device)
-    # Expert-parallel weights are not reduced by FSDP2: this gives them its averaged gradient.
-    with expert_grads_averaged(model):
-        for inputs, targets in batches:
-            ctx = (
-                torch.autocast(inputs.device.type, dtype=autocast_dtype)
-                if autocast_dtype is not None
-                else contextlib.nullcontext()
-            )
-            with ctx:
-                nats = next_token_loss(model, inputs, targets, reduction="sum")
-            (nats * scale.to(nats.dtype)).backward()
-            total += nats.detach()
+    for inputs, targets in batches:
+        ctx = (
+            torch.autocast(inputs.device.type, dtype=autocast_dtype)
+            if autocast_dtype is not None
+            else contextlib.nullcontext()
+        )
+        with ctx:
+            nats = next_token_loss(model, inputs, targets, reduction="sum")
+        (nats * scale.to(nats.dtype)).backward()
+        total += nats.detach()
     return (all_reduce_sum(total, world) / n_valid).float()
 
 
