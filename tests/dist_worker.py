@@ -133,9 +133,10 @@ def moe_step(case: dict, world) -> dict:
         funcol.all_to_all_single_autograd = real
     w13s = [m.experts.w13 for m in model.modules() if isinstance(m, MoE)]
     local = [(w.to_local() if hasattr(w, "to_local") else w).shape[0] for w in w13s]
+    meshes = {p.device_mesh for p in model.parameters() if hasattr(p, "device_mesh")}
     return {"case": case, "loss": loss, "grads": full_grads(model),
             "norm": clip_grad_norm(model, 0.0), "exchanges": len(calls),
-            "local_experts": local}  # fmt: skip
+            "local_experts": local, "meshes": len(meshes)}  # fmt: skip
 
 
 if __name__ == "__main__":

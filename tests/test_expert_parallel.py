@@ -18,10 +18,11 @@ import torch
 from dist_worker import full_grads, masked_batch, moe_config, starve
 from test_train import recipe_file, step_losses
 
+from camelid import ModelConfig
 from camelid.errors import CamelidError
 from camelid.model.moe import MoE
 from camelid.train.distributed import World
-from camelid.train.parallelize import build_model
+from camelid.train.parallelize import build_model, check_expert_parallel
 from camelid.train.recipe import RecipeError, load_recipe
 from camelid.train.step import clip_grad_norm, forward_backward
 from camelid.train.trainer import train
@@ -110,6 +111,7 @@ def test_two_process_expert_parallel_step_matches_one_process(two_process_steps)
         c = r["case"]
         layers = 2 // c["interleave"]  # MoE layers of the 2-layer model
         assert r["local_experts"] == [2] * layers  # 4 experts, 2 on each rank
+        assert r["meshes"] == 1  # the experts' DTensors live on FSDP2's own mesh
         # Two row exchanges (out and back) per MoE layer per micro-batch forward, and as many
         # again when activation checkpointing recomputes the forward in backward.
         assert r["exchanges"] == 2 * layers * c["accum"] * (2 if c["ac"] else 1), c
@@ -141,8 +143,20 @@ def test_expert_parallel_in_one_process_changes_nothing():
     for name, t in b.state_dict().items():
         assert torch.equal(t, sa[name]), name
     with pytest.raises(CamelidError, match="is dense"):
-        build_model(moe_config().__class__.from_preset("tiny"), World(), seed=0,
-                    expert_parallel=True)  # fmt: skip
+        build_model(ModelConfig.from_preset("tiny"), World(), seed=0, expert_parallel=True)
+
+
+def test_layouts_that_cannot_be_built_are_refused_by_name():
+    config, two = moe_config("sigmoid"), World(rank=0, world_size=2)
+    check_expert_parallel(config, two, expert_parallel=True)  # 4 experts over 2 ranks
+    check_expert_parallel(config, World(), expert_parallel=True, compile=True)  # one process
+    with pytest.raises(CamelidError, match="over 3 ranks needs n_experts divisible by 3, but "
+                       "the model has 4 experts"):  # fmt: skip
+        check_expert_parallel(config, World(world_size=3), expert_parallel=True)
+    with pytest.raises(CamelidError, match="does not run compiled"):
+        check_expert_parallel(config, two, expert_parallel=True, compile=True)
+    with pytest.raises(CamelidError, match="is dense"):
+        check_expert_parallel(ModelConfig.from_preset("tiny"), World(), expert_parallel=True)
 
 
 def test_materialize_zeroes_the_selection_bias():
