@@ -197,7 +197,8 @@ def test_camelid_train_expert_parallel_matches_one_process_and_resumes(tmp_path,
           progress=False)  # fmt: skip
     ep = {"steps": 4, "batch_size": 2, "expert_parallel": True}
     recipe = recipe_file(two, dataset, train=ep, checkpoint={"interval": 2}, **common)
-    torchrun("-m", "camelid.cli", "train", str(recipe))
+    res = torchrun("-m", "camelid.cli", "train", str(recipe))
+    assert "experts split over the 2 ranks" in res.stdout  # the header says the layout
     a, b = step_losses(one / "run"), step_losses(two / "run")
     assert a.keys() == b.keys() and len(a) == 4
     assert max(abs(a[k] - b[k]) for k in a) < 1e-4, (a, b)

@@ -190,6 +190,7 @@ class _Run:
                             compile=r.train.compile, bf16=bf16,
                             expert_parallel=r.train.expert_parallel)  # fmt: skip
         self.model = model
+        self.expert_parallel = r.train.expert_parallel and world.distributed
         o = r.optim
         self.optimizer = build_optimizer(model, o.lr, o.weight_decay, (o.beta1, o.beta2), o.eps)
         self.guard = Guard(r.guard)
@@ -424,6 +425,7 @@ class _Run:
                 )
             reliable = "" if self.peak.reliable else ", unreliable"
             ranks = _n(world.world_size, "rank")
+            experts = f", experts split over the {ranks}" if self.expert_parallel else ""
             rows = [
                 (
                     "batch",
@@ -436,7 +438,7 @@ class _Run:
                     f"{train_tokens:,} training tokens",
                 ),
                 ("validation", val),
-                ("device", f"{device}, {ranks}, {precision}"),
+                ("device", f"{device}, {ranks}, {precision}{experts}"),
                 ("MFU peak", f"{self.peak.detail} ({self.peak.source}{reliable})"),
                 ("run", where),
             ]
