@@ -14,7 +14,8 @@ a Python loop over experts. Expert weights are stored as HF Llama 4 stores them,
 
 from __future__ import annotations
 
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -50,28 +51,38 @@ class Experts(nn.Module):
         nn.init.normal_(self.w2, std=0.02)
 
     def forward(
-        self, x: torch.Tensor, counts: torch.Tensor, impl: GroupedImpl = "auto"
+        self,
+        x: torch.Tensor,
+        counts: torch.Tensor,
+        impl: GroupedImpl = "auto",
+        weights: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """SwiGLU of rows ``x`` (M, dim) sorted by expert, ``counts[e]`` rows for expert e."""
+        """SwiGLU of rows ``x`` (M, dim) sorted by expert, ``counts[e]`` rows for expert e.
+
+        ``weights`` (w13, w2) replaces the module's own: under expert parallelism, this rank's
+        slice of the experts (``counts`` then has one entry per local expert)."""
+        w13, w2 = weights if weights is not None else (self.w13, self.w2)
         if impl == "auto":
-            impl = "grouped_mm" if grouped_mm_supported(x, self.w13, self.w2) else "bmm"
+            impl = "grouped_mm" if grouped_mm_supported(x, w13, w2) else "bmm"
         if impl == "grouped_mm":
             offs = counts.cumsum(0).to(torch.int32)
-            gate, up = torch._grouped_mm(x, self.w13, offs=offs).chunk(2, dim=-1)
-            return torch._grouped_mm(F.silu(gate) * up, self.w2, offs=offs)
-        return self._padded_bmm(x, counts)
+            gate, up = torch._grouped_mm(x, w13, offs=offs).chunk(2, dim=-1)
+            return torch._grouped_mm(F.silu(gate) * up, w2, offs=offs)
+        return self._padded_bmm(x, counts, w13, w2)
 
-    def _padded_bmm(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def _padded_bmm(
+        self, x: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor
+    ) -> torch.Tensor:
         """Scatter each expert's rows into an (E, C, dim) block, C the busiest expert's count,
         and run one bmm per projection. Padding rows are zero and are never read back."""
-        E, M = self.n_experts, x.shape[0]
+        E, M = w13.shape[0], x.shape[0]
         capacity = int(counts.max()) if M else 0
         starts = counts.cumsum(0) - counts
         expert = torch.repeat_interleave(torch.arange(E, device=x.device), counts, output_size=M)
         slot = torch.arange(M, device=x.device) - starts[expert]
         blocks = x.new_zeros(E, capacity, self.dim).index_put((expert, slot), x)
-        gate, up = torch.bmm(blocks, self.w13).chunk(2, dim=-1)
-        return torch.bmm(F.silu(gate) * up, self.w2)[expert, slot]
+        gate, up = torch.bmm(blocks, w13).chunk(2, dim=-1)
+        return torch.bmm(F.silu(gate) * up, w2)[expert, slot]
 
 
 def grouped_mm_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
@@ -114,6 +125,17 @@ class _AddLossGrad(torch.autograd.Function):
         return grad_out, torch.full_like(loss, ctx.scale), None
 
 
+@dataclass(frozen=True)
+class ExpertParallel:
+    """This layer's routed experts split over a process group of ``size`` ranks: rank r holds
+    experts ``r * E / size`` up to ``(r + 1) * E / size`` (``experts.w13`` / ``w2`` are then
+    DTensors sharded along dim 0). Set by ``camelid.train.parallelize``; the model never makes
+    a process group itself."""
+
+    group: Any  # a torch.distributed ProcessGroup
+    size: int
+
+
 class MoE(nn.Module):
     """The MoE FFN of one layer: router, routed experts, shared experts.
 
@@ -129,7 +151,11 @@ class MoE(nn.Module):
     ``aux_loss_coef`` / ``z_loss_coef`` are above zero: ``loss_scale`` (set by the trainer)
     turns their per-token sums into the step's normalised objective (see ``_router_losses``).
     A forward recomputed by activation checkpointing adds again; the trainer divides that out.
+
+    ``expert_parallel`` (None: every expert is local) says how the experts are split over ranks.
     """
+
+    expert_parallel: ExpertParallel | None = None
 
     def __init__(self, config: ModelConfig, impl: GroupedImpl = "auto") -> None:
         super().__init__()
@@ -222,8 +248,44 @@ class MoE(nn.Module):
         token = order // k  # the token of each sorted pair
         gate = gates.reshape(-1)[order].to(x.dtype).unsqueeze(-1)
         rows = x[token]
-        if self.scoring == "sigmoid":
-            y = self.experts(rows * gate, counts, self.impl)
+        if self.scoring == "sigmoid":  # Llama 4: the gate scales the expert's input
+            rows = rows * gate
+        if self.expert_parallel is None:
+            y = self.experts(rows, counts, self.impl)
         else:
-            y = self.experts(rows, counts, self.impl) * gate
+            y = self._dispatched(rows, counts, self.expert_parallel)
+        if self.scoring == "softmax":
+            y = y * gate
         return x.new_zeros(N, x.shape[-1]).index_add(0, token, y), counts
+
+    def _dispatched(
+        self, rows: torch.Tensor, counts: torch.Tensor, ep: ExpertParallel
+    ) -> torch.Tensor:
+        """The experts' output for ``rows`` (sorted by expert, ``counts`` (E,) of them per
+        expert) when the experts live on ``ep.size`` ranks: each row goes to the rank holding
+        its expert, runs there in one grouped matmul with that rank's experts, and comes back
+        in the order it left. Every rank of the group must call this, in the same layer order.
+
+        Two all-to-alls out (the per-expert counts, then the rows) and one back; the row
+        exchanges are autograd-aware, so backward runs the same exchanges in reverse."""
+        import torch.distributed as dist
+        from torch.distributed._functional_collectives import all_to_all_single_autograd
+
+        W, L = ep.size, self.n_experts // ep.size
+        # received[s, l]: rows rank s sends to this rank's local expert l.
+        received = torch.empty_like(counts)
+        dist.all_to_all_single(received, counts, group=ep.group)
+        received = received.view(W, L)
+        send = counts.view(W, L).sum(1).tolist()  # rows sorted by expert: grouped by rank too
+        recv = received.sum(1).tolist()
+        inbound = all_to_all_single_autograd(rows.contiguous(), recv, send, ep.group)
+        # They arrive by source rank, then by local expert: regroup them by local expert.
+        local = torch.arange(L, device=rows.device).repeat(W)
+        expert = torch.repeat_interleave(local, received.reshape(-1), output_size=sum(recv))
+        by_expert = torch.argsort(expert, stable=True)
+        # This rank's experts, in the rows' dtype (FSDP2's mixed precision does not cast them).
+        weights = (self.experts.w13.to_local().to(rows.dtype),
+                   self.experts.w2.to_local().to(rows.dtype))  # fmt: skip
+        out = self.experts(inbound[by_expert], received.sum(0), self.impl, weights=weights)
+        out = torch.empty_like(out).index_copy(0, by_expert, out)  # back to arrival order
+        return all_to_all_single_autograd(out, send, recv, ep.group)

@@ -198,6 +198,7 @@ class TrainSection:
     precision: str = _one_of("auto", "auto", "fp32", "bf16")  # auto: bf16 on GPU, fp32 on CPU
     compile: bool = False
     activation_checkpointing: bool = False
+    expert_parallel: bool = False  # under torchrun: split each MoE layer's experts over ranks
 
 
 @dataclass
@@ -297,6 +298,11 @@ class Recipe:
         if given is not None and config.max_seq_len < t.seq_len:
             raise RecipeError(
                 f"model.max_seq_len ({given}) is shorter than train.seq_len ({t.seq_len})"
+            )
+        if t.expert_parallel and not config.is_moe:
+            raise RecipeError(
+                f"train.expert_parallel = true splits the experts of a mixture-of-experts model, "
+                f"but model {self.model.preset!r} with these fields is dense (n_experts = 0)"
             )
         if not self.data.dir:
             raise RecipeError("data.dir is required: a dataset directory from `camelid prepare`")

@@ -17,6 +17,7 @@ from torch import nn
 from camelid.loss import next_token_loss, valid_targets
 from camelid.train import balance
 from camelid.train.distributed import World, all_reduce_sum
+from camelid.train.parallelize import average_expert_grads
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -74,6 +75,7 @@ def forward_backward(
     # FSDP2 averages gradients over ranks; scaling by the world size turns that into the sum.
     scale = world.world_size / n_valid
     balance.begin_step(model, int(n_tokens), world.world_size)  # MoE router accounting
+    average_expert_grads(model)  # expert-parallel weights, which FSDP2 does not reduce, too
     total = torch.zeros((), dtype=torch.float64, device=device)
     for inputs, targets in batches:
         ctx = (
@@ -91,7 +93,9 @@ def forward_backward(
 def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
     """Clip to ``max_norm`` (0: only measure); return the total norm before clipping.
 
-    Works for plain and FSDP2-sharded (DTensor) parameters alike.
+    Works for plain and sharded (DTensor) parameters alike: FSDP2's and the expert-parallel
+    ones are all DTensors on one mesh, so each shard's norm is a partial one and the total is
+    reduced over the ranks once, into the norm of the whole gradient.
     """
     params = [p for p in model.parameters() if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))

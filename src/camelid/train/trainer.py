@@ -50,7 +50,7 @@ from camelid.train.metrics import (
     format_mfu,
     peak_memory,
 )
-from camelid.train.parallelize import build_model, local_param_bytes
+from camelid.train.parallelize import build_model, check_expert_parallel, local_param_bytes
 from camelid.train.recipe import Recipe, RecipeError
 from camelid.train.report import format_duration, read_invocations, run_time
 from camelid.train.schedule import lr_at
@@ -176,6 +176,8 @@ class _Run:
                 f"{self.tokenizer.vocab_size}"
             )
         self._check_training_windows(manifest)
+        check_expert_parallel(self.config, world, expert_parallel=r.train.expert_parallel,
+                              compile=r.train.compile)  # fmt: skip
         self.loader = TokenLoader(r.data.dir, "train", r.train.batch_size, r.train.seq_len,
                                   r.train.seed, world.rank, world.world_size)  # fmt: skip
         if r.log.tensorboard and importlib.util.find_spec("tensorboard") is None:
@@ -195,9 +197,11 @@ class _Run:
         )
         model = build_model(self.config, world, seed=r.train.seed,
                             activation_checkpointing=r.train.activation_checkpointing,
-                            compile=r.train.compile, bf16=bf16)  # fmt: skip
+                            compile=r.train.compile, bf16=bf16,
+                            expert_parallel=r.train.expert_parallel)  # fmt: skip
         self.model = model
         balance.configure(model, r.moe.aux_loss_coef, r.moe.z_loss_coef)
+        self.expert_parallel = r.train.expert_parallel and world.distributed
         o = r.optim
         self.optimizer = build_optimizer(model, o.lr, o.weight_decay, (o.beta1, o.beta2), o.eps)
         self.guard = Guard(r.guard)
@@ -441,6 +445,7 @@ class _Run:
                 )
             reliable = "" if self.peak.reliable else ", unreliable"
             ranks = _n(world.world_size, "rank")
+            experts = f", experts split over the {ranks}" if self.expert_parallel else ""
             rows = [
                 (
                     "batch",
@@ -453,7 +458,7 @@ class _Run:
                     f"{train_tokens:,} training tokens",
                 ),
                 ("validation", val),
-                ("device", f"{device}, {ranks}, {precision}"),
+                ("device", f"{device}, {ranks}, {precision}{experts}"),
                 ("MFU peak", f"{self.peak.detail} ({self.peak.source}{reliable})"),
                 ("run", where),
             ]
