@@ -178,14 +178,17 @@ def test_recipe_key_and_its_errors(tmp_path, dataset):
 
 def test_camelid_train_expert_parallel_matches_one_process_and_resumes(tmp_path, dataset):
     """`camelid train` under torchrun with expert parallelism (validation and a sample every 2
-    steps too): the losses of 1 process within 1e-4; resumed from its step-2 DCP checkpoint
-    (2 processes, expert-parallel again) it continues to the uninterrupted run's losses, and
+    steps too; bias balancing and both router losses on): the losses, expert loads and router
+    losses of 1 process (and of FSDP2 without expert parallelism) within 1e-4; resumed from
+    its step-2 DCP checkpoint (2 processes, expert-parallel again) it continues to the uninterrupted run's losses, and
     in one process nearly so; its HF export holds every expert."""
     moe = {"preset": "tiny", "n_experts": 4, "n_experts_per_tok": 2, "moe_ffn_dim": 32,
            "n_shared_experts": 1, "moe_interleave_step": 2}  # fmt: skip
     # A configured MFU peak: measuring the CPU's would take seconds of each process's start.
     common = {
         "model": moe,
+        # Balancing and both router losses on: their normalisation over ranks is checked too.
+        "moe": {"bias_update_rate": 0.01, "aux_loss_coef": 0.01, "z_loss_coef": 0.001},
         "eval": {"interval": 2, "batches": 1, "sample_tokens": 4},
         "run": {"peak_tflops": 1.0},
     }
@@ -208,6 +211,25 @@ def test_camelid_train_expert_parallel_matches_one_process_and_resumes(tmp_path,
     assert na.keys() == nb.keys() and max(abs(na[k] - nb[k]) / na[k] for k in na) < 1e-4
     records = [json.loads(x) for x in (two / "run" / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["kind"] == "summary" and records[-1]["world_size"] == 2
+    # The experts' loads are summed over ranks: the same loads, router losses and biases.
+    ea, eb = experts_records(one / "run"), experts_records(two / "run")
+    assert ea.keys() == eb.keys() == {1, 2, 3, 4}
+    for k in ea:
+        assert ea[k]["tokens"] == eb[k]["tokens"] and ea[k]["bias_absmax"] == eb[k]["bias_absmax"]
+        for key in ("aux_loss", "z_loss"):
+            assert abs(ea[k][key] - eb[k][key]) < 1e-5, (key, ea[k], eb[k])
+
+    # FSDP2 alone (every expert on every rank, sharded like the rest): the same run again.
+    fsdp = tmp_path / "fsdp"
+    fsdp.mkdir()
+    recipe_fsdp = recipe_file(fsdp, dataset, train={**ep, "expert_parallel": False},
+                              checkpoint={"interval": 0, "export_hf": False}, **common)  # fmt: skip
+    torchrun("-m", "camelid.cli", "train", str(recipe_fsdp))
+    f = step_losses(fsdp / "run")
+    assert f.keys() == a.keys() and max(abs(a[k] - f[k]) for k in a) < 1e-4, (a, f)
+    assert [r["tokens"] for r in experts_records(fsdp / "run").values()] == [
+        ea[k]["tokens"] for k in sorted(ea)
+    ]
 
     # Resume the step-2 checkpoint in a fresh run directory, on the same layout.
     start = resumed / "step-00000002"
@@ -238,3 +260,13 @@ def test_camelid_train_expert_parallel_matches_one_process_and_resumes(tmp_path,
     for key, t in exported.items():
         assert torch.equal(t, saved[key]), key
         torch.testing.assert_close(t, reference[key], rtol=0, atol=1e-3, msg=key)
+
+
+def experts_records(run: Path) -> dict[int, dict]:
+    """Step -> the last "experts" record of that step."""
+    out = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if r["kind"] == "experts":
+            out[r["step"]] = r
+    return out

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -156,6 +157,7 @@ class MoE(nn.Module):
     """
 
     expert_parallel: ExpertParallel | None = None
+    aux_group: Any = None  # the ranks the auxiliary loss measures the balance over (None: this)
 
     def __init__(self, config: ModelConfig, impl: GroupedImpl = "auto") -> None:
         super().__init__()
@@ -218,20 +220,26 @@ class MoE(nn.Module):
         times ``loss_scale`` (the world size / (the step's tokens x the MoE layers)):
 
         - z-loss (ST-MoE): ``logsumexp(logits)^2`` per token, a mean over the step's tokens;
-        - Switch auxiliary loss: ``E * sum_e f_e * P_e`` over this forward's tokens, ``f_e`` the
-          share of the (token, choice) pairs routed to expert e and ``P_e`` the mean of its
-          normalised score, weighted by N: each micro-batch counts by its share of the step.
+        - Switch auxiliary loss: ``E * sum_e f_e * P_e`` over this micro-batch's tokens on every
+          rank (``aux_group``: the counts are summed over it, so any number of ranks sharing a
+          global micro-batch gives the same loss), ``f_e`` the share of the (token, choice)
+          pairs routed to expert e and ``P_e`` the mean of its normalised score; this rank's
+          part is ``E * sum_e f_e * (its tokens' scores summed)``. Each micro-batch counts by
+          its share of the step's tokens.
         """
-        N = logits.shape[0]
         total = logits.new_zeros(())
         if self.z_loss_coef > 0:
             z = torch.logsumexp(logits, dim=-1).square().sum()
             self.z_sum.add_(z.detach())
             total = total + self.z_loss_coef * z
-        if self.aux_loss_coef > 0 and N:
+        if self.aux_loss_coef > 0:
             probs = scores / scores.sum(-1, keepdim=True)  # sigmoid scores normalised too
-            share = counts.to(probs.dtype) / (N * self.top_k)
-            aux = self.n_experts * (share * probs.mean(0)).sum() * N
+            pairs = counts.to(probs.dtype)
+            if self.aux_group is not None:
+                pairs = pairs.clone()
+                dist.all_reduce(pairs, group=self.aux_group)
+            share = pairs / pairs.sum().clamp(min=1.0)
+            aux = self.n_experts * (share * probs.sum(0)).sum()
             self.aux_sum.add_(aux.detach())
             total = total + self.aux_loss_coef * aux
         return total

@@ -61,10 +61,23 @@ def moe_layers(model: nn.Module) -> list[tuple[int, MoE]]:
     return out
 
 
-def configure(model: nn.Module, aux_loss_coef: float = 0.0, z_loss_coef: float = 0.0) -> None:
-    """Turn the router losses on (a coefficient above 0) or off in every MoE layer."""
+def configure(
+    model: nn.Module,
+    aux_loss_coef: float = 0.0,
+    z_loss_coef: float = 0.0,
+    world: World | None = None,
+) -> None:
+    """Turn the router losses on (a coefficient above 0) or off in every MoE layer. Under
+    torchrun the auxiliary loss measures each micro-batch's balance over all ranks' tokens (a
+    sum of the expert counts over the world), so it does not depend on the number of ranks."""
+    group = None
+    if world is not None and world.distributed:
+        import torch.distributed as dist
+
+        group = dist.group.WORLD
     for _, moe in moe_layers(model):
         moe.aux_loss_coef, moe.z_loss_coef = float(aux_loss_coef), float(z_loss_coef)
+        moe.aux_group = group
 
 
 @torch.no_grad()

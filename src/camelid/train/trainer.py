@@ -200,7 +200,7 @@ class _Run:
                             compile=r.train.compile, bf16=bf16,
                             expert_parallel=r.train.expert_parallel)  # fmt: skip
         self.model = model
-        balance.configure(model, r.moe.aux_loss_coef, r.moe.z_loss_coef)
+        balance.configure(model, r.moe.aux_loss_coef, r.moe.z_loss_coef, world)
         self.expert_parallel = r.train.expert_parallel and world.distributed
         o = r.optim
         self.optimizer = build_optimizer(model, o.lr, o.weight_decay, (o.beta1, o.beta2), o.eps)
