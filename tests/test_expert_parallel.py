@@ -180,8 +180,9 @@ def test_camelid_train_expert_parallel_matches_one_process_and_resumes(tmp_path,
     """`camelid train` under torchrun with expert parallelism (validation and a sample every 2
     steps too; bias balancing and both router losses on): the losses, expert loads and router
     losses of 1 process (and of FSDP2 without expert parallelism) within 1e-4; resumed from
-    its step-2 DCP checkpoint (2 processes, expert-parallel again) it continues to the uninterrupted run's losses, and
-    in one process nearly so; its HF export holds every expert."""
+    its step-2 DCP checkpoint (2 processes, expert-parallel again) it continues to the
+    uninterrupted run's losses, and in one process nearly so; its HF export holds every
+    expert."""
     moe = {"preset": "tiny", "n_experts": 4, "n_experts_per_tok": 2, "moe_ffn_dim": 32,
            "n_shared_experts": 1, "moe_interleave_step": 2}  # fmt: skip
     # A configured MFU peak: measuring the CPU's would take seconds of each process's start.
