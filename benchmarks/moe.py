@@ -10,12 +10,12 @@ ones with a zero input scale), so it does E/k times the routed work. Each side's
 FLOP/s is counted with the FLOPs it actually needs (printed) as a share of this machine's fp32
 matmul peak, measured in the same run (``camelid.train.metrics.measure_matmul_flops``).
 
-Part 2, the whole-model training step: camelid's ``Transformer`` with an MoE config vs
-``Llama4ForCausalLM`` with the same config (``ModelConfig.to_hf``), forward + fp32
-cross-entropy + backward + AdamW step + zero_grad. camelid's trainer still refuses MoE
-recipes, so both models are driven by the same plain loop here. ``camelid.load`` cannot read
-Llama 4 weights yet, so the two models are independently initialised with identical shapes
-(step time does not depend on the values); their losses are not compared.
+Part 2, the whole-model training step: ``Llama4ForCausalLM`` from a config
+(``ModelConfig.to_hf``), saved by transformers and read by ``camelid.load``, so both hold the
+SAME weights; their losses on the batch are checked to agree within 1e-4 before timing. One
+step: camelid runs what ``camelid train`` runs per step (``forward_backward`` with its fused
+head and loss, the MoE accounting and the selection-bias update, AdamW, zero_grad);
+transformers runs forward, fp32 cross-entropy of its logits, backward, AdamW, zero_grad.
 
 Timed steps alternate between the two sides in one process; medians are reported, and the
 ratio camelid / transformers of tokens/s (> 1: camelid is faster).
@@ -29,18 +29,21 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 
 import torch
 
+import camelid
 from camelid.config import ModelConfig
-from camelid.loss import cross_entropy
+from camelid.loss import cross_entropy, next_token_loss
 from camelid.model.moe import MoE, grouped_mm_supported
-from camelid.model.transformer import Transformer
 from camelid.system import cpu_name
+from camelid.train import balance
+from camelid.train.distributed import World
 from camelid.train.metrics import measure_matmul_flops
-from camelid.train.step import build_optimizer
+from camelid.train.step import build_optimizer, forward_backward
 
 
 def _time(runs: dict[str, Callable[[], None]], warmup: int, reps: int) -> dict[str, float]:
@@ -111,7 +114,7 @@ def bench_layer(args: argparse.Namespace, peak: float) -> dict[str, float]:
     print(f"layer outputs, camelid vs transformers (same weights): max |diff| {diff:.2e}")
     if not diff <= 1e-4:
         raise SystemExit(f"layer outputs differ by {diff:.2e} (> 1e-4): not timing")
-    load = ours.load.tolist()
+    load = torch.bincount(ours.route(x)[0].flatten(), minlength=args.experts).tolist()
     print(f"tokens per expert (camelid's routing): min {min(load)}, max {max(load)}")
 
     xs = {name: x.clone().requires_grad_() for name in ("camelid", "transformers")}
@@ -161,7 +164,7 @@ def bench_layer(args: argparse.Namespace, peak: float) -> dict[str, float]:
 
 
 def bench_model(args: argparse.Namespace, peak: float) -> dict[str, float]:
-    """Part 2: the whole-model training step, identical shapes, independent weights."""
+    """Part 2: the whole-model training step, the same weights on both sides."""
     import transformers
     from transformers import Llama4ForCausalLM
 
@@ -190,7 +193,9 @@ def bench_model(args: argparse.Namespace, peak: float) -> dict[str, float]:
     hf_config._attn_implementation = "sdpa"
     torch.manual_seed(0)
     hf = Llama4ForCausalLM(hf_config).train()
-    ours = Transformer(config).train()
+    with tempfile.TemporaryDirectory() as tmp:
+        hf.save_pretrained(tmp)
+        ours = camelid.load(tmp).train()
     n_hf = sum(p.numel() for p in hf.parameters())
     n_ours = sum(p.numel() for p in ours.parameters())
     print(
@@ -201,18 +206,28 @@ def bench_model(args: argparse.Namespace, peak: float) -> dict[str, float]:
     )
     print(
         f"  parameters: camelid {n_ours:,}, transformers {n_hf:,} (identical shapes; "
-        "independently initialised: camelid.load cannot read Llama 4 weights yet)"
+        "the same weights: transformers saved them, camelid.load read them)"
     )
-    print("  loop: forward, fp32 cross-entropy, backward, AdamW step, zero_grad (plain loop:")
-    print("  camelid's trainer refuses MoE recipes until MoE training exists)")
     tokens = torch.randint(0, config.vocab_size, (args.model_batch, args.model_seq + 1))
     x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    with torch.no_grad():
+        ours_loss = float(next_token_loss(ours, x, y))
+        hf_loss = float(cross_entropy(hf(input_ids=x, use_cache=False).logits, y))
+    print(f"  loss on the batch: camelid {ours_loss:.6f}, transformers {hf_loss:.6f}")
+    if not abs(ours_loss - hf_loss) <= 1e-4:
+        raise SystemExit(f"the models' losses differ by {abs(ours_loss - hf_loss):.2e}: not timing")
+    print("  step: camelid forward_backward + MoE accounting + bias update + AdamW + zero_grad;")
+    print("  transformers forward + fp32 cross-entropy + backward + AdamW + zero_grad")
     opt_ours = build_optimizer(ours, lr=1e-4, weight_decay=0.1)
     opt_hf = build_optimizer(hf, lr=1e-4, weight_decay=0.1)
 
+    world = World()
+
     def camelid_step() -> None:
-        cross_entropy(ours(x), y).backward()
+        forward_backward(ours, [(x, y)], world=world)
+        stats = balance.end_step(ours, world, x.numel())
         opt_ours.step()
+        balance.update_bias(ours, stats.tokens, 1e-3)
         opt_ours.zero_grad(set_to_none=True)
 
     def transformers_step() -> None:

@@ -32,4 +32,5 @@ def test_moe_benchmark_layers_agree_and_both_parts_run(top_k, capsys):
     model = bench.bench_model(args, peak=1e9)
     assert model["ratio"] > 0
     out = capsys.readouterr().out
-    assert "independently initialised" in out and "layer ratio camelid / transformers" in out
+    assert "the same weights" in out and "layer ratio camelid / transformers" in out
+    assert "loss on the batch" in out
