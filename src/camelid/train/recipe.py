@@ -207,7 +207,9 @@ class MoeSection:
 
     # DeepSeek-V3's auxiliary-loss-free balancing: after each kept step every expert's selection
     # bias moves by this much toward the mean load (up if under-loaded, down if over); 0: off.
-    bias_update_rate: float = _ranged(1e-3, ge=0)
+    # DeepSeek-V3 used 0.001 over a very long run; in runs of thousands of steps that is too
+    # slow to stop a collapse, 0.01 stops it (measured, docs/moe.md).
+    bias_update_rate: float = _ranged(1e-2, ge=0)
     aux_loss_coef: float = _ranged(0.0, ge=0)  # Switch auxiliary loss (Switch used 0.01); 0: off
     z_loss_coef: float = _ranged(0.0, ge=0)  # router z-loss (ST-MoE used 0.001); 0: off
 
