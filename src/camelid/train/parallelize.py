@@ -207,6 +207,27 @@ def materialize(model: Transformer, device: torch.device, seed: int, std: float 
     model._reset_selection_bias()  # buffers too: to_empty left them uninitialised
 
 
+@torch.no_grad()
+def load_full_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy a plain model's full ``state`` (a :class:`Transformer` state dict) into ``model``,
+    which may be wrapped (activation checkpointing, compile) and sharded (FSDP2, expert
+    parallel): each rank keeps its own shard of every parameter, and the buffers whole."""
+    names = {}
+    for prefix, module in model.named_modules():
+        tensors = [*module.named_parameters(recurse=False), *(
+            (n, b) for n, b in module.named_buffers(recurse=False)
+            if n not in module._non_persistent_buffers_set)]  # fmt: skip
+        for name, t in tensors:
+            full = f"{prefix}.{name}" if prefix else name
+            names[full.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")] = t
+    missing = sorted(set(names) - set(state))
+    if missing:
+        raise RuntimeError(f"the weights lack {missing[0]} (and {len(missing) - 1} more)")
+    for name, t in names.items():
+        local = t.to_local() if hasattr(t, "to_local") else t
+        local.copy_(_own_shard(state[name].to(local.dtype), t))
+
+
 def _own_shard(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """The part of ``full`` that ``param`` (a plain tensor, or a DTensor sharded along dim 0
     in ``torch.chunk`` order: FSDP2's, or the experts of :func:`shard_experts`) holds on this

@@ -164,6 +164,14 @@ class ModelSection:
 
 
 @dataclass
+class InitSection:
+    # Start from these weights instead of a random init: a Hugging Face Llama directory, a
+    # camelid run or one of its checkpoints. The model is theirs ([model] may only set
+    # max_seq_len) and so is the tokenizer: the data must be prepared with it.
+    model: str = _path("")
+
+
+@dataclass
 class DataSection:
     dir: str = _path("")  # a dataset written by `camelid prepare` (required)
     tokenizer: str = _path("")  # must be the tokenizer the dataset was prepared with
@@ -264,6 +272,7 @@ class RunSection:
 @dataclass
 class Recipe:
     model: ModelSection = field(default_factory=ModelSection)
+    init: InitSection = field(default_factory=InitSection)
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
@@ -291,6 +300,13 @@ class Recipe:
             if "choices" in f.metadata:
                 _choice(key, self.get(key), f.metadata["choices"])
         t = self.train
+        if self.init.model:
+            other = sorted(set(self.model.overrides) - {"max_seq_len"})
+            if other:
+                raise RecipeError(
+                    f"init.model {self.init.model} gives the model, so [model] may only set "
+                    f"max_seq_len, not {', '.join(other)}"
+                )
         if self.model.preset not in PRESETS:
             raise RecipeError(
                 f"model.preset: unknown preset {self.model.preset!r}; known: {', '.join(PRESETS)}"
@@ -301,7 +317,7 @@ class Recipe:
             raise RecipeError(
                 f"model.max_seq_len ({given}) is shorter than train.seq_len ({t.seq_len})"
             )
-        if t.expert_parallel and not config.is_moe:
+        if t.expert_parallel and not config.is_moe and not self.init.model:
             raise RecipeError(
                 f"train.expert_parallel = true splits the experts of a mixture-of-experts model, "
                 f"but model {self.model.preset!r} with these fields is dense (n_experts = 0)"

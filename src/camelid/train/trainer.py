@@ -169,7 +169,9 @@ class _Run:
                 f"{r.data.dir} was prepared with another tokenizer than {tok_path} "
                 "(digests differ); prepare the data again or point data.tokenizer at the right one"
             )
-        self.config = r.model_config(self.tokenizer.vocab_size)
+        self.init_source = self._init_source(manifest) if r.init.model else None
+        if self.init_source is None:
+            self.config = r.model_config(self.tokenizer.vocab_size)
         if self.config.vocab_size < self.tokenizer.vocab_size:
             raise RecipeError(
                 f"model.vocab_size {self.config.vocab_size} is smaller than the tokenizer's "
@@ -229,8 +231,11 @@ class _Run:
             for detail in self.unusable:  # newer checkpoints that _resume_state passed over
                 self._event("checkpoint_unusable", detail)
             self._event("resume", str(start_state[0]))
-        elif r.guard.enabled and r.guard.max_bad_steps > 0:
-            self._checkpoint()  # something to roll back to from the very first steps
+        else:
+            if self.init_source is not None:
+                self._load_init_weights()
+            if r.guard.enabled and r.guard.max_bad_steps > 0:
+                self._checkpoint()  # something to roll back to from the very first steps
         if world.is_main:
             write_text_atomic(self.run_dir / "recipe.toml", r.to_toml())
         self.clock.lap("startup")
@@ -240,6 +245,36 @@ class _Run:
             return self._finish(status)
         finally:
             self.log.close()
+
+    def _init_source(self, manifest: dict[str, Any]) -> Any:
+        """The model ``init.model`` names, checked before anything is written: its config
+        becomes the run's (``model.max_seq_len`` may extend it) and its tokenizer must be the
+        one the data was prepared with."""
+        from camelid.infer.load import inspect_model, load_tokenizer, resolve_model
+
+        r = self.recipe
+        try:
+            source = resolve_model(r.init.model)
+            info = inspect_model(source)
+            tokenizer = load_tokenizer(source)
+        except CamelidError as e:
+            raise RecipeError(f"init.model: {e}") from None
+        if tokenizer.digest != manifest["tokenizer"]["digest"]:
+            raise RecipeError(
+                f"init.model {r.init.model} has another tokenizer than the one {r.data.dir} was "
+                f"prepared with (digests {tokenizer.digest[:12]} and "
+                f"{manifest['tokenizer']['digest'][:12]}): prepare the data with the model's "
+                f"tokenizer (camelid prepare --tokenizer {source.tokenizer or source.path} ...)"
+            )
+        config = info.config
+        seq = r.model.overrides.get("max_seq_len", max(config.max_seq_len, r.train.seq_len))
+        if seq < r.train.seq_len:
+            raise RecipeError(
+                f"model.max_seq_len ({seq}) is shorter than train.seq_len ({r.train.seq_len})"
+            )
+        name = config.name or Path(r.init.model).name
+        self.config = dataclasses.replace(config, max_seq_len=seq, name=name)
+        return source
 
     def _check_run_dir(self, resume: str | None, fresh: bool) -> None:
         """Refuse, before anything is read or written, what would clobber or confuse a run."""
@@ -557,6 +592,18 @@ class _Run:
             tqdm.write(text, file=file)
         else:
             print(text, file=file, flush=True)
+
+    def _load_init_weights(self) -> None:
+        """Every rank reads ``init.model``'s weights (fp32, on the CPU) and keeps its shards."""
+        from camelid.infer.load import load_model
+        from camelid.train.parallelize import load_full_state
+
+        source = self.init_source
+        start = load_model(source, device="cpu", dtype=torch.float32, progress=False)
+        load_full_state(self.model, start.state_dict())
+        del start
+        self._event("init", f"weights from {source.path}")
+        self._say(f"  init        weights from {source.path}")
 
     def _restore(self, path: Path, state: dict[str, Any]) -> None:
         ckpt.load(path, self.model, self.optimizer, self.world)
