@@ -13,7 +13,7 @@ from conftest import camelid_main, random_llama_dir
 import camelid
 from camelid.eval import ledger, results, runner
 from camelid.eval.runner import Options
-from camelid.eval.tasks import EvalError, few_shot_context, load_task
+from camelid.eval.tasks import EvalError, few_shot_context, few_shot_turns, load_task
 from camelid.tokenizer import train_tokenizer
 
 CORPUS = [
@@ -488,3 +488,27 @@ def test_humaneval_end_to_end_and_signed_results(tmp_path, capsys):
     assert camelid_main([*check, str(public)]) == 0, capsys.readouterr().err
     assert camelid_main([*check, str(stranger)]) == 1
     assert "signature: made with another key" in capsys.readouterr().err
+
+
+def test_chat_generation_tasks_ask_in_the_chat_format(tmp_path, engine, model_dir):
+    from camelid.tokenizer.chat import chat_prompt_ids
+
+    rows = [{"prompt": f"what is {i} + {i}?", "answer": str(2 * i)} for i in range(4)]
+    task = load_task(f"generate:{write_jsonl(tmp_path / 'add.jsonl', rows)}")
+    opts = Options(chat=True, shots=1, max_new_tokens=3)
+    _, records = runner.run_generate(engine, task, opts)
+    tok = engine.tokenizer
+    params = camelid.SamplingParams(max_new_tokens=3, temperature=0.0, stop=["\n\n"],
+                                    truncate_prompt=True)  # fmt: skip
+    for n, record in enumerate(records):
+        shots = few_shot_turns(task, n, 1, opts.seed)
+        assert len(shots) == 2 and shots[0]["role"] == "user" and shots[1]["role"] == "assistant"
+        ids = chat_prompt_ids(tok, [*shots, {"role": "user", "content": rows[n]["prompt"]}])
+        assert record["output"] == engine.generate(ids, params).text
+    assert opts.template("generate")["chat"] is True
+    assert "chat" not in Options().template("generate")  # plain runs keep their hashes
+    out = tmp_path / "res.json"
+    assert camelid_main(["eval", str(model_dir), "--task", f"generate:{tmp_path / 'add.jsonl'}",
+                         "--chat", "--max-new-tokens", "3", "--out", str(out),
+                         "--no-ledger"]) == 0  # fmt: skip
+    assert json.loads(out.read_text())["template"]["chat"] is True

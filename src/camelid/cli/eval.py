@@ -98,6 +98,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "group (or match) does",
     )
     g.add_argument("--pattern", default=None, help="the regular expression for --match regex")
+    g.add_argument(
+        "--chat",
+        action="store_true",
+        help="ask in the tokenizer's chat format: each prompt a user turn (few-shot examples "
+        "earlier turns), the reply until the end of the turn scored (for chat models)",
+    )
     c = p.add_argument_group("code tasks")
     c.add_argument("--samples", type=int, default=1, help="completions per problem (n)")
     c.add_argument("--k", type=int, nargs="+", default=[1], help="pass@k for each k (<= n)")
@@ -293,6 +299,7 @@ def _options(args: argparse.Namespace) -> Options:
         top_p=args.top_p,
         timeout_s=args.timeout,
         batch_tokens=args.batch_tokens,
+        chat=args.chat,
     )
 
 

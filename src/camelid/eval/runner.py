@@ -17,7 +17,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from camelid.eval.tasks import ChoiceItem, EvalError, GenerateItem, Task, few_shot_context
+from camelid.eval.tasks import (
+    ChoiceItem,
+    EvalError,
+    GenerateItem,
+    Task,
+    few_shot_context,
+    few_shot_turns,
+)
 from camelid.infer import Engine, SamplingParams
 
 Progress = Callable[[int], None]  # called with how many items (or tokens) were just finished
@@ -42,6 +49,9 @@ class Options:
     top_p: float = 1.0
     timeout_s: float = 10.0
     batch_tokens: int = 8192
+    # generation tasks: each prompt as a user turn in the tokenizer's chat format (few-shot
+    # examples as earlier user/assistant turns), the answer the assistant's reply
+    chat: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def template(self, kind: str) -> dict[str, Any]:
@@ -65,6 +75,7 @@ class Options:
                 "max_new_tokens": self.max_new_tokens,
                 "match": self.match,
                 "pattern": self.pattern,
+                **({"chat": True} if self.chat else {}),  # absent: the hashes of plain runs
             }
         if kind == "code":
             return {
@@ -232,10 +243,23 @@ def run_generate(
     chosen = _indices(task, opts, indices)
     template = opts.template("generate")
     _pattern(template)  # a bad pattern fails before any generation
-    prompts = [
-        few_shot_context(task, n, opts.shots, opts.seed, opts.delimiter) + task.items[n].prompt
-        for n in chosen
-    ]
+    if opts.chat:
+        from camelid.tokenizer.chat import chat_prompt_ids
+
+        tokenizer = getattr(engine, "tokenizer", None)
+        if tokenizer is None:
+            raise EvalError("--chat needs the model's own tokenizer: it is not supported with "
+                            "--server yet (ask the server's chat endpoint instead)")  # fmt: skip
+        prompts = [
+            chat_prompt_ids(tokenizer, [*few_shot_turns(task, n, opts.shots, opts.seed),
+                                        {"role": "user", "content": task.items[n].prompt}])
+            for n in chosen
+        ]  # fmt: skip
+    else:
+        prompts = [
+            few_shot_context(task, n, opts.shots, opts.seed, opts.delimiter) + task.items[n].prompt
+            for n in chosen
+        ]
     params = SamplingParams(
         max_new_tokens=opts.max_new_tokens,
         temperature=0.0,

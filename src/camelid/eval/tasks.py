@@ -150,6 +150,25 @@ def few_shot_context(task: Task, index: int, shots: int, seed: int, delimiter: s
     return "".join(p + "\n\n" for p in parts)
 
 
+def few_shot_turns(task: Task, index: int, shots: int, seed: int) -> list[dict[str, str]]:
+    """The examples of :func:`few_shot_context` (the same draw) as chat turns: each solved
+    generation item a user turn (its prompt) and an assistant turn (its first answer)."""
+    if shots <= 0:
+        return []
+    others = [i for i in range(len(task.items)) if i != index]
+    if shots > len(others):
+        raise EvalError(f"{task.source}: {shots}-shot needs {shots + 1} items, it has {len(task)}")
+    rng = random.Random(f"{seed}:{index}")
+    turns = []
+    for j in rng.sample(others, shots):
+        item = task.items[j]
+        if not isinstance(item, GenerateItem):
+            raise EvalError(f"{task.kind} tasks take no chat few-shot examples")
+        turns += [{"role": "user", "content": item.prompt},
+                  {"role": "assistant", "content": item.answers[0]}]  # fmt: skip
+    return turns
+
+
 # --------------------------------------------------------------------------------- reading
 def _split(spec: str) -> tuple[str | None, str | None]:
     if spec.lower() in BUILTIN:
