@@ -43,8 +43,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from camelid.errors import CheckpointError, DataError, TokenizerError
@@ -288,12 +288,14 @@ def _fit(pair: PreferencePair, max_len: int, truncate: bool) -> PreferencePair |
 # ------------------------------------------------------------------------------ log-probs
 def _logps_head(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per-row sums of the targets' log-probs (fp32) for hidden states h (B, T, dim): the
-    model's head applied inside its forward, as :func:`camelid.loss.next_token_loss` does."""
-    logits = F.linear(h, weight).float()
-    nll = F.cross_entropy(
-        logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
-    )
-    return -nll.view(targets.shape).sum(1)
+    model's head applied inside its forward, as :func:`camelid.loss.next_token_loss` does.
+    Only the completion positions go through the head, so the logits held are (completion
+    tokens, vocab), not (B, T, vocab): the prompts and pads cost no head FLOPs or memory."""
+    keep = targets != IGNORE_INDEX
+    rows = keep.nonzero()[:, 0]
+    logits = F.linear(h[keep], weight).float()
+    logps = -F.cross_entropy(logits, targets[keep], reduction="none")
+    return torch.zeros(len(h), dtype=logps.dtype, device=h.device).index_add(0, rows, logps)
 
 
 def completion_targets(input_ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
@@ -408,12 +410,10 @@ class Reference:
     def load(cls, path: str | Path) -> Reference:
         """Read what :meth:`save` wrote and :meth:`verify` its checksum."""
         try:
-            logps = load_file(str(path))["logps"]
-            with open(path, "rb") as f:
-                n = int.from_bytes(f.read(8), "little")
-                meta = json.loads(f.read(n))["__metadata__"]
+            with safe_open(str(path), "pt") as f:
+                logps, meta = f.get_tensor("logps"), f.metadata()
             ref = cls(logps, meta["weights_digest"], meta["data_digest"], meta["checksum"])
-        except (OSError, SafetensorError, KeyError, ValueError) as e:
+        except (OSError, SafetensorError, KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{path}: not a DPO reference file ({e})") from None
         try:
             ref.verify()
