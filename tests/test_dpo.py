@@ -431,3 +431,22 @@ def test_reference_context_is_used(tok, pairs):
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     torch.testing.assert_close(ref.logps, dpo.reference_logps(start, pairs).logps, rtol=0, atol=0)
     assert not torch.allclose(ref.logps, dpo.reference_logps(model, pairs).logps)
+
+
+def test_steps_learn_the_preferences(tok, pairs):
+    """A few optimizer steps of ``dpo_step`` with the trainer's optimizer: the loss falls from
+    log 2 and the policy comes to prefer every chosen completion."""
+    from camelid.train.step import build_optimizer
+
+    model = tiny_model(tok, 0)
+    ref = dpo.reference_logps(model, pairs)
+    opt = build_optimizer(model, lr=3e-3, weight_decay=0.0)
+    first = None
+    for _ in range(15):
+        loss, metrics = dpo.dpo_step(model, pairs.batches(2), ref, BETA)
+        first = loss.item() if first is None else first
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    assert abs(first - torch.log(torch.tensor(2.0)).item()) < 1e-6
+    assert loss.item() < 0.45  # measured 0.31 (from 0.693)
+    assert metrics["rewards/accuracies"].item() == 1.0 and metrics["rewards/margins"].item() > 0
