@@ -6,6 +6,7 @@ checksum catches a change."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -116,6 +117,22 @@ def test_long_pairs_skip_or_truncate(tok, tmp_path):
     )
     with pytest.raises(DataError, match=r"p\.jsonl: no preference pairs \(all 3 longer"):
         dpo.read_preferences(path, tok, 8, truncate=True)  # no prompt leaves room
+    # completions that differ only after the cut are skipped: there is nothing to prefer
+    same = {"prompt": "what is", "chosen": "the cat sat on a mat", "rejected": "the cat sat on no"}
+    one = dpo.read_preferences(write_jsonl(tmp_path / "s.jsonl", [same]), tok, 256).pairs[0]
+    assert one.chosen[:3] == one.rejected[:3]
+    short = {"prompt": "what is", "chosen": "yes", "rejected": "no"}  # 1 token + end of turn
+    path = write_jsonl(tmp_path / "s.jsonl", [short, same])
+    cut = dpo.read_preferences(path, tok, len(one.prompt) + 2, truncate=True)
+    assert len(cut) == 1 and cut.skipped == [2]
+
+
+def test_tokenizer_without_chat_format(tok, tmp_path):
+    plain = copy.copy(tok)
+    plain._chat = None
+    need = r"p\.jsonl: preference pairs need a chat format: .*no chat header tokens"
+    with pytest.raises(DataError, match=need):
+        dpo.read_preferences(write_jsonl(tmp_path / "p.jsonl", RECORDS), plain, 64)
 
 
 @pytest.mark.parametrize(

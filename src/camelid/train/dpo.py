@@ -160,13 +160,18 @@ def read_preferences(
 
     A pair longer than ``max_len`` tokens is skipped and counted (``skipped``), or with
     ``truncate`` its completions are cut to fit (``truncated``; they lose their end-of-turn
-    token); a prompt that leaves no room for a completion is always skipped. Any bad line — not
+    token); a prompt that leaves no room for a completion, or completions cut to the same
+    tokens, are always skipped. Any bad line — not
     JSON, a missing or empty field, an unknown role, chosen equal to rejected — is a
     :class:`DataError` naming ``path:line``; nothing is returned half-read.
     """
     path = Path(path)
     if max_len < 2:
         raise DataError(f"max_len must be at least 2, got {max_len}")
+    try:
+        tokenizer.apply_chat_template([])
+    except TokenizerError as e:
+        raise DataError(f"{path}: preference pairs need a chat format: {e}") from None
     try:
         pad_id = tokenizer.eot_id if tokenizer.eot_id is not None else tokenizer.eos_id
         pairs: list[PreferencePair] = []
@@ -278,11 +283,10 @@ def _fit(pair: PreferencePair, max_len: int, truncate: bool) -> PreferencePair |
     if longest <= max_len:
         return pair
     room = max_len - len(pair.prompt)
-    if not truncate or room < 1:
+    chosen, rejected = pair.chosen[:room], pair.rejected[:room]
+    if not truncate or room < 1 or chosen == rejected:  # cut to one text: nothing to prefer
         return None
-    return PreferencePair(
-        pair.line, pair.prompt, pair.chosen[:room], pair.rejected[:room], truncated=True
-    )
+    return PreferencePair(pair.line, pair.prompt, chosen, rejected, truncated=True)
 
 
 # ------------------------------------------------------------------------------ log-probs
