@@ -252,11 +252,12 @@ def prepare_sft(
 
     out = Path(out)
     tokenizer = Tokenizer.load(tokenizer_dir)
-    if tokenizer._chat is None:
+    try:
+        tokenizer.render_chat([])
+    except TokenizerError as e:
         raise DataError(
-            f"{tokenizer.source}: this tokenizer has no chat format (no "
-            "<|start_header_id|>/<|header_start|> tokens), so it cannot tokenize chats"
-        )
+            f"{e}: this tokenizer has no chat format, so it cannot tokenize chats"
+        ) from None
     wanted = sft_recipe(config, tokenizer.digest)
     tasks = [t for spec in config.corpus for t in sources.resolve(spec, list(config.globs) or None)]
     examples = _tokenize_all(tasks, tokenizer, config, progress)
