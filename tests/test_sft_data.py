@@ -431,3 +431,48 @@ def test_loader_resume_is_exact_and_ranks_split_rows(packed_dir):
         SFTLoader(packed_dir, **{**kwargs, "seq_len": 160}).load_state_dict(state)
     with pytest.raises(DataError, match="does not fit seq_len 8"):
         SFTLoader(packed_dir, batch_size=1, seq_len=8)
+
+
+def test_packed_gradients_equal_unpacked(tok, packed_dir):
+    config = tiny_models(tok.vocab_size)[0]
+    torch.manual_seed(0)
+    model = Transformer(config)
+    x, y, pos, doc = next(SFTLoader(packed_dir, batch_size=2, seq_len=240, seed=4))
+    next_token_loss(model, x, y, "sum", input_pos=pos, doc_ids=doc).backward()
+    packed = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    for b in range(len(x)):
+        for d in range(int(doc[b].max()) + 1):
+            seg = doc[b] == d
+            next_token_loss(model, x[b, seg][None], y[b, seg][None], "sum").backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(packed[n], p.grad, rtol=1e-5, atol=1e-5, msg=n)
+
+
+def test_shards_cut_between_conversations_rerun_reuses_and_failure_undoes(
+    tok, tok_dir, tmp_path, monkeypatch
+):
+    records = chat_records(30, seed=2)
+    data = write_jsonl(tmp_path / "chat.jsonl", records)
+    cfg = SFTConfig(corpus=(str(data),), val_fraction=0.0, shard_tokens=200)
+    m = prepare_sft(cfg, tok_dir, tmp_path / "ds", progress=False)
+    shards = m["splits"]["train"]["shards"]
+    assert len(shards) > 2 and all(s["tokens"] >= 200 for s in shards[:-1])
+    train = SFTData(tmp_path / "ds")
+    want = [tokenize_chat(tok, record_messages(r, "r")[1]) for r in records]
+    got = [(ids.tolist(), mask.tolist()) for ids, mask in map(train.example, range(len(train)))]
+    assert got == [(ids, mask) for ids, mask in want]  # whole, in order, across shards
+    assert prepare_sft(cfg, tok_dir, tmp_path / "ds", progress=False) == m  # reused
+    # A run that fails after writing a shard takes back its token and mask files alike.
+    from camelid.data import sft
+
+    flush = sft._SFTShardWriter._flush
+
+    def failing(self):
+        flush(self)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sft._SFTShardWriter, "_flush", failing)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_sft(cfg, tok_dir, tmp_path / "killed", progress=False)
+    assert not (tmp_path / "killed").exists()

@@ -187,6 +187,10 @@ def run_sft(args: argparse.Namespace) -> int:
             f"{s['learned_tokens']:,} learned ({share:.0%}), {len(s['shards'])} shard(s)"
         )
     print(f"output       {args.out}/manifest.json")
+    if sp["validation"]["documents"] == 0 and config.val_fraction > 0:
+        print(f"camelid: warning: no conversation fell into the validation split "
+              f"(--val-fraction {config.val_fraction:g} of {sft['records']}): raise "
+              "--val-fraction to measure a validation loss", file=sys.stderr)  # fmt: skip
     if args.inspect:
         split = "train" if sp["train"]["documents"] else "validation"
         data = SFTData(args.out, split)
