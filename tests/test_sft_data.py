@@ -215,6 +215,13 @@ def test_bad_record_names_file_and_line_and_writes_nothing(tok_dir, tmp_path, li
     assert not (tmp_path / "ds").exists()
 
 
+def test_empty_file_is_refused(tok_dir, tmp_path):
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(DataError, match=r"empty\.jsonl: no records"):
+        prepare_sft(SFTConfig(corpus=(str(tmp_path / "empty.jsonl"),)), tok_dir, tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
 def test_prompt_completion_format_takes_only_pairs(tok_dir, tmp_path):
     data = write_jsonl(
         tmp_path / "pc.jsonl", [{"prompt": "a", "completion": "b"}, {"messages": CHATS[0]}]

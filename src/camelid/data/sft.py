@@ -265,6 +265,8 @@ def prepare_sft(
     if existing is not None:
         return existing
     kept = examples["kept"]
+    if examples["records"] == 0:
+        raise DataError(f"{', '.join(config.corpus)}: no records (empty JSONL)")
     if not kept:
         raise DataError(
             f"no conversation kept: all {examples['records']} are longer than max_len "
