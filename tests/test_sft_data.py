@@ -286,6 +286,8 @@ def test_cli_prepare_chat_and_inspect(capsys, tok_dir, tmp_path):
     assert camelid_main(argv) == 0
     text = capsys.readouterr().out
     assert "21 (16 chat, 5 prompt-completion)" in text
+    share = SFTLoader(out, batch_size=1, seq_len=2047).padding_share
+    assert f"1 row(s) of 2047 (--max-len - 1) tokens, {share:.1%} padding" in text
     # The first training conversation, as the shards hold it: only assistant content and its
     # <|eot_id|> are outside the brackets.
     assert (

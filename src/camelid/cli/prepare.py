@@ -151,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
 
 def run_sft(args: argparse.Namespace) -> int:
     """``--format chat`` / ``prompt-completion``: SFT shards with their loss mask."""
-    from camelid.data.packing import SFTData
+    from camelid.data.packing import SFTData, SFTLoader
     from camelid.data.sft import prepare_sft, show_example
     from camelid.tokenizer import Tokenizer
 
@@ -186,6 +186,10 @@ def run_sft(args: argparse.Namespace) -> int:
             f"{name:<12} {s['documents']} conversations, {s['tokens']:,} tokens, "
             f"{s['learned_tokens']:,} learned ({share:.0%}), {len(s['shards'])} shard(s)"
         )
+    if sp["train"]["documents"]:  # what packing into rows of max_len - 1 inputs pads
+        packed = SFTLoader(args.out, "train", batch_size=1, seq_len=sft["max_len"] - 1)
+        print(f"packing      {packed.num_rows} row(s) of {packed.seq_len} (--max-len - 1) tokens, "
+              f"{packed.padding_share:.1%} padding")  # fmt: skip
     print(f"output       {args.out}/manifest.json")
     if sp["validation"]["documents"] == 0 and config.val_fraction > 0:
         print(f"camelid: warning: no conversation fell into the validation split "
