@@ -113,7 +113,14 @@ def next_token_loss(
     inputs: torch.Tensor,
     targets: torch.Tensor,
     reduction: Reduction = "mean",
+    input_pos: torch.Tensor | None = None,
+    doc_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The model's fp32 loss on ``inputs`` (B, T) against ``targets`` (B, T), its head and the
-    cross-entropy fused (see the module docstring)."""
-    return model(inputs, head=partial(linear_cross_entropy, targets=targets, reduction=reduction))
+    cross-entropy fused (see the module docstring). ``input_pos`` and ``doc_ids`` (B, T) are
+    for packed rows (``camelid.data.SFTLoader``): positions restarting per document, and no
+    attention across documents."""
+    head = partial(linear_cross_entropy, targets=targets, reduction=reduction)
+    if input_pos is None and doc_ids is None:  # as before: models without the packing keywords
+        return model(inputs, head=head)
+    return model(inputs, input_pos=input_pos, head=head, doc_ids=doc_ids)

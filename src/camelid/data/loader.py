@@ -60,6 +60,11 @@ class TokenLoader:
             raise DataError(f"rank {rank} is outside world_size {world_size}")
         self.data_dir, self.split = Path(data_dir), split
         self.manifest = read_manifest(data_dir)
+        if self.manifest.get("kind", "pretrain") != "pretrain":
+            raise DataError(
+                f"{data_dir}: an {self.manifest['kind']} dataset (conversations with a loss "
+                "mask); it is read by camelid.data.SFTLoader, not as a pre-training stream"
+            )
         self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
         self.rank, self.world_size, self.shuffle = rank, world_size, shuffle
         dtype = np.dtype(self.manifest["dtype"])

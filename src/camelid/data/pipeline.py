@@ -370,7 +370,9 @@ def _undo_on_failure(
 def _undo(out: Path, writers: dict[str, _ShardWriter], created: list[Path]) -> None:
     for w in writers.values():
         for shard in w.shards:
-            (out / shard["file"]).unlink(missing_ok=True)
+            for key in ("file", "mask"):  # an SFT shard has a mask twin (camelid.data.sft)
+                if key in shard:
+                    (out / shard[key]).unlink(missing_ok=True)
     (out / IN_PROGRESS).unlink(missing_ok=True)
     for d in created:
         try:

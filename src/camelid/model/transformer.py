@@ -112,9 +112,12 @@ class Attention(nn.Module):
         sin: torch.Tensor,
         cache: _LayerCache | None = None,
         pos: torch.Tensor | None = None,
+        doc_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``pos``: the tokens' absolute positions, (T,) or (B, T); needed only by the Llama 4
-        variants (chunks, temperature) and 0..T-1 when not given."""
+        variants (chunks, temperature) and 0..T-1 when not given. ``doc_mask`` (B, T, T): which
+        keys each query may see in a packed row (causal within its own document), replacing
+        the plain causal mask; chunking still applies, on the positions within a document."""
         B, T, _ = x.shape
         H, K = self.n_heads, self.n_kv_heads
         qkv = self.wqkv(x).view(B, T, H + 2 * K, self.head_dim)
@@ -139,8 +142,15 @@ class Attention(nn.Module):
             p = pos.expand(B, T)
             chunk = torch.div(p, self.chunk_size, rounding_mode="floor")
             mask = (p[:, None, :] <= p[:, :, None]) & (chunk[:, None, :] == chunk[:, :, None])
+            if doc_mask is not None:
+                mask = mask & doc_mask
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask.unsqueeze(1), enable_gqa=K != H
+            )
+        elif cache is None and doc_mask is not None:
+            k, v = k.transpose(1, 2), v.transpose(1, 2)
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=doc_mask.unsqueeze(1), enable_gqa=K != H
             )
         elif cache is None:
             k, v = k.transpose(1, 2), v.transpose(1, 2)
@@ -199,8 +209,9 @@ class Block(nn.Module):
         sin: torch.Tensor,
         cache: _LayerCache | None = None,
         pos: torch.Tensor | None = None,
+        doc_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, cache, pos)
+        h = x + self.attention(self.attention_norm(x), cos, sin, cache, pos, doc_mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -298,6 +309,7 @@ class Transformer(nn.Module):
         kv_len: int | None = None,
         last_only: bool = False,
         head: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        doc_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, vocab) for ``tokens`` (B, T).
 
@@ -310,6 +322,11 @@ class Transformer(nn.Module):
         a generation prefill needs. ``head`` replaces the output projection: the result is
         ``head(h, output_weight)`` for the final normed hidden state h (B, T, dim), e.g. a loss
         fused with the projection (``camelid.loss.next_token_loss``).
+
+        ``doc_ids`` (B, T) packs several documents into one row (training, no cache): a token
+        attends only to earlier tokens with the same id, so nothing crosses a document
+        boundary; pass ``input_pos`` restarting at 0 for each document, and the row computes
+        what the documents would on their own. Ids need only differ between neighbours.
         """
         B, T = tokens.shape
         if input_pos is None:
@@ -320,9 +337,15 @@ class Transformer(nn.Module):
         cos, sin = rope_cos_sin(self._inv_freq, input_pos, h.dtype)
         cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
         if cache is None:
+            doc_mask = None
+            if doc_ids is not None:
+                causal = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()
+                doc_mask = (doc_ids[:, :, None] == doc_ids[:, None, :]) & causal
             for layer in self.layers:
-                h = layer(h, cos, sin, None, input_pos)
+                h = layer(h, cos, sin, None, input_pos, doc_mask)
         else:
+            if doc_ids is not None:
+                raise ValueError("doc_ids (packed documents) is for training, not a KV cache")
             kv_len = cache.max_len if kv_len is None else kv_len
             pos = input_pos.expand(B, T)
             rows = torch.arange(B, device=tokens.device).unsqueeze(1)
