@@ -1,0 +1,198 @@
+"""LoRA: peft's math and file format, both ways, merge, disable, freezing, bad inputs, CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import camelid_main, hf_model, needs_hf, random_llama_dir, save_hf
+
+import camelid
+from camelid.errors import CamelidError, CheckpointError, ConfigError
+from camelid.model.lora import (
+    TARGETS,
+    LoraConfig,
+    adapters_disabled,
+    apply_lora,
+    check_adapters_effective,
+    lora_modules,
+    lora_parameters,
+    lora_state_dict,
+    merge_lora,
+)
+from camelid.weights.lora import CONFIG_NAME, WEIGHTS_NAME, load_adapter, save_adapter
+
+try:
+    import peft
+except ImportError:
+    peft = None
+
+TOKENS = torch.tensor([[1, 5, 17, 200, 33, 7, 99, 250, 3, 64, 12, 8]])
+
+
+def needs_peft() -> None:
+    needs_hf()
+    if peft is None:
+        pytest.skip("needs peft (the test-time reference)")
+
+
+def randomize(model: torch.nn.Module, seed: int) -> None:
+    """Non-zero A and B everywhere, so every adapter changes the logits."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in lora_parameters(model):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+@pytest.mark.parametrize(
+    "targets, r, alpha",
+    [
+        (("q_proj", "v_proj"), 4, 8.0),
+        (("k_proj", "o_proj", "down_proj"), 3, 5.0),
+        (TARGETS, 8, 16.0),
+    ],
+)
+def test_camelid_adapter_loads_in_peft(tmp_path: Path, targets, r, alpha) -> None:
+    needs_peft()
+    base = random_llama_dir(tmp_path / "base")
+    model = apply_lora(camelid.load(base), LoraConfig(r=r, alpha=alpha, target_modules=targets))
+    randomize(model, seed=r)
+    save_adapter(model.eval(), tmp_path / "adapter", base_model_name_or_path=str(base))
+    with torch.no_grad():
+        ours = model(TOKENS)
+        with adapters_disabled(model):
+            plain = model(TOKENS)
+    ref = peft.PeftModel.from_pretrained(hf_model(), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        theirs = ref(TOKENS).logits
+    assert (ours - plain).abs().max() > 1e-3  # the adapter does something
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+    cfg = json.loads((tmp_path / "adapter" / CONFIG_NAME).read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["task_type"] == "CAUSAL_LM"
+    assert (cfg["r"], cfg["lora_alpha"], sorted(cfg["target_modules"])) == (
+        r,
+        alpha,
+        sorted(targets),
+    )
+
+
+def test_peft_adapter_loads_in_camelid(tmp_path: Path) -> None:
+    needs_peft()
+    hf = hf_model()
+    base = save_hf(hf, tmp_path / "base")
+    cfg = peft.LoraConfig(r=5, lora_alpha=7, target_modules=["q_proj", "k_proj", "v_proj",
+                          "gate_proj", "up_proj"], task_type="CAUSAL_LM")  # fmt: skip
+    ref = peft.get_peft_model(hf, cfg)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    ref.save_pretrained(tmp_path / "adapter")
+    with torch.no_grad():
+        theirs = ref.eval()(TOKENS).logits
+        plain = camelid.load(base)(TOKENS)
+    assert (theirs - plain).abs().max() > 1e-3  # the adapter does something
+    model = load_adapter(camelid.load(base), tmp_path / "adapter").eval()
+    assert sorted(model.lora_config.target_modules) == sorted(cfg.target_modules)
+    with torch.no_grad():
+        ours = model(TOKENS)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+
+
+def test_save_load_round_trip_and_merge(tmp_path: Path) -> None:
+    base = random_llama_dir(tmp_path / "base")
+    model = apply_lora(camelid.load(base), LoraConfig(r=4, alpha=6, target_modules=TARGETS))
+    randomize(model, seed=1)
+    save_adapter(model, tmp_path / "adapter")
+    back = load_adapter(camelid.load(base), tmp_path / "adapter", base_name=str(base))
+    with torch.no_grad():
+        want = model(TOKENS)
+        torch.testing.assert_close(back(TOKENS), want, atol=0, rtol=0)
+        merged = merge_lora(back)
+        assert type(merged.layers[0].attention.wqkv) is torch.nn.Linear
+        assert not lora_modules(merged)
+        torch.testing.assert_close(merged(TOKENS), want, atol=1e-5, rtol=0)
+
+
+def test_disabled_adapters_are_the_base(tmp_path: Path) -> None:
+    base = random_llama_dir(tmp_path / "base")
+    with torch.no_grad():
+        plain = camelid.load(base)(TOKENS)
+    model = apply_lora(camelid.load(base), LoraConfig(target_modules=("v_proj", "up_proj")))
+    with torch.no_grad():
+        torch.testing.assert_close(model(TOKENS), plain, atol=0, rtol=0)  # B = 0 at init
+        randomize(model, seed=2)
+        assert (model(TOKENS) - plain).abs().max() > 1e-3
+        with adapters_disabled(model):
+            torch.testing.assert_close(model(TOKENS), plain, atol=0, rtol=0)
+        assert (model(TOKENS) - plain).abs().max() > 1e-3  # back on after the block
+
+
+def test_only_adapters_train(tmp_path: Path) -> None:
+    config = LoraConfig(r=2, dropout=0.1, target_modules=("q_proj", "down_proj"))
+    model = apply_lora(camelid.load(random_llama_dir(tmp_path / "base")), config)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == set(lora_state_dict(model))
+    assert len(trainable) == 2 * 2 * model.config.n_layers  # (A, B) x 2 targets x layers
+    assert all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    # the base keeps its own names (saved, hashed as before): no ".base." renaming
+    assert "layers.0.attention.wqkv.weight" in dict(model.named_parameters())
+    model.train()
+    before = lora_state_dict(model)
+    before = {k: v.clone() for k, v in before.items()}
+    with pytest.raises(CamelidError, match=r"no effect.*wqkv\.q_proj"):
+        check_adapters_effective(before, model)  # B is still zero
+    opt = torch.optim.SGD(lora_parameters(model), lr=0.1)
+    for _ in range(2):  # B moves on step 1, then A gets a gradient too
+        opt.zero_grad()
+        model(TOKENS).logsumexp(-1).mean().backward()
+        opt.step()
+    check_adapters_effective(before, model)
+    with pytest.raises(CamelidError, match="unchanged by training"):
+        check_adapters_effective(lora_state_dict(model), model)
+
+
+def test_bad_targets() -> None:
+    with pytest.raises(ConfigError, match=r"unknown 'qproj', 'lm_head'; valid: q_proj, k_proj"):
+        LoraConfig(target_modules=("qproj", "lm_head"))
+    with pytest.raises(ConfigError, match="r: must be a positive"):
+        LoraConfig(r=0)
+
+
+def test_adapter_for_another_base_model(tmp_path: Path) -> None:
+    base = random_llama_dir(tmp_path / "base", seed=0)
+    other = random_llama_dir(tmp_path / "other", seed=1)  # same shapes, other weights
+    wide = random_llama_dir(tmp_path / "wide", intermediate_size=150)
+    model = apply_lora(camelid.load(base), LoraConfig(target_modules=("q_proj", "down_proj")))
+    randomize(model, seed=0)
+    save_adapter(model, tmp_path / "adapter", base_model_name_or_path=str(base))
+    with pytest.raises(CheckpointError, match=rf"another base model \({base}\) than {other}.*"
+                       "digest"):  # fmt: skip
+        load_adapter(camelid.load(other), tmp_path / "adapter", base_name=str(other))
+    with pytest.raises(CheckpointError, match=rf"another base model \({base}\) than {wide}.*"
+                       "down_proj.lora_A.weight has shape"):  # fmt: skip
+        load_adapter(camelid.load(wide), tmp_path / "adapter", base_name=str(wide),
+                     check_digest=False)  # fmt: skip
+    # in another dtype the digest cannot be compared; the shapes still are
+    load_adapter(camelid.load(other, dtype=torch.bfloat16), tmp_path / "adapter")
+
+
+def test_unsupported_adapter_config(tmp_path: Path) -> None:
+    base = random_llama_dir(tmp_path / "base")
+    model = apply_lora(camelid.load(base), LoraConfig(target_modules=("q_proj",)))
+    save_adapter(model, tmp_path / "adapter")
+    file = tmp_path / "adapter" / CONFIG_NAME
+    cfg = json.loads(file.read_text())
+    file.write_text(json.dumps({**cfg, "use_dora": True}))
+    with pytest.raises(CheckpointError, match="use_dora = true is not supported"):
+        load_adapter(camelid.load(base), tmp_path / "adapter")
+    file.write_text(json.dumps({**cfg, "target_modules": ["q_proj", "lm_head"]}))
+    with pytest.raises(CheckpointError, match="unknown 'lm_head'"):
+        load_adapter(camelid.load(base), tmp_path / "adapter")
+    (tmp_path / "adapter" / WEIGHTS_NAME).unlink()
+    file.write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=f"no {WEIGHTS_NAME}"):
+        load_adapter(camelid.load(base), tmp_path / "adapter")
