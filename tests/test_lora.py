@@ -196,3 +196,71 @@ def test_unsupported_adapter_config(tmp_path: Path) -> None:
     file.write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match=f"no {WEIGHTS_NAME}"):
         load_adapter(camelid.load(base), tmp_path / "adapter")
+
+
+# ---------------------------------------------------------------------------------------- CLI
+@pytest.fixture(scope="module")
+def chat_base(tmp_path_factory) -> Path:
+    """A tiny random Llama with a small BPE tokenizer: a MODEL the CLI can generate with."""
+    from camelid.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("lora") / "base"
+    texts = [f"The quick brown fox jumps over the lazy dog {i}. " * 3 for i in range(100)]
+    tok = train_tokenizer(texts, 400, num_special=16)
+    random_llama_dir(root, vocab_size=tok.vocab_size)
+    tok.save(root)
+    return root
+
+
+def cli(capsys, *argv) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = camelid_main([str(a) for a in argv])
+    out = capsys.readouterr()
+    assert "Traceback" not in out.err + out.out
+    return code, out.out, out.err
+
+
+def test_cli_export_merge_and_generate_adapter(capsys, tmp_path: Path, chat_base: Path) -> None:
+    model = apply_lora(camelid.load(chat_base), LoraConfig(r=4, alpha=8, target_modules=TARGETS))
+    randomize(model, seed=5)
+    save_adapter(model, tmp_path / "adapter", base_model_name_or_path=str(chat_base))
+    tokens = TOKENS.clamp(max=model.config.vocab_size - 1)
+    with torch.no_grad():
+        want = model(tokens)
+
+    code, out, err = cli(capsys, "export", chat_base, tmp_path / "merged", "--adapter",
+                         tmp_path / "adapter", "--merge")  # fmt: skip
+    assert code == 0, err
+    assert "(merged)" in out and "merged the LoRA adapter" in err
+    merged_dir = tmp_path / "merged"
+    assert (merged_dir / "tokenizer.json").is_file()
+    with torch.no_grad():
+        torch.testing.assert_close(camelid.load(merged_dir)(tokens), want, atol=1e-5, rtol=0)
+
+    flags = ["-p", "The quick", "-n", 12, "--device", "cpu", "--greedy", "--ignore-eos"]
+    code, with_adapter, err = cli(capsys, "generate", chat_base, "--adapter",
+                                  tmp_path / "adapter", *flags)  # fmt: skip
+    assert code == 0, err
+    assert "merged the LoRA adapter" in err
+    code, from_merged, _ = cli(capsys, "generate", merged_dir, *flags)
+    assert code == 0
+    assert with_adapter == from_merged and with_adapter.strip()
+
+
+def test_cli_adapter_errors(capsys, tmp_path: Path, chat_base: Path) -> None:
+    other = random_llama_dir(tmp_path / "other", seed=1, vocab_size=camelid.load(chat_base)
+                             .config.vocab_size)  # fmt: skip
+    model = apply_lora(camelid.load(other), LoraConfig(target_modules=("q_proj",)))
+    randomize(model, seed=0)
+    save_adapter(model, tmp_path / "adapter", base_model_name_or_path=str(other))
+    code, _, err = cli(capsys, "export", chat_base, tmp_path / "out", "--adapter",
+                       tmp_path / "adapter")  # fmt: skip
+    assert code != 0 and "--adapter needs --merge" in err
+    code, _, err = cli(capsys, "export", chat_base, tmp_path / "out", "--adapter",
+                       tmp_path / "adapter", "--merge")  # fmt: skip
+    assert code != 0
+    assert f"another base model ({other}) than {chat_base}" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+    code, _, err = cli(capsys, "generate", chat_base, "--adapter", tmp_path / "nope", "-p", "x",
+                       "--device", "cpu")  # fmt: skip
+    assert code != 0 and "no such adapter directory" in err

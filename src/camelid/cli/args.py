@@ -236,6 +236,13 @@ def add_engine_args(p: argparse.ArgumentParser, chat: bool = False) -> None:
     )
     g.add_argument("--int8", action="store_true", help="decode with int8 weight-only layers")
     g.add_argument(
+        "--adapter",
+        metavar="DIR",
+        default=None,
+        help="a LoRA adapter directory (peft's adapter_config.json + adapter_model.safetensors) "
+        "for MODEL, merged into its weights at load",
+    )
+    g.add_argument(
         "-q",
         "--quiet",
         action="store_true",
@@ -255,4 +262,5 @@ def engine_from_args(args: argparse.Namespace) -> Engine:
         int8=args.int8,
         progress=False if args.quiet else None,
         log=lambda text: note(args, text),
+        adapter=args.adapter,
     )

@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 from camelid.cli.args import add_save_args, save_dtype
-from camelid.infer.export import export_checkpoint
+from camelid.errors import CamelidError
+from camelid.infer.export import export_checkpoint, export_merged
 from camelid.io import format_bytes, format_count
 
 
@@ -26,11 +27,27 @@ def register(sub: argparse._SubParsersAction) -> None:
   camelid export runs/quickstart runs/quickstart/hf        # after Ctrl-C: the newest checkpoint
   camelid export runs/quickstart/checkpoints/step-00000200 exports/step-200
   camelid export runs/big exports/big --dtype bfloat16 --max-shard-size 2GB
+  camelid export Llama-3.2-1B --adapter runs/lora/adapter --merge exports/merged   # LoRA merged
 then: camelid generate OUT --prompt "..." or transformers' from_pretrained(OUT)""",
     )
-    p.add_argument("src", metavar="RUN_OR_CHECKPOINT", help="a training run or checkpoint dir")
+    p.add_argument(
+        "src",
+        metavar="RUN_OR_CHECKPOINT",
+        help="a training run or checkpoint dir (with --adapter: also a Hugging Face dir)",
+    )
     p.add_argument("out", metavar="OUT", help="the Hugging Face directory to write")
     add_save_args(p, "keep, float32")
+    p.add_argument(
+        "--adapter",
+        metavar="DIR",
+        help="a LoRA adapter (peft format) for the model: with --merge, write the full merged "
+        "weights; RUN_OR_CHECKPOINT may then also be a Hugging Face directory (the base)",
+    )
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="fold --adapter into the base weights (the only form an adapter is exported in)",
+    )
     p.add_argument(
         "--overwrite",
         action="store_true",
@@ -40,6 +57,30 @@ then: camelid generate OUT --prompt "..." or transformers' from_pretrained(OUT)"
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.merge != (args.adapter is not None):
+        raise CamelidError(
+            "--merge needs --adapter DIR (the LoRA adapter to fold in)"
+            if args.merge
+            else "--adapter needs --merge (the adapter is exported merged into full weights)"
+        )
+    if args.adapter is not None:
+        done = export_merged(
+            args.src,
+            args.adapter,
+            args.out,
+            dtype=save_dtype(args),
+            max_shard_size=args.max_shard_size,
+            overwrite=args.overwrite,
+            log=lambda text: print(text, file=sys.stderr, flush=True),
+        )
+        info = done.info
+        print(
+            f"exported {done.source.path} + {args.adapter} (merged) -> {done.out}: "
+            f"{format_count(info.config.num_params())} parameters, "
+            f"{str(info.dtype).removeprefix('torch.')}, {len(info.files)} weight file(s), "
+            f"{format_bytes(info.nbytes)}, with its tokenizer, in {done.seconds:.1f}s"
+        )
+        return 0
     done = export_checkpoint(
         args.src,
         args.out,

@@ -134,9 +134,11 @@ def run(args: argparse.Namespace) -> int:
     sock = _bind(args.host, args.port)  # a taken port fails before the weights are read
     # The weights as stored, before loading them (which may upcast them), and before the
     # engine holds them, so a checkpoint read for its digest is not in memory twice.
-    digest = source_digest(source, progress=False if args.quiet else None)
+    # With an adapter the weights served are the merged ones: their digest, from the engine.
+    digest = None if args.adapter else source_digest(source, progress=False if args.quiet else None)
     args.batch_size = args.max_batch  # the engine's rows are the scheduler's
     engine = engine_from_args(args)
+    digest = digest or engine.weights_digest
     app = create_app(
         engine,
         model_name=name,

@@ -264,6 +264,7 @@ class Engine:
             default_stop_ids(tokenizer) if stop_token_ids is None else tuple(stop_token_ids)
         )
         self.compiled, self.int8 = compile, int8
+        self.weights_digest: str | None = None  # set by load_engine when it merged an adapter
         cpu = self.device.type == "cpu"
         # CPU: oneDNN's matmul (and, compiled, the row-dot form) on a copy sharing the weights;
         # a sharded or compiled model (the trainer's samples) keeps its own layers.

@@ -158,6 +158,49 @@ def export_checkpoint(
                    time.perf_counter() - t0)  # fmt: skip
 
 
+def export_merged(
+    model: str | Path,
+    adapter: str | Path,
+    out: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    max_shard_size: int | str = "5GB",
+    overwrite: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> Written:
+    """MODEL (a Hugging Face directory, a run or a checkpoint, with its tokenizer) with the
+    LoRA adapter ``adapter`` merged in → a complete Hugging Face directory ``out`` of full
+    weights, in MODEL's dtype unless ``dtype``. The merge is computed in float32 whatever
+    the dtypes; the adapter is checked against MODEL (shapes, recorded base digest) before
+    ``out`` is written, and a new ``out`` appears only when complete."""
+    from camelid.model.lora import merge_lora
+    from camelid.weights.lora import load_adapter
+
+    t0 = time.perf_counter()
+    source = resolve_model(model)
+    out = Path(out)
+    info = inspect_model(source)
+    _check_out(out, overwrite, source.path)
+    if log is not None and source.note is not None:
+        log(source.note)
+    tokenizer = load_tokenizer(source)
+    if Path(adapter).resolve() in (out.resolve(), *out.resolve().parents):
+        raise CheckpointError(f"{out}: would write over the adapter {adapter}; name another")
+    weights = load_model(source, dtype=info.dtype)  # the stored dtype: the digest check's
+    weights = load_adapter(weights, adapter, base_name=str(source.given))
+    config = weights.lora_config
+    merged = merge_lora(weights.to(torch.float32)).to(dtype or info.dtype)
+    if log is not None:
+        log(
+            f"merged the LoRA adapter {adapter} (r {config.r}, alpha {config.alpha:g}, "
+            f"{', '.join(config.target_modules)}) into {source.given}; writing {out}"
+        )
+    data = run_data(source.run) if source.run is not None else None
+    _write(out, lambda d: save_pretrained(merged, tokenizer, d, max_shard_size, data=data))
+    return Written(source, out, hf.inspect_checkpoint(out), tokenizer.source,
+                   time.perf_counter() - t0)  # fmt: skip
+
+
 def convert(
     model: str | Path,
     out: str | Path,

@@ -36,6 +36,7 @@ from camelid.tokenizer import Tokenizer
 from camelid.tokenizer.tokenizer import JSON_NAME, MODEL_NAME
 from camelid.weights import checkpoint as ckpt
 from camelid.weights import hf
+from camelid.weights.digest import model_digest
 
 DTYPES = ("float32", "bfloat16", "float16")  # the weight dtypes a model can be loaded in
 RUN_EXPORT = "hf"  # RUN/hf: the Hugging Face directory a finished run exports
@@ -353,8 +354,14 @@ def load_engine(
     int8: bool = False,
     progress: bool | None = None,
     log: Callable[[str], None] | None = None,
+    adapter: str | Path | None = None,
 ) -> Engine:
     """Load MODEL (weights and tokenizer) into an :class:`Engine`.
+
+    ``adapter``: a LoRA adapter directory in peft's format (:mod:`camelid.weights.lora`),
+    checked against MODEL and merged into its weights at load, so decoding runs at the base
+    model's speed and int8/compile apply unchanged; the merged weights' digest is then the
+    engine's ``weights_digest`` (what it serves is not MODEL's stored weights).
 
     ``device`` and ``dtype`` are names (see :func:`resolve_device`, :func:`resolve_dtype`);
     the other settings are the Engine's. Sizes, device and directory are checked before the
@@ -374,6 +381,10 @@ def load_engine(
     tokenizer = load_tokenizer(source)
     t0 = time.perf_counter()
     transformer = load_model(source, device=torch_device, dtype=torch_dtype, progress=progress)
+    weights_digest = None
+    if adapter is not None:
+        transformer = merge_adapter(transformer, adapter, source, log)
+        weights_digest = model_digest(transformer)
     engine = Engine(
         transformer,
         tokenizer,
@@ -382,6 +393,7 @@ def load_engine(
         compile=compile,
         int8=int8,
     )
+    engine.weights_digest = weights_digest
     if log is not None:
         context = transformer.config.max_seq_len
         if max_seq_len and max_seq_len > context:
@@ -393,3 +405,24 @@ def load_engine(
             "tokens"
         )
     return engine
+
+
+def merge_adapter(
+    model: Transformer,
+    adapter: str | Path,
+    source: ModelSource,
+    log: Callable[[str], None] | None = None,
+) -> Transformer:
+    """``model`` (MODEL's weights, as loaded from ``source``) with the LoRA adapter in
+    ``adapter`` checked against it and merged in: a plain Transformer."""
+    from camelid.model.lora import merge_lora
+    from camelid.weights.lora import load_adapter
+
+    model = load_adapter(model, adapter, base_name=str(source.given))
+    config = model.lora_config
+    if log is not None:
+        log(
+            f"merged the LoRA adapter {adapter} (r {config.r}, alpha {config.alpha:g}, "
+            f"{', '.join(config.target_modules)}) into {source.given}"
+        )
+    return merge_lora(model)
