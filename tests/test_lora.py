@@ -245,6 +245,12 @@ def test_cli_export_merge_and_generate_adapter(capsys, tmp_path: Path, chat_base
     code, from_merged, _ = cli(capsys, "generate", merged_dir, *flags)
     assert code == 0
     assert with_adapter == from_merged and with_adapter.strip()
+    # the engine (and so the server) reports the digest of the weights it runs: the merged ones
+    from camelid.infer.load import load_engine
+    from camelid.weights.digest import directory_digest
+
+    engine = load_engine(chat_base, device="cpu", adapter=tmp_path / "adapter")
+    assert engine.weights_digest == directory_digest(merged_dir)
 
 
 def test_cli_adapter_errors(capsys, tmp_path: Path, chat_base: Path) -> None:
@@ -264,3 +270,37 @@ def test_cli_adapter_errors(capsys, tmp_path: Path, chat_base: Path) -> None:
     code, _, err = cli(capsys, "generate", chat_base, "--adapter", tmp_path / "nope", "-p", "x",
                        "--device", "cpu")  # fmt: skip
     assert code != 0 and "no such adapter directory" in err
+
+
+def test_llama4_adapter_loads_in_peft(tmp_path: Path) -> None:
+    """Llama 4: q/k rows in HF's interleaved RoPE order (B's rows permuted as the base's),
+    dense and MoE layers (the shared expert's gate/up/down), both ways through peft."""
+    needs_peft()
+    import transformers
+
+    hf_config = dict(
+        vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, intermediate_size=16, intermediate_size_mlp=48,
+        num_local_experts=2, num_experts_per_tok=1, interleave_moe_layer_step=2,
+        no_rope_layer_interval=2, attention_chunk_size=8, use_qk_norm=True,
+        max_position_embeddings=64, rope_parameters={"rope_type": "default", "rope_theta": 1e4},
+    )  # fmt: skip
+    torch.manual_seed(0)
+    config = transformers.Llama4TextConfig(**hf_config)
+    hf = transformers.Llama4ForCausalLM._from_config(config, attn_implementation="eager").eval()
+    hf.save_pretrained(tmp_path / "base")
+    model = apply_lora(camelid.load(tmp_path / "base"), LoraConfig(r=4, target_modules=TARGETS))
+    assert "layers.1.feed_forward.shared.w1" in lora_modules(model)  # the MoE layer's
+    randomize(model, seed=4)
+    save_adapter(model.eval(), tmp_path / "adapter")
+    tokens = TOKENS.clamp(max=299)
+    ref = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        ours, theirs = model(tokens), ref(tokens).logits
+        with adapters_disabled(model):
+            assert (ours - model(tokens)).abs().max() > 1e-3
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+    ref.save_pretrained(tmp_path / "back")  # and what peft writes loads back equal
+    back = load_adapter(camelid.load(tmp_path / "base"), tmp_path / "back").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(tokens), ours, atol=1e-5, rtol=0)

@@ -201,7 +201,9 @@ def save_dtype(args: argparse.Namespace) -> torch.dtype | None:
 
 
 # ------------------------------------------------------------------------- model and engine
-def add_engine_args(p: argparse.ArgumentParser, chat: bool = False) -> None:
+def add_engine_args(p: argparse.ArgumentParser, chat: bool = False, adapter: bool = True) -> None:
+    """The model/engine flags; ``adapter``: offer --adapter (commands that load through
+    :func:`engine_from_args`, which applies it)."""
     g = p.add_argument_group("model and engine")
     g.add_argument(
         "--device",
@@ -235,13 +237,14 @@ def add_engine_args(p: argparse.ArgumentParser, chat: bool = False) -> None:
         help="compile the decode step: a one-off cost, faster long outputs",
     )
     g.add_argument("--int8", action="store_true", help="decode with int8 weight-only layers")
-    g.add_argument(
-        "--adapter",
-        metavar="DIR",
-        default=None,
-        help="a LoRA adapter directory (peft's adapter_config.json + adapter_model.safetensors) "
-        "for MODEL, merged into its weights at load",
-    )
+    if adapter:
+        g.add_argument(
+            "--adapter",
+            metavar="DIR",
+            default=None,
+            help="a LoRA adapter directory (peft's adapter_config.json and "
+            "adapter_model.safetensors) for MODEL, merged into its weights at load",
+        )
     g.add_argument(
         "-q",
         "--quiet",
@@ -262,5 +265,5 @@ def engine_from_args(args: argparse.Namespace) -> Engine:
         int8=args.int8,
         progress=False if args.quiet else None,
         log=lambda text: note(args, text),
-        adapter=args.adapter,
+        adapter=getattr(args, "adapter", None),
     )

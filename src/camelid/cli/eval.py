@@ -155,7 +155,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="allowed log-probability difference per token (default 1e-4)",
     )
     s.add_argument("--api-key", default=None, help="the server's key (default: $CAMELID_API_KEY)")
-    add_engine_args(p)
+    add_engine_args(p, adapter=False)  # results are bound to MODEL's stored weights
     p.add_argument(
         "--batch-tokens",
         type=int,
