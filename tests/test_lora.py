@@ -176,8 +176,17 @@ def test_adapter_for_another_base_model(tmp_path: Path) -> None:
                        "down_proj.lora_A.weight has shape"):  # fmt: skip
         load_adapter(camelid.load(wide), tmp_path / "adapter", base_name=str(wide),
                      check_digest=False)  # fmt: skip
-    # in another dtype the digest cannot be compared; the shapes still are
-    load_adapter(camelid.load(other, dtype=torch.bfloat16), tmp_path / "adapter")
+    # the digest is compared in the recorded dtype: the base in bf16 matches an adapter
+    # trained on its exact fp32 upcast, and another base does not match in any dtype
+    bf16 = tmp_path / "bf16"
+    camelid.save(camelid.load(base, dtype=torch.bfloat16), bf16)
+    model = apply_lora(
+        camelid.load(bf16, dtype=torch.float32), LoraConfig(target_modules=("q_proj",))
+    )
+    save_adapter(model, tmp_path / "on-upcast")
+    load_adapter(camelid.load(bf16, dtype=torch.bfloat16), tmp_path / "on-upcast")
+    with pytest.raises(CheckpointError, match=r"digest is \w+, this model's is \w+ \(in F32\)"):
+        load_adapter(camelid.load(other, dtype=torch.bfloat16), tmp_path / "adapter")
 
 
 def test_unsupported_adapter_config(tmp_path: Path) -> None:
@@ -304,3 +313,55 @@ def test_llama4_adapter_loads_in_peft(tmp_path: Path) -> None:
     back = load_adapter(camelid.load(tmp_path / "base"), tmp_path / "back").eval()
     with torch.no_grad():
         torch.testing.assert_close(back(tokens), ours, atol=1e-5, rtol=0)
+
+
+def test_serve_applies_the_adapter(tmp_path: Path, chat_base: Path) -> None:
+    """`camelid serve MODEL --adapter DIR`: answers from the merged weights, and reports their
+    digest (not the base's) on its startup line."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    httpx = pytest.importorskip("httpx")
+    from camelid.infer.export import export_merged
+    from camelid.weights.digest import directory_digest
+
+    model = apply_lora(camelid.load(chat_base), LoraConfig(r=2, target_modules=("v_proj",)))
+    randomize(model, seed=7)
+    save_adapter(model, tmp_path / "adapter")
+    export_merged(chat_base, tmp_path / "adapter", tmp_path / "merged")
+    merged = camelid.Engine(camelid.load(tmp_path / "merged"), camelid.Tokenizer.load(chat_base))
+    want = merged.generate("The quick", max_new_tokens=8, temperature=0, ignore_eos=True).text
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("CAMELID_API_KEY", None)
+    env["PYTHONPATH"] = (
+        str(Path(camelid.__file__).parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "camelid", "serve", str(chat_base), "--port", str(port),
+         "--adapter", str(tmp_path / "adapter"), "--device", "cpu"],
+        stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    try:
+        line, seen = "", []
+        deadline = time.monotonic() + 120
+        while f"127.0.0.1:{port}" not in line:
+            assert time.monotonic() < deadline and proc.poll() is None, "".join(seen)
+            line = proc.stderr.readline()
+            seen.append(line)
+        assert any("merged the LoRA adapter" in s for s in seen)
+        assert f"weights {directory_digest(tmp_path / 'merged')[:16]})" in line
+        body = {"model": "base", "prompt": "The quick", "max_tokens": 8, "temperature": 0,
+                "ignore_eos": True}  # fmt: skip
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == want
+    finally:
+        proc.kill()
+        proc.wait()

@@ -186,10 +186,10 @@ def export_merged(
     tokenizer = load_tokenizer(source)
     if Path(adapter).resolve() in (out.resolve(), *out.resolve().parents):
         raise CheckpointError(f"{out}: would write over the adapter {adapter}; name another")
-    weights = load_model(source, dtype=info.dtype)  # the stored dtype: the digest check's
+    weights = load_model(source, dtype=torch.float32)  # merged in fp32, then cast
     weights = load_adapter(weights, adapter, base_name=str(source.given))
     config = weights.lora_config
-    merged = merge_lora(weights.to(torch.float32)).to(dtype or info.dtype)
+    merged = merge_lora(weights).to(dtype or info.dtype)
     if log is not None:
         log(
             f"merged the LoRA adapter {adapter} (r {config.r}, alpha {config.alpha:g}, "

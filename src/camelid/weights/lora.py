@@ -14,12 +14,14 @@ camelid also records the weights digest of the base it was trained on
 (``camelid.base_digest``, ``camelid.base_dtype``): peft ignores that header, while an unknown
 key in adapter_config.json makes it warn. Loading an adapter onto another base model (a
 shape that differs, or a recorded digest that differs from the model's in the same dtype) is
-an error naming both.
+an error naming both; the digests are compared in the recorded dtype, so an adapter trained
+on a bf16 base upcast to fp32 still matches that base loaded in bf16, and the reverse.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +35,7 @@ from camelid.io import atomic_path, write_text_atomic
 from camelid.model import Transformer
 from camelid.model.lora import LoraConfig, apply_lora, lora_modules, targets_of
 from camelid.weights import hf
-from camelid.weights.digest import dtype_name, model_digest
+from camelid.weights.digest import dtype_name, model_digest, tensors_digest
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -182,6 +184,33 @@ def save_adapter(
     return path
 
 
+class _Cast(Mapping):
+    """Tensors cast to ``dtype`` one at a time, as they are read."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+        self.tensors, self.dtype = tensors, dtype
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.tensors[name].to(self.dtype)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+
+def base_digest(model: Transformer, dtype: torch.dtype) -> str:
+    """The weights digest of ``model``'s base weights as they would be in ``dtype``: the
+    adapter's base recorded in bf16 and this model loaded in fp32 from it (an exact upcast)
+    compare equal, and another base differs in any dtype. A wrapped model's base tensors keep
+    their names, so this is also right after :func:`apply_lora`."""
+    tensors = dict(hf.hf_tensors(model))
+    if all(t.dtype == dtype for t in tensors.values()):
+        return tensors_digest(tensors)
+    return tensors_digest(_Cast(tensors, dtype))
+
+
 def read_adapter_config(path: str | Path) -> tuple[LoraConfig, dict[str, Any]]:
     """An adapter directory's config as a :class:`LoraConfig` (and the raw JSON), checked: a
     LoRA adapter for a causal LM, using nothing camelid cannot compute exactly."""
@@ -234,8 +263,9 @@ def load_adapter(
 ) -> Transformer:
     """Apply the peft adapter in ``path`` to ``model`` (in place; see
     :func:`camelid.model.lora.apply_lora`): every tensor checked against this model's shapes,
-    and, where camelid recorded the base's digest and ``model`` is in that base's dtype, the
-    digest too. ``base_name`` names ``model`` in the error for another base model."""
+    and, where camelid recorded the base's digest, that digest against ``model``'s weights
+    in the recorded dtype (:func:`base_digest`). ``base_name`` names ``model`` in the error
+    for another base model."""
     path = Path(path)
     config, raw = read_adapter_config(path)
     file = path / WEIGHTS_NAME
@@ -251,15 +281,14 @@ def load_adapter(
         raise CheckpointError(f"{path}: no {WEIGHTS_NAME}") from None
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
-    if check_digest and meta.get(_DIGEST_KEY):
-        dtype = dtype_name(hf.save_dtype(model))
-        if meta.get(_DTYPE_KEY) == dtype:
-            digest = model_digest(model)
-            if digest != meta[_DIGEST_KEY]:
-                raise CheckpointError(
-                    f"{other}: its base's weights digest is {meta[_DIGEST_KEY][:16]}, "
-                    f"{this}'s is {digest[:16]}"
-                )
+    dtype = hf.SAFETENSORS_DTYPES.get(meta.get(_DTYPE_KEY, ""))
+    if check_digest and meta.get(_DIGEST_KEY) and dtype is not None:
+        digest = base_digest(model, dtype)
+        if digest != meta[_DIGEST_KEY]:
+            raise CheckpointError(
+                f"{other}: its base's weights digest is {meta[_DIGEST_KEY][:16]}, "
+                f"{this}'s is {digest[:16]} (in {meta[_DTYPE_KEY]})"
+            )
     slots = adapter_layout(model, config)
     expected = {}
     for slot in slots:
