@@ -17,6 +17,7 @@ from camelid.model.lora import (
     adapters_disabled,
     apply_lora,
     check_adapters_effective,
+    load_lora_state_dict,
     lora_modules,
     lora_parameters,
     lora_state_dict,
@@ -153,6 +154,15 @@ def test_only_adapters_train(tmp_path: Path) -> None:
     check_adapters_effective(before, model)
     with pytest.raises(CamelidError, match="unchanged by training"):
         check_adapters_effective(lora_state_dict(model), model)
+    # a checkpoint's adapters restore exactly; other adapters are refused by name
+    trained = {k: v.clone() for k, v in lora_state_dict(model).items()}
+    load_lora_state_dict(model, before)
+    assert all(torch.equal(v, before[k]) for k, v in lora_state_dict(model).items())
+    load_lora_state_dict(model, trained)
+    assert all(torch.equal(v, trained[k]) for k, v in lora_state_dict(model).items())
+    first = next(iter(trained))
+    with pytest.raises(CheckpointError, match=f"LoRA state: missing {first}"):
+        load_lora_state_dict(model, {k: v for k, v in trained.items() if k != first})
 
 
 def test_bad_targets() -> None:
@@ -365,3 +375,34 @@ def test_serve_applies_the_adapter(tmp_path: Path, chat_base: Path) -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_gradients_equal_peft(tmp_path: Path) -> None:
+    """Training parity: the gradients of every A and B (the fused wqkv's slices included)
+    equal peft's on the same model, adapter and loss."""
+    needs_peft()
+    base = random_llama_dir(tmp_path / "base")
+    model = apply_lora(camelid.load(base), LoraConfig(r=3, alpha=5, target_modules=TARGETS))
+    randomize(model, seed=9)
+    save_adapter(model, tmp_path / "adapter")
+    ref = peft.PeftModel.from_pretrained(hf_model(), tmp_path / "adapter", is_trainable=True)
+    targets = TOKENS.roll(-1, dims=1)
+    loss = torch.nn.functional.cross_entropy(model(TOKENS)[0], targets[0])
+    loss.backward()
+    ref_loss = torch.nn.functional.cross_entropy(ref(TOKENS).logits[0], targets[0])
+    ref_loss.backward()
+    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=0)
+    theirs = {n: p.grad for n, p in ref.named_parameters() if "lora_" in n}
+    names = {"wqkv": "self_attn", "wo": "self_attn.o_proj", "w1": "mlp.gate_proj",
+             "w3": "mlp.up_proj", "w2": "mlp.down_proj"}  # fmt: skip
+    compared = 0
+    for name, module in lora_modules(model).items():
+        layer, attr = name.split(".")[1], name.rsplit(".", 1)[1]
+        for target in module.slices:
+            hf_module = f"{names[attr]}.{target}" if attr == "wqkv" else names[attr]
+            for x in ("A", "B"):
+                key = f"base_model.model.model.layers.{layer}.{hf_module}.lora_{x}.default.weight"
+                ours = getattr(module, f"lora_{x}")[target].weight.grad
+                torch.testing.assert_close(ours, theirs[key], atol=1e-6, rtol=1e-5)
+                compared += 1
+    assert compared == len(theirs) == 2 * 7 * model.config.n_layers
