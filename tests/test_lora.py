@@ -247,8 +247,8 @@ def test_cli_export_merge_and_generate_adapter(capsys, tmp_path: Path, chat_base
     with torch.no_grad():
         want = model(tokens)
 
-    code, out, err = cli(capsys, "export", chat_base, tmp_path / "merged", "--adapter",
-                         tmp_path / "adapter", "--merge")  # fmt: skip
+    code, out, err = cli(capsys, "export", chat_base, "--adapter", tmp_path / "adapter",
+                         "--merge", tmp_path / "merged")  # fmt: skip
     assert code == 0, err
     assert "(merged)" in out and "merged the LoRA adapter" in err
     merged_dir = tmp_path / "merged"

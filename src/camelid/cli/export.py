@@ -22,7 +22,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "stop id) and the\ntokenizer the run was trained with. RUN_OR_CHECKPOINT is a run "
         "directory (its newest\ncomplete checkpoint is exported) or one "
         "RUN/checkpoints/step-N directory. The run is\nonly read; OUT must be new or empty "
-        "unless --overwrite.",
+        "unless --overwrite.\nWith --adapter DIR --merge: the LoRA adapter DIR (peft's format) "
+        "folded into the weights\nof RUN_OR_CHECKPOINT, which may then also be a Hugging Face "
+        "directory.",
         epilog="""examples:
   camelid export runs/quickstart runs/quickstart/hf        # after Ctrl-C: the newest checkpoint
   camelid export runs/quickstart/checkpoints/step-00000200 exports/step-200
