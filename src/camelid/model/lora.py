@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from camelid.errors import CamelidError, CheckpointError, ConfigError
+# model/ imports nothing of camelid but config, which re-exports the error its checks raise.
+from camelid.config import ConfigError
 from camelid.model.moe import SwiGLU
 from camelid.model.transformer import Attention, FeedForward, Transformer
 
@@ -213,23 +214,6 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach() for name, p in lora_named_parameters(model)}
 
 
-@torch.no_grad()
-def load_lora_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
-    """Copy :func:`lora_state_dict` output back (every adapter, nothing else, same shapes)."""
-    params = dict(lora_named_parameters(model))
-    missing, extra = sorted(params.keys() - state.keys()), sorted(state.keys() - params.keys())
-    if missing or extra:
-        what = f"missing {missing[0]}" if missing else f"unexpected {extra[0]}"
-        raise CheckpointError(f"LoRA state: {what} (the adapters differ from the model's)")
-    for name, p in params.items():
-        if tuple(state[name].shape) != tuple(p.shape):
-            raise CheckpointError(
-                f"LoRA state: {name} has shape {tuple(state[name].shape)}, expected "
-                f"{tuple(p.shape)}"
-            )
-        p.copy_(state[name])
-
-
 @contextmanager
 def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Run the base model alone (DPO's reference): every adapter off inside the block."""
@@ -301,7 +285,7 @@ def check_adapters_effective(before: Mapping[str, torch.Tensor] | None, model: n
     bad = ineffective_adapters(model, before)
     if bad:
         more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
-        raise CamelidError(
+        raise ConfigError(
             f"LoRA adapters with no effect on the model (B or B·A all zeros, or unchanged by "
             f"training): {', '.join(bad[:3])}{more}"
         )

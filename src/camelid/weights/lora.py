@@ -33,7 +33,13 @@ from safetensors.torch import save_file
 from camelid.errors import CheckpointError, ConfigError
 from camelid.io import atomic_path, write_text_atomic
 from camelid.model import Transformer
-from camelid.model.lora import LoraConfig, apply_lora, lora_modules, targets_of
+from camelid.model.lora import (
+    LoraConfig,
+    apply_lora,
+    lora_modules,
+    lora_named_parameters,
+    targets_of,
+)
 from camelid.weights import hf
 from camelid.weights.digest import dtype_name, model_digest, tensors_digest
 
@@ -209,6 +215,24 @@ def base_digest(model: Transformer, dtype: torch.dtype) -> str:
     if all(t.dtype == dtype for t in tensors.values()):
         return tensors_digest(tensors)
     return tensors_digest(_Cast(tensors, dtype))
+
+
+@torch.no_grad()
+def load_lora_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Copy :func:`camelid.model.lora.lora_state_dict` output (a LoRA run's checkpoint) back:
+    every adapter, nothing else, the same shapes, or an error naming the first difference."""
+    params = dict(lora_named_parameters(model))
+    missing, extra = sorted(params.keys() - state.keys()), sorted(state.keys() - params.keys())
+    if missing or extra:
+        what = f"missing {missing[0]}" if missing else f"unexpected {extra[0]}"
+        raise CheckpointError(f"LoRA state: {what} (the adapters differ from the model's)")
+    for name, p in params.items():
+        if tuple(state[name].shape) != tuple(p.shape):
+            raise CheckpointError(
+                f"LoRA state: {name} has shape {tuple(state[name].shape)}, expected "
+                f"{tuple(p.shape)}"
+            )
+        p.copy_(state[name])
 
 
 def read_adapter_config(path: str | Path) -> tuple[LoraConfig, dict[str, Any]]:
