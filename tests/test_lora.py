@@ -411,3 +411,31 @@ def test_gradients_equal_peft(tmp_path: Path) -> None:
                 torch.testing.assert_close(ours, theirs[key], atol=1e-6, rtol=1e-5)
                 compared += 1
     assert compared == len(theirs) == 2 * 7 * model.config.n_layers
+
+
+def test_dpo_reference_is_the_base_with_adapters_off(tmp_path: Path) -> None:
+    """DPO with LoRA: the reference log-probs computed with the adapters off are the base
+    model's (bound to the base's digest), and a DPO step moves only the adapters."""
+    from camelid.train.dpo import PreferencePair, PreferenceSet, dpo_step, reference_logps
+    from camelid.weights.digest import model_digest
+
+    base_dir = random_llama_dir(tmp_path / "base")
+    pairs = [
+        PreferencePair(1, (1, 5, 9), (20, 21, 22), (30, 31)),
+        PreferencePair(2, (1, 7), (40, 41), (50, 51, 52, 53)),
+    ]
+    data = PreferenceSet("pairs.jsonl", pairs, "tok", pad_id=0, max_len=16)
+    base = camelid.load(base_dir)
+    want = reference_logps(base, data, batch_size=2)
+    model = apply_lora(camelid.load(base_dir), LoraConfig(r=2, target_modules=("q_proj",)))
+    randomize(model, seed=11)
+    ref = reference_logps(model, data, batch_size=2, reference=lambda: adapters_disabled(model))
+    assert ref.weights_digest == want.weights_digest == model_digest(base)
+    torch.testing.assert_close(ref.logps, want.logps, atol=0, rtol=0)
+    assert not torch.equal(reference_logps(model, data, batch_size=2).logps, want.logps)
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    opt = torch.optim.SGD(lora_parameters(model), lr=0.5)
+    dpo_step(model.train(), data.batches(2), ref, beta=0.1)
+    opt.step()
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and moved <= set(lora_state_dict(model))
