@@ -64,7 +64,8 @@ METRICS = (
 )
 
 # A factory of the context in which the model computes as the reference, e.g. "adapters off"
-# for a LoRA model: ``lambda: adapters_disabled(model)`` (camelid.model.lora). None: the model as it is (the frozen start).
+# for a LoRA model: ``lambda: adapters_disabled(model)`` (camelid.model.lora). None: the
+# model as it is (the frozen start).
 ReferenceContext = Callable[[], AbstractContextManager[Any]] | None
 
 
