@@ -87,6 +87,29 @@ class SFTData:
         return self._tokens[s][a:b].astype(np.int64), np.asarray(self._masks[s][a:b])
 
 
+def next_fit(pairs: np.ndarray, order: np.ndarray, seq_len: int) -> np.ndarray:
+    """Row boundaries of next-fit packing: conversation ``order[i]`` (of ``pairs`` input/target
+    pairs) goes into the current row while it fits in ``seq_len``, else opens the next one.
+    Row r holds ``order[ptr[r]:ptr[r + 1]]``."""
+    row_ptr, fill = [0], 0
+    for i, c in enumerate(order):
+        if fill + pairs[c] > seq_len:
+            row_ptr.append(i)
+            fill = 0
+        fill += int(pairs[c])
+    if len(order):
+        row_ptr.append(len(order))
+    return np.asarray(row_ptr, dtype=np.int64)
+
+
+def packed_rows(data_dir: str | Path, split: str, seq_len: int) -> int:
+    """How many rows of ``seq_len`` a split of an SFT dataset packs into in file order (as the
+    validation loader reads it); 0 for an empty split."""
+    data = SFTData(data_dir, split)
+    pairs = data.lengths - 1
+    return len(next_fit(pairs, np.arange(len(pairs)), seq_len)) - 1 if len(pairs) else 0
+
+
 class SFTLoader:
     """Iterate ``(inputs, targets, positions, doc_ids)``, int64 tensors (batch_size, seq_len)."""
 
@@ -134,17 +157,9 @@ class SFTLoader:
         rows are the same for any number of ranks and any epoch)."""
         n = len(pairs)
         order = np.random.default_rng(self.seed).permutation(n) if self.shuffle else np.arange(n)
-        row_ptr, fill = [0], 0
-        for i, c in enumerate(order):
-            if fill + pairs[c] > self.seq_len:
-                row_ptr.append(i)
-                fill = 0
-            fill += int(pairs[c])
-        if n:
-            row_ptr.append(n)
         self._row_convs = order
-        self._row_ptr = np.asarray(row_ptr, dtype=np.int64)
-        self.num_rows = len(row_ptr) - 1
+        self._row_ptr = next_fit(pairs, order, self.seq_len)
+        self.num_rows = len(self._row_ptr) - 1
         used = int(pairs.sum())
         self.padding_share = 1 - used / (self.num_rows * self.seq_len) if self.num_rows else 0.0
 

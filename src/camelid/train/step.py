@@ -48,7 +48,7 @@ def build_optimizer(
 
 def forward_backward(
     model: nn.Module,
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    batches: Iterable[tuple[torch.Tensor, ...]],
     autocast_dtype: torch.dtype | None = None,
     world: World | None = None,
 ) -> torch.Tensor:
@@ -61,15 +61,16 @@ def forward_backward(
     mean of per-batch means. Its head and the cross-entropy run fused
     (``camelid.loss.next_token_loss``). An MoE model's router losses, when on, join the
     gradients normalised over the step's tokens (:mod:`camelid.train.balance`); the loss
-    returned is the cross-entropy alone.
+    returned is the cross-entropy alone. A batch is ``(inputs, targets)``, or packed
+    fine-tuning rows ``(inputs, targets, positions, doc_ids)`` (``camelid.data.SFTLoader``).
     """
     world = world or World()
     batches = list(batches)
     if not batches:
         raise ValueError("forward_backward needs at least one batch")
     device = batches[0][0].device
-    tokens = torch.tensor(float(sum(x.numel() for x, _ in batches)), device=device)
-    valid = sum(valid_targets(y) for _, y in batches)
+    tokens = torch.tensor(float(sum(b[0].numel() for b in batches)), device=device)
+    valid = sum(valid_targets(b[1]) for b in batches)
     counts = torch.stack([valid.double(), tokens.double()])
     n_valid, n_tokens = all_reduce_sum(counts, world).unbind()
     # FSDP2 averages gradients over ranks; scaling by the world size turns that into the sum.
@@ -77,14 +78,14 @@ def forward_backward(
     balance.begin_step(model, int(n_tokens), world.world_size)  # MoE router accounting
     average_expert_grads(model)  # expert-parallel weights, which FSDP2 does not reduce, too
     total = torch.zeros((), dtype=torch.float64, device=device)
-    for inputs, targets in batches:
+    for inputs, targets, *packed in batches:
         ctx = (
             torch.autocast(inputs.device.type, dtype=autocast_dtype)
             if autocast_dtype is not None
             else contextlib.nullcontext()
         )
         with ctx:
-            nats = next_token_loss(model, inputs, targets, reduction="sum")
+            nats = next_token_loss(model, inputs, targets, "sum", *packed)
         (nats * scale.to(nats.dtype)).backward()
         total += nats.detach()
     return (all_reduce_sum(total, world) / n_valid).float()

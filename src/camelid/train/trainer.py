@@ -27,7 +27,8 @@ from typing import Any
 
 import torch
 
-from camelid.data import TokenLoader, read_manifest
+from camelid.data import SFTLoader, TokenLoader, read_manifest
+from camelid.data.packing import packed_rows
 from camelid.errors import CamelidError, CheckpointError, ConfigError, DataError
 from camelid.infer import Engine, SamplingParams
 from camelid.infer.export import data_summary, keep_run_tokenizer, save_pretrained
@@ -177,11 +178,13 @@ class _Run:
                 f"model.vocab_size {self.config.vocab_size} is smaller than the tokenizer's "
                 f"{self.tokenizer.vocab_size}"
             )
-        self._check_training_windows(manifest)
+        # A fine-tuning dataset (`camelid prepare --format chat`): masked targets, packed rows.
+        self.sft = manifest.get("kind") == "sft"
+        if not self.sft:
+            self._check_training_windows(manifest)
         check_expert_parallel(self.config, world, expert_parallel=r.train.expert_parallel,
                               compile=r.train.compile)  # fmt: skip
-        self.loader = TokenLoader(r.data.dir, "train", r.train.batch_size, r.train.seq_len,
-                                  r.train.seed, world.rank, world.world_size)  # fmt: skip
+        self.loader = self._loader("train", r.train.batch_size, r.train.seed, shuffle=True)
         if r.log.tensorboard and importlib.util.find_spec("tensorboard") is None:
             raise RecipeError(
                 "log.tensorboard = true needs the tensorboard package (pip install tensorboard)"
@@ -287,6 +290,14 @@ class _Run:
                 f"{self.run_dir} already holds a run; resume it with --resume, start over with "
                 "--fresh, or choose another run.out_dir"
             )
+
+    def _loader(self, split: str, batch_size: int, seed: int, shuffle: bool) -> Any:
+        """The batches of ``split``: windows of pre-training text (``TokenLoader``), or packed
+        fine-tuning rows with their masks, positions and documents (``SFTLoader``)."""
+        r, w = self.recipe, self.world
+        kind = SFTLoader if self.sft else TokenLoader
+        return kind(r.data.dir, split, batch_size, r.train.seq_len, seed, w.rank, w.world_size,
+                    shuffle=shuffle)  # fmt: skip
 
     def _check_training_windows(self, manifest: dict[str, Any]) -> None:
         """One step needs ``batch_size`` windows of ``seq_len + 1`` tokens per rank, each within
@@ -540,7 +551,10 @@ class _Run:
         b, t = r.train.batch_size, r.train.seq_len
         split = manifest["splits"].get("validation", {})
         tokens = int(split.get("tokens", 0))
-        windows = sum(max((int(sh["tokens"]) - 1) // t, 0) for sh in split.get("shards", []))
+        if self.sft:  # packed rows of whole conversations
+            windows = packed_rows(r.data.dir, "validation", t) if tokens else 0
+        else:
+            windows = sum(max((int(sh["tokens"]) - 1) // t, 0) for sh in split.get("shards", []))
         per_rank = windows // w
         ranks = f" per rank ({w} ranks)" if w > 1 else ""
         warnings = []
@@ -789,17 +803,16 @@ class _Run:
             self.clock.lap("eval")
             return None
         try:
-            val = TokenLoader(r.data.dir, "validation", self.val_batch_size, r.train.seq_len,
-                              0, world.rank, world.world_size, shuffle=False)  # fmt: skip
+            val = self._loader("validation", self.val_batch_size, 0, shuffle=False)
         except DataError as e:
             self.clock.lap("eval")
             self._event("no_validation", str(e))
             return None
         sums = torch.zeros(3, dtype=torch.float64, device=world.device)  # nats, tokens, bytes
         for _ in range(min(self.val_batches, len(val))):
-            x, y = (t.to(world.device) for t in next(val))
+            x, y, *packed = (t.to(world.device) for t in next(val))
             with self._autocast():
-                nats = next_token_loss(self.model, x, y, reduction="sum")
+                nats = next_token_loss(self.model, x, y, "sum", *packed)
             valid = y != IGNORE_INDEX
             sums += torch.stack(
                 [nats.double(), valid_targets(y).double(),
