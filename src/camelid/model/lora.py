@@ -191,6 +191,11 @@ def apply_lora(
     return model
 
 
+def is_lora_name(name: str) -> bool:
+    """Whether a parameter (or state-dict key) name is an adapter's."""
+    return ".lora_A." in name or ".lora_B." in name
+
+
 def lora_modules(model: nn.Module) -> dict[str, LoraLinear]:
     """Module name → the LoRA-wrapped linear, in model order."""
     return {n: m for n, m in model.named_modules() if isinstance(m, LoraLinear)}

@@ -16,14 +16,18 @@ import contextlib
 import json
 import shutil
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_state_dict,
+)
 
 from camelid.errors import CamelidError, CheckpointError
 from camelid.io import write_text_atomic
@@ -48,8 +52,11 @@ def save(
     state: dict[str, Any],
     world: World,
     keep: int,
+    model_keys: Callable[[str], bool] | None = None,
 ) -> Path:
-    """Write a checkpoint for ``step``; keep only the newest ``keep``. Returns its path."""
+    """Write a checkpoint for ``step``; keep only the newest ``keep``. Returns its path.
+    ``model_keys`` keeps only the model tensors it accepts (a LoRA run: the adapters; its
+    frozen base comes from ``init.model``)."""
     root = checkpoint_dir(run_dir)
     final, tmp = root / step_dir_name(step), root / f".{step_dir_name(step)}.tmp"
     if world.is_main:
@@ -58,6 +65,8 @@ def save(
     barrier(world)
     try:
         model_state, optim_state = get_state_dict(model, optimizer)
+        if model_keys is not None:
+            model_state = {k: v for k, v in model_state.items() if model_keys(k)}
         with _quiet_single_process():
             dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp))
         rng = {"torch": torch.get_rng_state()}
@@ -87,11 +96,18 @@ def read_state(path: Path) -> dict[str, Any]:
 
 
 def load(
-    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, world: World
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    world: World,
+    model_keys: Callable[[str], bool] | None = None,
 ) -> dict[str, Any]:
-    """Restore model, optimizer and RNG from ``path``; return its trainer state."""
+    """Restore model, optimizer and RNG from ``path``; return its trainer state. With
+    ``model_keys``, only those model tensors (as :func:`save` kept them) are restored."""
     state = read_state(path)
     model_state, optim_state = get_state_dict(model, optimizer)
+    if model_keys is not None:
+        model_state = {k: v for k, v in model_state.items() if model_keys(k)}
     bundle = {"model": model_state, "optim": optim_state}
     try:
         with _quiet_single_process():
@@ -99,8 +115,9 @@ def load(
     except Exception as e:  # damage usable() cannot see (DCP keeps no checksums)
         raise CheckpointError(f"{path}: cannot load the checkpoint ({_first_line(e)})") from None
     set_state_dict(
-        model, optimizer, model_state_dict=bundle["model"], optim_state_dict=bundle["optim"]
-    )
+        model, optimizer, model_state_dict=bundle["model"], optim_state_dict=bundle["optim"],
+        options=StateDictOptions(strict=model_keys is None),
+    )  # fmt: skip
     rng_file = path / f"rng-{world.rank}.pt"
     if rng_file.exists():
         rng = torch.load(rng_file, weights_only=True)

@@ -22,12 +22,15 @@ A plain ``camelid train`` is a world of one: steps 1, 2 and 4 apply, unsharded.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from camelid.config import ModelConfig
 from camelid.errors import CamelidError
 from camelid.model import Transformer
+from camelid.model.lora import LoraConfig, apply_lora, is_lora_name
 from camelid.model.moe import ExpertParallel, MoE
 from camelid.train.distributed import World
 
@@ -41,10 +44,15 @@ def build_model(
     compile: bool = False,
     bf16: bool = False,
     expert_parallel: bool = False,
+    lora: LoraConfig | None = None,
 ) -> Transformer:
-    """A freshly initialised model for ``world``, parallelised as the module docstring says."""
+    """A freshly initialised model for ``world``, parallelised as the module docstring says.
+    ``lora``: LoRA adapters are added first (on the meta device), the base frozen, so FSDP2
+    shards them with their blocks; they get peft's init (A kaiming-uniform, B zeros)."""
     with torch.device("meta"):
         model = Transformer(config)
+        if lora is not None:
+            apply_lora(model, lora)
     parallelize(model, world, activation_checkpointing=activation_checkpointing,
                 compile=compile, bf16=bf16, expert_parallel=expert_parallel)  # fmt: skip
     materialize(model, world.device, seed)
@@ -197,12 +205,22 @@ def materialize(model: Transformer, device: torch.device, seed: int, std: float 
     generator = torch.Generator().manual_seed(seed)
     params = dict(model.named_parameters())
     for name, kind, s in model.init_plan(std):
+        if is_lora_name(name):
+            continue  # after the base, by peft's rule (below)
         p = params[name]
         local = p.to_local() if hasattr(p, "to_local") else p
         if kind != "normal":
             local.fill_(1.0 if kind == "ones" else 0.0)
             continue
         full = torch.empty(p.shape, dtype=p.dtype).normal_(0.0, s, generator=generator)
+        local.copy_(_own_shard(full, p))
+    for name, p in params.items():
+        if not is_lora_name(name):
+            continue
+        full = torch.zeros(p.shape, dtype=p.dtype)
+        if ".lora_A." in name:  # peft's init: A kaiming-uniform, B zeros (a no-op adapter)
+            torch.nn.init.kaiming_uniform_(full, a=math.sqrt(5), generator=generator)
+        local = p.to_local() if hasattr(p, "to_local") else p
         local.copy_(_own_shard(full, p))
     model._reset_selection_bias()  # buffers too: to_empty left them uninitialised
 
@@ -220,10 +238,12 @@ def load_full_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         for name, t in tensors:
             full = f"{prefix}.{name}" if prefix else name
             names[full.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")] = t
-    missing = sorted(set(names) - set(state))
+    missing = sorted(n for n in set(names) - set(state) if not is_lora_name(n))
     if missing:
         raise RuntimeError(f"the weights lack {missing[0]} (and {len(missing) - 1} more)")
     for name, t in names.items():
+        if name not in state:  # LoRA adapters: a base model's weights have none
+            continue
         local = t.to_local() if hasattr(t, "to_local") else t
         local.copy_(_own_shard(state[name].to(local.dtype), t))
 

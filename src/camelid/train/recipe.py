@@ -30,6 +30,8 @@ from typing import Any
 
 from camelid.config import PRESETS, ModelConfig, RopeScaling
 from camelid.errors import CamelidError, ConfigError
+from camelid.model.lora import TARGETS as LORA_TARGETS
+from camelid.model.lora import LoraConfig
 
 
 class RecipeError(CamelidError):
@@ -172,6 +174,26 @@ class InitSection:
 
 
 @dataclass
+class LoraSection:
+    # LoRA fine-tuning of an init.model: rank r of the adapters (0: off, every weight trains),
+    # scale alpha / r, dropout on the adapters' input, the projections adapted (peft's names).
+    r: int = _ranged(0, ge=0)
+    alpha: float = _ranged(16.0, gt=0)
+    dropout: float = _ranged(0.0, ge=0, lt=1)
+    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+
+    def config(self) -> LoraConfig | None:
+        """The adapters' settings (None: off); a bad target is an error naming the valid ones."""
+        if self.r == 0:
+            return None
+        try:
+            return LoraConfig(r=self.r, alpha=self.alpha, dropout=self.dropout,
+                              target_modules=tuple(self.targets))  # fmt: skip
+        except ConfigError as e:
+            raise RecipeError(str(e).replace("lora target_modules", "lora.targets")) from None
+
+
+@dataclass
 class DataSection:
     dir: str = _path("")  # a dataset written by `camelid prepare` (required)
     tokenizer: str = _path("")  # must be the tokenizer the dataset was prepared with
@@ -273,6 +295,7 @@ class RunSection:
 class Recipe:
     model: ModelSection = field(default_factory=ModelSection)
     init: InitSection = field(default_factory=InitSection)
+    lora: LoraSection = field(default_factory=LoraSection)
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
@@ -307,6 +330,11 @@ class Recipe:
                     f"init.model {self.init.model} gives the model, so [model] may only set "
                     f"max_seq_len, not {', '.join(other)}"
                 )
+        self.lora.config()  # its targets are checked here
+        if self.lora.r and not self.init.model:
+            raise RecipeError(
+                "lora.r > 0 adapts a trained model: set init.model to the one to fine-tune"
+            )
         if self.model.preset not in PRESETS:
             raise RecipeError(
                 f"model.preset: unknown preset {self.model.preset!r}; known: {', '.join(PRESETS)}"

@@ -35,6 +35,7 @@ from camelid.infer.export import data_summary, keep_run_tokenizer, save_pretrain
 from camelid.io import format_count, write_text_atomic
 from camelid.loss import IGNORE_INDEX, next_token_loss, valid_targets
 from camelid.model import Transformer
+from camelid.model.lora import apply_lora, check_adapters_effective, is_lora_name, merge_lora
 from camelid.system import device_name
 from camelid.tokenizer import Tokenizer
 from camelid.train import balance
@@ -56,6 +57,7 @@ from camelid.train.recipe import Recipe, RecipeError
 from camelid.train.report import format_duration, read_invocations, run_time
 from camelid.train.schedule import lr_at
 from camelid.train.step import build_optimizer, clip_grad_norm, forward_backward
+from camelid.weights.lora import save_adapter
 
 # Roll-backs to the same checkpoint before the run gives up: the data is not the problem then.
 MAX_ROLLBACKS = 5
@@ -200,7 +202,8 @@ class _Run:
         bf16 = r.train.precision == "bf16" or (
             r.train.precision == "auto" and world.device.type == "cuda"
         )
-        model = build_model(self.config, world, seed=r.train.seed,
+        self.lora = r.lora.config()
+        model = build_model(self.config, world, seed=r.train.seed, lora=self.lora,
                             activation_checkpointing=r.train.activation_checkpointing,
                             compile=r.train.compile, bf16=bf16,
                             expert_parallel=r.train.expert_parallel)  # fmt: skip
@@ -230,6 +233,8 @@ class _Run:
         self._header(manifest, start_state)
         self.clock.lap("startup")  # before the first checkpoint, which laps "checkpoint"
         if start_state is not None:
+            if self.lora is not None:  # its checkpoints hold the adapters: the base first
+                self._load_init_weights()
             self._restore(start_state[0], start_state[1])
             for detail in self.unusable:  # newer checkpoints that _resume_state passed over
                 self._event("checkpoint_unusable", detail)
@@ -514,6 +519,13 @@ class _Run:
                 n = c.num_params(active=True)
                 active = f", {format_count(n)} active per token ({n:,})"
                 rows.insert(0, ("experts", f"{self._experts_text()}; {self._balance_text()}"))
+            if self.lora is not None:
+                trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+                lo = self.lora
+                text = (f"r {lo.r}, alpha {lo.alpha:g} on {', '.join(lo.target_modules)}: "
+                        f"{trainable:,} trainable parameters ({trainable / params:.2%}), the "
+                        "base frozen")  # fmt: skip
+                rows.insert(0, ("lora", text))
             print(f"camelid train: {c.name}, {format_count(params)} parameters ({params:,})"
                   f"{active}")  # fmt: skip
             for key, value in rows:
@@ -607,6 +619,11 @@ class _Run:
         else:
             print(text, file=file, flush=True)
 
+    @property
+    def _checkpoint_keys(self) -> Any:
+        """What a checkpoint holds of the model: a LoRA run's, the adapters alone."""
+        return is_lora_name if self.lora is not None else None
+
     def _load_init_weights(self) -> None:
         """Every rank reads ``init.model``'s weights (fp32, on the CPU) and keeps its shards."""
         from camelid.infer.load import load_model
@@ -620,7 +637,7 @@ class _Run:
         self._say(f"  init        weights from {source.path}")
 
     def _restore(self, path: Path, state: dict[str, Any]) -> None:
-        ckpt.load(path, self.model, self.optimizer, self.world)
+        ckpt.load(path, self.model, self.optimizer, self.world, self._checkpoint_keys)
         self.step, self.tokens = int(state["step"]), int(state["tokens"])
         self.saved_step = self.step
         self.loader.load_state_dict(state["loader"])
@@ -781,7 +798,8 @@ class _Run:
         }
         try:
             path = ckpt.save(self.run_dir, self.step, self.model, self.optimizer, state,
-                             self.world, self.recipe.checkpoint.keep)  # fmt: skip
+                             self.world, self.recipe.checkpoint.keep,
+                             self._checkpoint_keys)  # fmt: skip
             ok, detail = True, str(path)
             self.saved_step = self.step
         except OSError as e:
@@ -934,7 +952,16 @@ class _Run:
         state = get_model_state_dict(self.model, options=options)
         if self.world.is_main:
             model = Transformer.empty(self.config)
+            if self.lora is not None:
+                apply_lora(model, self.lora)
             model.load_state_dict({k: v.float() for k, v in state.items()})
+            if self.lora is not None:
+                # adapters that provably change nothing fail the run (e.g. a frozen B)
+                check_adapters_effective(None, model)
+                save_adapter(model, self.run_dir / "adapter",
+                             base_model_name_or_path=str(self.recipe.init.model))  # fmt: skip
+                self._event("export", f"{self.run_dir / 'adapter'} (LoRA, peft's format)")
+                model = merge_lora(model)
             data = data_summary(self.manifest, self.recipe.data.dir)  # for its model card
             save_pretrained(model, self.tokenizer, self.run_dir / "hf", data=data)
         barrier(self.world)
