@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import random_llama_dir
+from conftest import camelid_main, random_llama_dir
 from test_sft_train import _recipe, chat_data  # noqa: F401 (the fixture)
 from test_train import step_losses
 
@@ -37,7 +37,7 @@ def _lora_recipe(root: Path, chat_data: Path, base: Path, **sections) -> Path:  
     return _recipe(root, chat_data, init={"model": str(base)}, lora=LORA, **sections)
 
 
-def test_lora_trains_adapters_only_and_exports_for_peft(tmp_path, chat_data, base):  # noqa: F811
+def test_lora_trains_adapters_only_and_exports_for_peft(tmp_path, chat_data, base, capsys):  # noqa: F811
     from torch.distributed.checkpoint import FileSystemReader
 
     recipe = load_recipe(_lora_recipe(tmp_path, chat_data, base, checkpoint={"interval": 4}))
@@ -49,6 +49,9 @@ def test_lora_trains_adapters_only_and_exports_for_peft(tmp_path, chat_data, bas
     keys = FileSystemReader(str(run / "checkpoints" / "step-00000008")).read_metadata()
     model_keys = [k for k in keys.state_dict_metadata if k.startswith("model.")]
     assert model_keys and all(".lora_A." in k or ".lora_B." in k for k in model_keys)
+    step = run / "checkpoints" / "step-00000008"
+    assert camelid_main(["generate", str(step), "--prompt", "hi"]) == 1  # said plainly:
+    assert "a LoRA run's checkpoint, which holds its adapters only" in capsys.readouterr().err
     # The exported adapter, applied by peft to transformers' base, equals the merged export.
     peft = pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM

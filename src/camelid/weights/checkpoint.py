@@ -27,6 +27,7 @@ import torch
 from camelid.config import ModelConfig
 from camelid.errors import CamelidError, CheckpointError
 from camelid.model import Transformer
+from camelid.model.lora import is_lora_name
 from camelid.weights.hf import CheckpointInfo, load_dtype
 
 CHECKPOINTS = "checkpoints"  # RUN/checkpoints/
@@ -210,6 +211,13 @@ def _check_index(
     state = metadata["state"]
     saved = {k for k in state if k.startswith(_MODEL)}
     missing = sorted(set(expected) - saved)
+    if missing and saved and all(is_lora_name(k) for k in saved):
+        run = path.parent.parent
+        raise CheckpointError(
+            f"{path}: a LoRA run's checkpoint, which holds its adapters only (the base is the "
+            f"run's init.model): use its export ({run / 'hf'}, merged) or the base with "
+            f"--adapter {run / 'adapter'}"
+        )
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise CheckpointError(f"{path}: missing tensor {missing[0][len(_MODEL) :]}{more}")
