@@ -51,6 +51,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, weight, targets, mean, chunk_rows, needs_grad):
+        # needs_grad: (for h, for weight). A frozen head (LoRA) gets no weight gradient: that
+        # would be a (vocab, dim) buffer and a third of the head's matmuls, all wasted.
+        need_h, need_w = needs_grad
         dtype = torch.promote_types(h.dtype, torch.float32)  # fp32 at least
         valid = targets != IGNORE_INDEX
         row_weight = valid.to(dtype)  # each row's share of the result
@@ -58,8 +61,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             row_weight /= valid.sum()
         targets = targets.where(valid, 0).unsqueeze(1)
         loss = torch.zeros((), dtype=dtype, device=h.device)
-        grad_h = torch.empty_like(h) if needs_grad else None
-        grad_w = torch.zeros_like(weight) if needs_grad else None
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros_like(weight) if need_w else None
         for start in range(0, len(h), chunk_rows):
             r = slice(start, start + chunk_rows)
             logits = (h[r] @ weight.t()).to(dtype)
@@ -68,12 +71,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
             probs = logits.sub_(shift).exp_()  # unnormalised, in place
             total = probs.sum(1, keepdim=True)
             loss += ((total.log() + shift - target_logit).squeeze(1) * row_weight[r]).sum()
-            if needs_grad:
+            if need_h or need_w:
                 grad = probs.mul_(row_weight[r, None] / total)
                 grad.scatter_add_(1, targets[r], -row_weight[r, None])
                 grad = grad.to(h.dtype)
-                grad_h[r] = grad @ weight
-                grad_w += grad.t() @ h[r]
+                if need_h:
+                    grad_h[r] = grad @ weight
+                if need_w:
+                    grad_w += grad.t() @ h[r]
         ctx.save_for_backward(grad_h, grad_w)
         return loss
 
@@ -81,7 +86,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_loss, grad_w * grad_loss, None, None, None, None
+        grad_h = grad_h * grad_loss if ctx.needs_input_grad[0] else None
+        grad_w = grad_w * grad_loss if ctx.needs_input_grad[1] else None
+        return grad_h, grad_w, None, None, None, None
 
 
 def linear_cross_entropy(
@@ -103,7 +110,8 @@ def linear_cross_entropy(
     if h.device.type != "cpu":
         return cross_entropy(F.linear(h, weight), targets, reduction)
     chunk_rows = max(1, chunk_bytes // (4 * weight.shape[0]))
-    needs_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    grad = torch.is_grad_enabled()
+    needs_grad = (grad and h.requires_grad, grad and weight.requires_grad)
     mean = reduction == "mean"
     return _LinearCrossEntropy.apply(h, weight, targets, mean, chunk_rows, needs_grad)
 
