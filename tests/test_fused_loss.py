@@ -52,3 +52,21 @@ def test_fused_loss_without_grad_and_fp32():
         expected = cross_entropy(model(x), y)
     assert loss.dtype == torch.float32 and not loss.requires_grad
     assert abs(loss.item() - expected.item()) < 1e-5
+
+
+@pytest.mark.parametrize("frozen", ["weight", "h"])
+def test_linear_cross_entropy_frozen_side_gets_no_gradient(frozen):
+    """A frozen head (LoRA) gets no weight gradient, and the hidden state's gradient is still
+    exact (and the other way round)."""
+    torch.manual_seed(0)
+    h = torch.randn(13, 8, dtype=torch.float64, requires_grad=frozen != "h")
+    w = torch.randn(11, 8, dtype=torch.float64, requires_grad=frozen != "weight")
+    t = torch.randint(0, 11, (13,))
+    t[3] = IGNORE_INDEX
+    F.cross_entropy(F.linear(h, w), t).backward()
+    live = w if frozen == "h" else h
+    expected = live.grad.clone()
+    live.grad = None
+    linear_cross_entropy(h, w, t, 4 * 11 * 4).backward()
+    torch.testing.assert_close(live.grad, expected, rtol=1e-12, atol=1e-14)
+    assert (h if frozen == "h" else w).grad is None
