@@ -24,7 +24,6 @@ prefix is skipped and counted even then.
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import json
 import time
 from collections.abc import Iterator
@@ -161,15 +160,7 @@ def read_records(
         raise DataError(
             f"{task.path}: SFT data must be JSONL (.jsonl or .jsonl.gz), one record a line"
         )
-    data = Path(task.path).read_bytes()
-    if task.path.lower().endswith(".gz"):
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError) as e:
-            raise DataError(f"{task.path}: not a readable gzip file ({e})") from None
-    for n, raw in enumerate(data.splitlines(), start=1):
-        if not raw.strip():
-            continue
+    for n, raw in sources.jsonl_lines(task, Path(task.path).read_bytes()):
         where = f"{task.path}:{n}"
         try:
             record = json.loads(raw)

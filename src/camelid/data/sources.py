@@ -156,15 +156,21 @@ def _text(task: FileTask, data: bytes, stats: ReadStats) -> Iterator[Document]:
     yield Document(text, task.name)
 
 
-def _jsonl(task: FileTask, data: bytes, stats: ReadStats) -> Iterator[Document]:
+def jsonl_lines(task: FileTask, data: bytes) -> Iterator[tuple[int, bytes]]:
+    """``(line number, raw line)`` of each non-blank line of a JSONL file's bytes (gunzipped
+    first for ``.gz``); a damaged gzip file is a :class:`DataError` naming it."""
     if task.path.lower().endswith(".gz"):
         try:
             data = gzip.decompress(data)
         except (OSError, EOFError) as e:
             raise DataError(f"{task.path}: not a readable gzip file ({e})") from None
     for n, raw in enumerate(data.splitlines(), start=1):
-        if not raw.strip():
-            continue
+        if raw.strip():
+            yield n, raw
+
+
+def _jsonl(task: FileTask, data: bytes, stats: ReadStats) -> Iterator[Document]:
+    for n, raw in jsonl_lines(task, data):
         try:
             record = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError):
