@@ -7,6 +7,9 @@ skip one by one (``needs_hf``), and ``random_llama_dir`` writes its checkpoint w
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -115,3 +118,15 @@ def camelid_main(argv: list[str]) -> int:
 
     (ep,) = importlib.metadata.entry_points(group="console_scripts", name="camelid")
     return ep.load()(argv)
+
+
+def torchrun(*args: str) -> subprocess.CompletedProcess:
+    """``python -m torch.distributed.run --standalone --nproc_per_node 2 ARGS`` (one thread per
+    process), asserted to succeed: the 2-process tests' launcher."""
+    res = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         *args],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res

@@ -6,15 +6,13 @@ with ``train.expert_parallel``: losses, an exact resume from a DCP checkpoint, t
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import test_train
 import torch
+from conftest import torchrun
 from dist_worker import full_grads, masked_batch, moe_config, starve
 from test_train import recipe_file, step_losses
 
@@ -31,17 +29,6 @@ from camelid.weights.checkpoint import load as load_checkpoint
 
 dataset = test_train.dataset  # the fixture: a tiny corpus, its tokenizer and prepared shards
 WORKER = Path(__file__).with_name("dist_worker.py")
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-def torchrun(*args: str) -> subprocess.CompletedProcess:
-    res = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         *args],
-        capture_output=True, text=True, timeout=300, env=ENV,
-    )  # fmt: skip
-    assert res.returncode == 0, res.stderr[-3000:]
-    return res
 
 
 def grad_norms(run_dir: Path) -> dict[int, float]:

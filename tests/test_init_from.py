@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import torchrun
 from test_train import dataset, recipe_file, step_losses  # noqa: F401 (the fixture)
 
 import camelid
@@ -72,10 +73,6 @@ def test_init_needs_the_datas_tokenizer_and_keeps_its_model(tmp_path, dataset, b
 def test_two_processes_start_from_the_same_weights(tmp_path, dataset, base):  # noqa: F811
     """Under torchrun + FSDP2 each rank keeps its shards of the loaded weights: the step-0
     checkpoint (read in one process) is the base model exactly, and the losses are 1 process's."""
-    import os
-    import subprocess
-    import sys
-
     one, two = tmp_path / "one", tmp_path / "two"
     for d in (one, two):
         d.mkdir()
@@ -84,12 +81,7 @@ def test_two_processes_start_from_the_same_weights(tmp_path, dataset, base):  # 
     train(load_recipe(recipe_file(one, dataset, init=init, train={"steps": 2, "batch_size": 4},
                                   **settings)), progress=False)  # fmt: skip
     recipe = recipe_file(two, dataset, init=init, train={"steps": 2, "batch_size": 2}, **settings)
-    res = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "camelid.cli", "train", str(recipe)],
-        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300,
-    )  # fmt: skip
-    assert res.returncode == 0, res.stderr[-3000:]
+    torchrun("-m", "camelid.cli", "train", str(recipe))
     expected = camelid.load(base / "hf").state_dict()
     got = _start_weights(two / "run")
     for key, t in expected.items():

@@ -4,14 +4,11 @@ loads in peft and its merged export gives the same logits."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import camelid_main, random_llama_dir
+from conftest import camelid_main, random_llama_dir, torchrun
 from test_sft_train import _recipe, chat_data  # noqa: F401 (the fixture)
 from test_train import step_losses
 
@@ -78,12 +75,7 @@ def test_lora_resume_is_exact_and_two_processes_equal_one(tmp_path, chat_data, b
 
     path = _lora_recipe(two, chat_data, base, train={"batch_size": 2},
                         checkpoint={"interval": 0, "export_hf": False})  # fmt: skip
-    res = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "camelid.cli", "train", str(path)],
-        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300,
-    )  # fmt: skip
-    assert res.returncode == 0, res.stderr[-3000:]
+    torchrun("-m", "camelid.cli", "train", str(path))
     b = step_losses(two / "run")
     assert b.keys() == straight.keys()
     assert max(abs(straight[k] - b[k]) for k in b) < 1e-5, (straight, b)

@@ -4,14 +4,12 @@ loss is the mean over exactly the learned tokens; exact resume; 2 processes equa
 from __future__ import annotations
 
 import json
-import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import torchrun
 from test_train import recipe_file, step_losses
 
 from camelid.data import SFTLoader
@@ -84,12 +82,7 @@ def test_sft_resume_is_exact_and_two_processes_equal_one(tmp_path, chat_data):
     assert step_losses(one / "run") == straight  # steps 5..8 again, bit for bit
 
     path = _recipe(two, chat_data, train={"batch_size": 2}, checkpoint={"interval": 0})
-    res = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "camelid.cli", "train", str(path)],
-        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300,
-    )  # fmt: skip
-    assert res.returncode == 0, res.stderr[-3000:]
+    torchrun("-m", "camelid.cli", "train", str(path))
     b = step_losses(two / "run")
     assert b.keys() == straight.keys()
     assert max(abs(straight[k] - b[k]) for k in b) < 1e-5, (straight, b)
