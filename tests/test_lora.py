@@ -177,6 +177,18 @@ def test_bad_targets() -> None:
         LoraConfig(r=0)
 
 
+def test_targets_that_match_no_module_are_named() -> None:
+    # An MoE model whose every FFN is routed experts (no shared expert): nothing to adapt
+    # for the FFN targets, which must be said rather than training attention alone.
+    config = camelid.ModelConfig.from_preset("tiny", n_experts=4, n_experts_per_tok=1,
+                                             moe_ffn_dim=32)  # fmt: skip
+    model = camelid.Transformer(config)
+    with pytest.raises(ConfigError, match=r"'gate_proj', 'down_proj' match no module of this "
+                       r"model; it has q_proj, o_proj"):  # fmt: skip
+        apply_lora(model, LoraConfig(target_modules=("q_proj", "o_proj", "gate_proj",
+                                                     "down_proj")))  # fmt: skip
+
+
 def test_adapter_for_another_base_model(tmp_path: Path) -> None:
     base = random_llama_dir(tmp_path / "base", seed=0)
     other = random_llama_dir(tmp_path / "other", seed=1)  # same shapes, other weights

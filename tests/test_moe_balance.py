@@ -149,3 +149,42 @@ def test_recomputed_forwards_are_not_counted_twice():
     assert torch.equal(plain.tokens, recomputed.tokens)
     assert plain.aux_loss == pytest.approx(recomputed.aux_loss)
     assert plain.z_loss == pytest.approx(recomputed.z_loss)
+
+
+def test_padding_is_routed_but_left_out_of_statistics_and_losses():
+    """Packed rows pad with tokens nothing reads: their routing must not move the loads (so the
+    bias update) nor the router losses; the real tokens give what they give alone."""
+    torch.manual_seed(0)
+    model = OneLayer(_config("softmax", k=2))
+    model.moe.aux_loss_coef = model.moe.z_loss_coef = 1.0
+    x = torch.randn(12, model.moe.router.in_features)
+    valid = torch.tensor([True] * 7 + [False] * 5)
+    balance.begin_step(model, 7, 1, 7)
+    out = model.moe(x, valid)
+    padded = balance.end_step(model, World())
+    balance.begin_step(model, 7, 1)
+    alone = model.moe(x[:7])
+    real = balance.end_step(model, World(), 7)
+    torch.testing.assert_close(out[:7], alone, rtol=0, atol=1e-6)  # routing is per token
+    assert int(padded.tokens.sum()) == 7 * 2
+    assert torch.equal(padded.tokens, real.tokens)
+    assert padded.aux_loss == pytest.approx(real.aux_loss, rel=1e-6)
+    assert padded.z_loss == pytest.approx(real.z_loss, rel=1e-6)
+    assert padded.router_logit_max == pytest.approx(real.router_logit_max, rel=1e-6)
+
+
+def test_packed_training_step_counts_only_real_tokens():
+    from camelid.model.transformer import Transformer
+    from camelid.train.step import forward_backward
+
+    torch.manual_seed(0)
+    config = _config("sigmoid", k=1, shared=1)
+    model = Transformer(config).train()
+    x = torch.randint(0, config.vocab_size, (2, 16))
+    y = x.roll(-1, 1)
+    pos = torch.cat([torch.arange(10), torch.arange(6)]).expand(2, 16).clone()
+    doc = torch.tensor([[0] * 10 + [1] * 6, [0] * 10 + [-1] * 6])  # row 1 ends in padding
+    y[1, 10:] = -100
+    forward_backward(model, [(x, y, pos, doc)])
+    stats = balance.end_step(model, World())
+    assert stats.tokens.sum(-1).tolist() == [26] * config.n_moe_layers  # 32 positions, 6 pads

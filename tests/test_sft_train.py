@@ -54,9 +54,11 @@ def _recipe(tmp_path: Path, chat_data: Path, **sections) -> Path:
     return recipe_file(tmp_path, chat_data, **base)
 
 
-def test_sft_loss_is_the_mean_over_the_learned_tokens(tmp_path, chat_data):
+def test_sft_loss_is_the_mean_over_the_learned_tokens(tmp_path, chat_data, capsys):
     train(load_recipe(_recipe(tmp_path, chat_data)), progress=False)
     run = tmp_path / "run"
+    share = SFTLoader(chat_data / "data", "train", 4, 64, seed=0).padding_share
+    assert f"(packing leaves {share:.1%} of them padding)" in capsys.readouterr().out
     losses = step_losses(run)
     assert losses[8] < losses[1]
     # Step 1's loss, recomputed: the start weights on the loader's first batch, masked mean.

@@ -180,6 +180,7 @@ class MoE(nn.Module):
         self.aux_loss_coef = 0.0
         self.z_loss_coef = 0.0
         self.loss_scale = 0.0
+        self.step_local_tokens: int | None = None  # this rank's real tokens in the step
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Chosen experts (N, k) and their gate values (N, k, fp32) for tokens ``x`` (N, dim)."""
@@ -196,7 +197,11 @@ class MoE(nn.Module):
             gates = gates / gates.sum(-1, keepdim=True)
         return chosen, gates, logits, scores
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """``valid`` (N,) bool, when given, marks the real tokens of ``x`` (packed training
+        rows pad with tokens nothing reads): padding is routed like any token, but only real
+        tokens count in the load statistics (hence the selection-bias update) and the router
+        losses."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         chosen, gates, logits, scores = self._route(x)
@@ -204,16 +209,26 @@ class MoE(nn.Module):
         if self.shared is not None:
             out = out + self.shared(x)
         if self.training:
+            weight = None  # 1 for a real token, 0 for padding (no boolean indexing: compile)
+            if valid is not None:
+                weight = valid.reshape(-1, 1).to(logits.dtype)
+                pairs = weight.expand(-1, self.top_k).reshape(-1)
+                counts = torch.bincount(chosen.reshape(-1), pairs, self.n_experts).round().long()
             with torch.no_grad():
                 self.tokens_seen.add_(counts)
-                self.logit_absmax.copy_(torch.maximum(self.logit_absmax, logits.abs().amax()))
+                top = logits.abs() if weight is None else logits.abs() * weight
+                self.logit_absmax.copy_(torch.maximum(self.logit_absmax, top.amax()))
             if self.aux_loss_coef > 0 or self.z_loss_coef > 0:
-                loss = self._router_losses(logits, scores, counts)
+                loss = self._router_losses(logits, scores, counts, weight)
                 out = _AddLossGrad.apply(out, loss, self.loss_scale)
         return out.view(shape)
 
     def _router_losses(
-        self, logits: torch.Tensor, scores: torch.Tensor, counts: torch.Tensor
+        self,
+        logits: torch.Tensor,
+        scores: torch.Tensor,
+        counts: torch.Tensor,
+        weight: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The router losses of this forward's N tokens, as a SUM over tokens (weighted by the
         coefficients), so a step's objective is this summed over its micro-batches and ranks
@@ -226,14 +241,19 @@ class MoE(nn.Module):
           pairs routed to expert e and ``P_e`` the mean of its normalised score; this rank's
           part is ``E * sum_e f_e * (its tokens' scores summed)``. Each micro-batch counts by
           its share of the step's tokens.
+
+        ``weight`` (N, 1): 1 for the real tokens, 0 for padding, which then adds nothing.
         """
         total = logits.new_zeros(())
         if self.z_loss_coef > 0:
-            z = torch.logsumexp(logits, dim=-1).square().sum()
+            z = torch.logsumexp(logits, dim=-1, keepdim=True).square()
+            z = (z if weight is None else z * weight).sum()
             self.z_sum.add_(z.detach())
             total = total + self.z_loss_coef * z
         if self.aux_loss_coef > 0:
             probs = scores / scores.sum(-1, keepdim=True)  # sigmoid scores normalised too
+            if weight is not None:
+                probs = probs * weight
             pairs = counts.to(probs.dtype)
             if self.aux_group is not None:
                 pairs = pairs.clone()

@@ -210,8 +210,11 @@ class Block(nn.Module):
         cache: _LayerCache | None = None,
         pos: torch.Tensor | None = None,
         doc_mask: torch.Tensor | None = None,
+        valid: torch.Tensor | None = None,
     ) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), cos, sin, cache, pos, doc_mask)
+        if valid is not None and isinstance(self.feed_forward, MoE):
+            return h + self.feed_forward(self.ffn_norm(h), valid)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -326,7 +329,9 @@ class Transformer(nn.Module):
         ``doc_ids`` (B, T) packs several documents into one row (training, no cache): a token
         attends only to earlier tokens with the same id, so nothing crosses a document
         boundary; pass ``input_pos`` restarting at 0 for each document, and the row computes
-        what the documents would on their own. Ids need only differ between neighbours.
+        what the documents would on their own. Ids need only differ between neighbours; a
+        negative id is padding, which an MoE layer routes but leaves out of its load statistics
+        and router losses (``camelid.model.moe.MoE``).
         """
         B, T = tokens.shape
         if input_pos is None:
@@ -337,12 +342,14 @@ class Transformer(nn.Module):
         cos, sin = rope_cos_sin(self._inv_freq, input_pos, h.dtype)
         cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
         if cache is None:
-            doc_mask = None
+            doc_mask = valid = None
             if doc_ids is not None:
                 causal = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()
                 doc_mask = (doc_ids[:, :, None] == doc_ids[:, None, :]) & causal
+                if self.config.is_moe:
+                    valid = (doc_ids >= 0).reshape(-1)  # padding: left out of MoE statistics
             for layer in self.layers:
-                h = layer(h, cos, sin, None, input_pos, doc_mask)
+                h = layer(h, cos, sin, None, input_pos, doc_mask, valid)
         else:
             if doc_ids is not None:
                 raise ValueError("doc_ids (packed documents) is for training, not a KV cache")

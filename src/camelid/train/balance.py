@@ -6,7 +6,7 @@ calls :func:`begin_step` itself):
     configure(model, aux_loss_coef, z_loss_coef)     # once
     begin_step(model, step_tokens, world_size)       # clears the layers' accumulators
     ... the step's micro-batches, forward and backward ...
-    stats = end_step(model, world, local_tokens)     # loads over all micro-batches and ranks
+    stats = end_step(model, world)                   # loads over all micro-batches and ranks
     update_bias(model, stats.tokens, rate)           # when the step's update is kept
 
 DeepSeek-V3's auxiliary-loss-free balancing moves each expert's selection bias by ±rate from
@@ -81,29 +81,40 @@ def configure(
 
 
 @torch.no_grad()
-def begin_step(model: nn.Module, step_tokens: int, world_size: int) -> None:
+def begin_step(
+    model: nn.Module, step_tokens: int, world_size: int, local_tokens: int | None = None
+) -> None:
     """Clear the accumulators and set the router losses' scale for a step of ``step_tokens``
-    tokens (all micro-batches, all ranks). FSDP2 averages gradients over ranks, hence the world
-    size: the objective is each layer's loss summed over the step's tokens, divided by the
-    step's tokens and the number of MoE layers (a mean over tokens and layers)."""
+    tokens (all micro-batches, all ranks; padding not counted). FSDP2 averages gradients over
+    ranks, hence the world size: the objective is each layer's loss summed over the step's
+    tokens, divided by the step's tokens and the number of MoE layers (a mean over tokens and
+    layers). ``local_tokens``, this rank's share, is kept for :func:`end_step`."""
     layers = moe_layers(model)
     for _, moe in layers:
         moe.tokens_seen.zero_()
         for buf in (moe.logit_absmax, moe.aux_sum, moe.z_sum):
             buf.zero_()
         moe.loss_scale = world_size / (max(step_tokens, 1) * len(layers))
+        moe.step_local_tokens = local_tokens
 
 
 @torch.no_grad()
-def end_step(model: nn.Module, world: World, local_tokens: int) -> StepExperts | None:
+def end_step(
+    model: nn.Module, world: World, local_tokens: int | None = None
+) -> StepExperts | None:
     """The step's expert loads and router figures, summed (max-ed) over ranks; None for a dense
-    model. ``local_tokens``: the tokens this rank routed in the step (each MoE layer routes
-    every token ``top_k`` times). A forward recomputed by activation checkpointing counted
-    twice; the counts say so exactly (a whole multiple of the tokens) and it is divided out."""
+    model. ``local_tokens``: the real (not padding) tokens this rank routed in the step (each
+    MoE layer routes every token ``top_k`` times); by default what :func:`begin_step` was told.
+    A forward recomputed by activation checkpointing counted twice; the counts say so exactly
+    (a whole multiple of the tokens) and it is divided out."""
     layers = moe_layers(model)
     if not layers:
         return None
     mods = [m for _, m in layers]
+    if local_tokens is None:
+        local_tokens = mods[0].step_local_tokens
+        if local_tokens is None:
+            raise ValueError("end_step: local_tokens not given and begin_step was not told")
     device = world.device
     seen = torch.stack([m.tokens_seen for m in mods]).to(device)
     routed = torch.tensor([local_tokens * m.top_k for m in mods], device=device)

@@ -69,13 +69,15 @@ def forward_backward(
     if not batches:
         raise ValueError("forward_backward needs at least one batch")
     device = batches[0][0].device
-    tokens = torch.tensor(float(sum(b[0].numel() for b in batches)), device=device)
+    # Real tokens: a packed row's padding (document id -1) is not counted (MoE statistics).
+    local = sum(b[0].numel() if len(b) < 4 else int((b[3] >= 0).sum()) for b in batches)
+    tokens = torch.tensor(float(local), device=device)
     valid = sum(valid_targets(b[1]) for b in batches)
     counts = torch.stack([valid.double(), tokens.double()])
     n_valid, n_tokens = all_reduce_sum(counts, world).unbind()
     # FSDP2 averages gradients over ranks; scaling by the world size turns that into the sum.
     scale = world.world_size / n_valid
-    balance.begin_step(model, int(n_tokens), world.world_size)  # MoE router accounting
+    balance.begin_step(model, int(n_tokens), world.world_size, local)  # MoE router accounting
     average_expert_grads(model)  # expert-parallel weights, which FSDP2 does not reduce, too
     total = torch.zeros((), dtype=torch.float64, device=device)
     for inputs, targets, *packed in batches:

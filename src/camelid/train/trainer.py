@@ -186,6 +186,10 @@ class _Run:
             self._check_training_windows(manifest)
         check_expert_parallel(self.config, world, expert_parallel=r.train.expert_parallel,
                               compile=r.train.compile)  # fmt: skip
+        self.lora = r.lora.config()
+        if self.lora is not None:  # targets this model lacks: said before anything is written
+            with torch.device("meta"):
+                apply_lora(Transformer(self.config), self.lora)
         self.loader = self._loader("train", r.train.batch_size, r.train.seed, shuffle=True)
         if r.log.tensorboard and importlib.util.find_spec("tensorboard") is None:
             raise RecipeError(
@@ -202,7 +206,6 @@ class _Run:
         bf16 = r.train.precision == "bf16" or (
             r.train.precision == "auto" and world.device.type == "cuda"
         )
-        self.lora = r.lora.config()
         model = build_model(self.config, world, seed=r.train.seed, lora=self.lora,
                             activation_checkpointing=r.train.activation_checkpointing,
                             compile=r.train.compile, bf16=bf16,
@@ -497,11 +500,15 @@ class _Run:
             reliable = "" if self.peak.reliable else ", unreliable"
             ranks = _n(world.world_size, "rank")
             experts = f", experts split over the {ranks}" if self.expert_parallel else ""
+            padding = ""
+            if self.sft:  # packed rows: positions, some of them padding
+                padding = f" (packing leaves {self.loader.padding_share:.1%} of them padding)"
             rows = [
                 (
                     "batch",
                     f"{self.tokens_per_step:,} tokens per step = {t.batch_size} sequences x "
-                    f"{t.seq_len} tokens x {_n(t.grad_accum, 'micro-batch')} x {ranks}",
+                    f"{t.seq_len} tokens x {_n(t.grad_accum, 'micro-batch')} x {ranks}"
+                    f"{padding}",
                 ),
                 (
                     "training",
@@ -665,7 +672,7 @@ class _Run:
                 ]
                 loss = forward_backward(self.model, batches, self.autocast, world)
                 grad_norm = clip_grad_norm(self.model, r.optim.grad_clip)  # global, every rank
-                experts = balance.end_step(self.model, world, self.local_tokens)
+                experts = balance.end_step(self.model, world)
                 stats = torch.stack([loss.float(), grad_norm.float().to(loss.device)])
                 loss_value, norm_value = (float(v) for v in stats.tolist())
                 drill = self.guard.drill(self.step)
