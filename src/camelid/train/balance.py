@@ -99,9 +99,7 @@ def begin_step(
 
 
 @torch.no_grad()
-def end_step(
-    model: nn.Module, world: World, local_tokens: int | None = None
-) -> StepExperts | None:
+def end_step(model: nn.Module, world: World, local_tokens: int | None = None) -> StepExperts | None:
     """The step's expert loads and router figures, summed (max-ed) over ranks; None for a dense
     model. ``local_tokens``: the real (not padding) tokens this rank routed in the step (each
     MoE layer routes every token ``top_k`` times); by default what :func:`begin_step` was told.
