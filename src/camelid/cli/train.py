@@ -1,4 +1,4 @@
-"""``camelid train``: pre-train a model from a TOML recipe."""
+"""``camelid train``: pre-train or fine-tune a model from a TOML recipe."""
 
 from __future__ import annotations
 
@@ -14,8 +14,11 @@ from camelid.train.trainer import TrainSummary, train
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
-        help="pre-train a model from a TOML recipe (one CPU to many GPUs under torchrun)",
-        description="Pre-train a Llama from a TOML recipe. Run it as is on one device, or under "
+        help="pre-train or fine-tune a model from a TOML recipe (one CPU to many GPUs)",
+        description="Pre-train or fine-tune a Llama from a TOML recipe: [init] model = an HF "
+        "directory or a run starts from its weights (continued pre-training); data prepared "
+        "with 'camelid prepare --format chat' makes it supervised fine-tuning; [lora] r = N "
+        "trains LoRA adapters only (docs/finetuning.md). Run it as is on one device, or under "
         "'torchrun --nproc_per_node N -m camelid.cli train ...' to shard it with FSDP2. "
         "Writes metrics.jsonl, checkpoints, report.md and Hugging Face weights to run.out_dir. "
         "Relative paths in a recipe file are relative to its directory (in a shipped recipe "
