@@ -6,6 +6,7 @@ attention), the loader's exact resume."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -485,3 +486,59 @@ def test_shards_cut_between_conversations_rerun_reuses_and_failure_undoes(
     with pytest.raises(KeyboardInterrupt):
         prepare_sft(cfg, tok_dir, tmp_path / "killed", progress=False)
     assert not (tmp_path / "killed").exists()
+
+
+MULTI_TURN = [
+    [
+        {"role": "system", "content": "You are a terse assistant."},
+        {"role": "user", "content": "What is 12 + 30?"},
+        {"role": "assistant", "content": "42"},
+        {"role": "user", "content": "And doubled? Answer in words, please."},
+        {"role": "assistant", "content": "Eighty-four.\n\nThat is 2 x 42."},
+        {"role": "user", "content": "Thanks!"},
+        {"role": "assistant", "content": "You're welcome. 🦙"},
+    ],
+    [
+        {"role": "user", "content": "Reverse 'camel'."},
+        {"role": "assistant", "content": "lemac"},
+    ],
+]
+
+
+@pytest.mark.parametrize("family", ["llama3", "llama4"])
+@pytest.mark.parametrize("messages", MULTI_TURN)
+def test_mask_against_metas_own_chat_format(messages, family, monkeypatch):
+    """The real Llama 3 and Llama 4 tokenizer.models and Meta's reference ChatFormats
+    (llama-models): the ids are Meta's dialog encoding (less its trailing generation prompt)
+    and the mask is, token by token, 0 over each message's header and 1 over exactly an
+    assistant message's content and its end-of-turn token, as Meta's per-message encoding
+    delimits them."""
+    llama_models = pytest.importorskip("llama_models", reason="needs Meta's llama-models")
+    import importlib.util
+
+    from llama_models.datatypes import RawMessage, StopReason
+
+    if family == "llama4" and importlib.util.find_spec("torchvision") is None:
+        # Meta's Llama 4 chat format imports its image transforms (torchvision) at the top;
+        # text never reaches them, so stand-ins let the text path run without torchvision.
+        import types
+
+        stub = types.ModuleType("llama_models.llama4.preprocess")
+        stub.ResizeNormalizeImageTransform = stub.VariableSizeImageTransform = object
+        monkeypatch.setitem(sys.modules, stub.__name__, stub)
+    chat_format = importlib.import_module(f"llama_models.{family}.chat_format")
+    meta_tokenizer = importlib.import_module(f"llama_models.{family}.tokenizer")
+    path = Path(llama_models.__file__).parent / family / "tokenizer.model"
+    fmt = chat_format.ChatFormat(meta_tokenizer.Tokenizer(path))
+    raw = [RawMessage(role=m["role"], content=m["content"], stop_reason=StopReason.end_of_turn)
+           for m in messages]  # fmt: skip
+    want_ids = fmt.encode_dialog_prompt(raw).tokens[: -len(fmt._encode_header("assistant"))]
+    want_mask = [0]  # <|begin_of_text|>
+    for message in raw:
+        tokens, _ = fmt.encode_message(message, None)
+        header = len(fmt._encode_header(message.role))
+        learned = int(message.role == "assistant")
+        want_mask += [0] * header + [learned] * (len(tokens) - header)
+    ids, mask = tokenize_chat(Tokenizer.load(path), messages)
+    assert ids == want_ids
+    assert mask == want_mask
