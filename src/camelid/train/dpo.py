@@ -41,6 +41,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
@@ -95,6 +96,13 @@ class PreferenceBatch:
     @property
     def pairs(self) -> int:
         return len(self.index)
+
+    @property
+    def tokens(self) -> int:
+        """The batch's tokens without the padding: each row's prompt and completion."""
+        T = self.completion_mask.shape[1]
+        ends = (self.completion_mask > 0) * torch.arange(1, T + 1, device=self.input_ids.device)
+        return int(ends.max(dim=1).values.sum())
 
     def to(self, device: torch.device | str) -> PreferenceBatch:
         return PreferenceBatch(
@@ -152,6 +160,104 @@ def collate(pairs: Sequence[PreferencePair], index: Sequence[int], pad_id: int) 
         ids[r, : n + m] = torch.tensor(prompt + completion, dtype=torch.long)
         mask[r, n : n + m] = 1
     return PreferenceBatch(ids, mask, torch.tensor(list(index), dtype=torch.long))
+
+
+class PairLoader:
+    """Training batches of preference pairs (:class:`PreferenceBatch`), resumable exactly like
+    ``camelid.data``'s loaders.
+
+    An epoch visits every pair once, in an order drawn from ``(seed, epoch)`` (file order
+    without ``shuffle``); rank r of W takes every W-th pair of it, and a batch is
+    ``batch_size`` of a rank's pairs, so the pairs of one optimizer step (micro-batches ×
+    ranks) are the same for any number of ranks of the same global batch. The pairs left at
+    an epoch's end, fewer than a global batch, wait for the next epoch's order.
+    ``state_dict()`` / ``load_state_dict()`` hold ``(epoch, batch)`` and what must not change:
+    the data (the pairs' digest), the seed, the order, the global batch.
+    """
+
+    def __init__(
+        self,
+        data: PreferenceSet,
+        batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = True,
+    ) -> None:
+        if batch_size <= 0:
+            raise DataError(f"batch_size must be positive, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise DataError(f"rank {rank} is outside world_size {world_size}")
+        self.data, self.batch_size, self.seed, self.shuffle = data, batch_size, seed, shuffle
+        self.rank, self.world_size = rank, world_size
+        self.digest = data.digest
+        self.batches_per_epoch = len(data) // world_size // batch_size
+        if self.batches_per_epoch == 0:
+            raise DataError(
+                f"{data.path}: {len(data)} preference pairs, fewer than one batch of "
+                f"{batch_size} per rank for {world_size} rank(s)"
+            )
+        self.epoch, self.batch = 0, 0
+        self._order: list[int] | None = None
+
+    def __iter__(self) -> PairLoader:
+        return self
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def __next__(self) -> PreferenceBatch:
+        if self.batch >= self.batches_per_epoch:
+            self.epoch, self.batch, self._order = self.epoch + 1, 0, None
+        first = self.batch * self.batch_size
+        index = self._epoch_order()[first : first + self.batch_size]
+        self.batch += 1
+        return collate([self.data.pairs[i] for i in index], index, self.data.pad_id)
+
+    def _epoch_order(self) -> list[int]:
+        """This rank's pairs for the current epoch, in visiting order."""
+        if self._order is None:
+            n = len(self.data)
+            if self.shuffle:
+                order = np.random.default_rng([self.seed, self.epoch]).permutation(n).tolist()
+            else:
+                order = list(range(n))
+            usable = self.batches_per_epoch * self.batch_size * self.world_size
+            self._order = order[:usable][self.rank :: self.world_size]
+        return self._order
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "batch": self.batch,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "batch_size": self.batch_size,
+            "world_size": self.world_size,
+            "rank": self.rank,
+            "data_digest": self.digest,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state``: the same pairs, order and global batch (the number of
+        ranks may change while batch_size × world_size stays)."""
+        mine = self.state_dict()
+        names = {"data_digest": "the preference pairs (their digest)"}
+        for key in ("data_digest", "seed", "shuffle"):
+            if state.get(key) != mine[key]:
+                was, now = state.get(key), mine[key]
+                if key == "data_digest":
+                    was, now = str(was)[:12], now[:12]
+                raise DataError(
+                    f"cannot resume the pair loader: {names.get(key, key)} was {was!r}, now {now!r}"
+                )
+        before = state.get("batch_size", 0) * state.get("world_size", 0)
+        if before != self.batch_size * self.world_size:
+            raise DataError(
+                f"cannot resume the pair loader: the global batch was {before} pairs "
+                f"(batch_size x world_size), now {self.batch_size * self.world_size}"
+            )
+        self.epoch, self.batch, self._order = int(state["epoch"]), int(state["batch"]), None
 
 
 def read_preferences(
@@ -445,33 +551,49 @@ def reference_logps(
     reference: ReferenceContext = None,
     autocast_dtype: torch.dtype | None = None,
     progress: bool = False,
+    world: World | None = None,
 ) -> Reference:
     """The reference log-probs of every pair of ``dataset``, computed once, without gradients,
     from ``model`` as it is now (the frozen start) or inside ``reference()`` (e.g. a LoRA model
     with its adapters off). ``weights_digest`` names the start weights
-    (:func:`camelid.weights.digest.model_digest` of the model by default)."""
+    (:func:`camelid.weights.digest.model_digest` of the model by default; pass it for a
+    sharded model).
+
+    Under torchrun (``world``) rank r computes every W-th batch and the table is summed over
+    the ranks: each value comes from one rank and the others add zeros, so every rank ends with
+    the same table. Every rank runs as many forwards (FSDP2's all-gathers are collective): one
+    with a batch fewer repeats a batch and discards it."""
+    world = world or World()
     if weights_digest is None:
         from camelid.weights.digest import model_digest
 
         weights_digest = model_digest(model)
     device = next(model.parameters()).device
-    out = torch.empty((len(dataset), 2), dtype=torch.float32)
+    out = torch.zeros((len(dataset), 2), dtype=torch.float32)
     batches = dataset.batches(batch_size)
+    mine = [(b, True) for b in batches[world.rank :: world.world_size]]
+    rounds = -(-len(batches) // world.world_size)
+    work: Iterable[tuple[PreferenceBatch, bool]] = mine + [(batches[0], False)] * (
+        rounds - len(mine)
+    )
     if progress:
         from tqdm import tqdm
 
-        batches = tqdm(batches, desc="reference log-probs", unit="batch")
+        work = tqdm(work, desc="reference log-probs", unit="batch", total=rounds)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad(), reference() if reference else contextlib.nullcontext():
-            for batch in batches:
+            for batch, keep in work:
                 batch = batch.to(device)
                 with _autocast(device, autocast_dtype):
                     logps = sequence_logps(model, batch.input_ids, batch.completion_mask)
-                out[batch.index.cpu()] = logps.float().view(2, -1).t().cpu()
+                if keep:
+                    out[batch.index.cpu()] = logps.float().view(2, -1).t().cpu()
     finally:
         model.train(was_training)
+    if world.distributed:
+        out = all_reduce_sum(out.to(device), world).cpu()
     return Reference(
         out, weights_digest, dataset.digest, reference_checksum(out, weights_digest, dataset.digest)
     )
@@ -496,11 +618,46 @@ def dpo_step(
     log-probs of every pair (:func:`reference_logps`), read at each batch's ``index``. The
     caller clips, steps the optimizer and zeroes the gradients.
     """
+    return _pairs_pass(model, batches, ref, beta, label_smoothing, autocast_dtype, world, True)
+
+
+def dpo_evaluate(
+    model: nn.Module,
+    batches: PreferenceBatch | Iterable[PreferenceBatch],
+    ref: Reference | torch.Tensor,
+    beta: float,
+    label_smoothing: float = 0.0,
+    autocast_dtype: torch.dtype | None = None,
+    world: World | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """:func:`dpo_step`'s loss and metrics for held-out pairs, without gradients and in eval
+    mode (no adapter dropout): validation at the trainer's eval intervals."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return _pairs_pass(
+                model, batches, ref, beta, label_smoothing, autocast_dtype, world, False
+            )
+    finally:
+        model.train(was_training)
+
+
+def _pairs_pass(
+    model: nn.Module,
+    batches: PreferenceBatch | Iterable[PreferenceBatch],
+    ref: Reference | torch.Tensor,
+    beta: float,
+    label_smoothing: float,
+    autocast_dtype: torch.dtype | None,
+    world: World | None,
+    backward: bool,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     _check_beta(beta, label_smoothing)
     world = world or World()
     batches = [batches] if isinstance(batches, PreferenceBatch) else list(batches)
     if not batches:
-        raise ValueError("dpo_step needs at least one batch")
+        raise ValueError("a DPO step needs at least one batch")
     table = ref.logps if isinstance(ref, Reference) else ref
     device = batches[0].input_ids.device
     n_pairs = all_reduce_sum(
@@ -519,7 +676,8 @@ def dpo_step(
             policy_chosen, policy_rejected, r[:, 0], r[:, 1], beta, label_smoothing
         )
         loss = losses.sum()
-        (loss * scale.to(loss.dtype)).backward()
+        if backward:
+            (loss * scale.to(loss.dtype)).backward()
         parts = (
             loss.detach(),
             chosen.sum(),

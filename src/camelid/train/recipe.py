@@ -194,6 +194,23 @@ class LoraSection:
 
 
 @dataclass
+class DpoSection:
+    # Direct preference optimisation of init.model on preference pairs: a JSONL file of
+    # {"prompt", "chosen", "rejected"} (empty: off). The tokenizer is init.model's; data.dir
+    # is not used. val_data: held-out pairs, scored at every evaluation (empty: none).
+    data: str = _path("")
+    val_data: str = _path("")
+    beta: float = _ranged(0.1, gt=0)  # how far the policy may move from the reference
+    label_smoothing: float = _ranged(0.0, ge=0, lt=0.5)  # conservative DPO's share of noise
+    max_len: int = _ranged(0, ge=0)  # tokens of prompt + longer completion; 0: train.seq_len
+    truncate: bool = False  # cut a longer pair's completions to fit, instead of skipping it
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.data)
+
+
+@dataclass
 class DataSection:
     dir: str = _path("")  # a dataset written by `camelid prepare` (required)
     tokenizer: str = _path("")  # must be the tokenizer the dataset was prepared with
@@ -296,6 +313,7 @@ class Recipe:
     model: ModelSection = field(default_factory=ModelSection)
     init: InitSection = field(default_factory=InitSection)
     lora: LoraSection = field(default_factory=LoraSection)
+    dpo: DpoSection = field(default_factory=DpoSection)
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
@@ -350,12 +368,38 @@ class Recipe:
                 f"train.expert_parallel = true splits the experts of a mixture-of-experts model, "
                 f"but model {self.model.preset!r} with these fields is dense (n_experts = 0)"
             )
-        if not self.data.dir:
+        if self.dpo.enabled:
+            self._validate_dpo()
+        elif self.dpo.val_data:
+            raise RecipeError("dpo.val_data is set but dpo.data is not: set the training pairs")
+        elif not self.data.dir:
             raise RecipeError("data.dir is required: a dataset directory from `camelid prepare`")
         for drill in self.guard.drill:
             kind, _, step = drill.partition(":")
             if kind not in ("nan", "spike") or not step.isdigit():
                 raise RecipeError(f"guard.drill: {drill!r} is not 'nan:STEP' or 'spike:STEP'")
+
+    def _validate_dpo(self) -> None:
+        """A DPO run fine-tunes init.model on dpo.data, with init.model's tokenizer."""
+        if not self.init.model:
+            raise RecipeError(
+                "dpo.data trains a model on preference pairs: set init.model to the one to "
+                "fine-tune (a Hugging Face directory, a camelid run or a checkpoint)"
+            )
+        for key in ("data.dir", "data.tokenizer"):
+            if self.get(key):
+                raise RecipeError(
+                    f"{key} is for token datasets; a DPO run reads dpo.data with init.model's "
+                    f"tokenizer: remove {key}"
+                )
+        if self.dpo_max_len < 2:
+            key = "dpo.max_len" if self.dpo.max_len else "train.seq_len (dpo.max_len = 0)"
+            raise RecipeError(f"{key} must be at least 2 for a DPO run, got {self.dpo_max_len}")
+
+    @property
+    def dpo_max_len(self) -> int:
+        """The most tokens of a pair's prompt plus its longer completion."""
+        return self.dpo.max_len or self.train.seq_len
 
     def model_config(self, vocab_size: int) -> ModelConfig:
         """The preset with the recipe's fields on top; vocab from the tokenizer unless given."""

@@ -373,7 +373,7 @@ def _plot_loss(run: _Run, dst: Path) -> None:
     _mark_steps(ax, guard, "spike / non-finite", colors="C1", alpha=0.5, lw=0.8)
     _mark_steps(ax, event_steps("rollback"), "rollback", colors="C4", linestyles="--")
     _mark_steps(ax, event_steps("resume"), "resume", colors="0.4", linestyles=":")
-    ax.set_ylabel("loss (nats/token)")
+    ax.set_ylabel("DPO loss (mean over pairs)" if _is_dpo(run) else "loss (nats/token)")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="upper right", fontsize="small")
     _save(fig, dst)
@@ -412,6 +412,97 @@ def _plot_throughput(run: _Run, dst: Path) -> None:
         ax2.set_ylim(bottom=0, top=max(1.0, 1.15 * max(y for _, y in mfu)))
         ax2.legend(handles=handles, loc="lower right", fontsize="small")
     _save(fig, dst)
+
+
+# --- DPO (preference optimisation runs) ----------------------------------------------------
+
+DPO_REWARDS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
+
+
+def _is_dpo(run: _Run) -> bool:
+    return any(_finite(r.get("rewards/margins")) is not None for r in run.steps)
+
+
+def _dpo_points(records: list[dict], key: str) -> tuple[list[float], list[float]]:
+    pts = [(float(r["step"]), _finite(r.get(key))) for r in records if r.get("skipped") is not True]
+    pts = [(x, y) for x, y in pts if y is not None]
+    return [x for x, _ in pts], [y for _, y in pts]
+
+
+def _plot_rewards(run: _Run, dst: Path) -> None:
+    """DPO's rewards over the steps: chosen, rejected and their margin (smoothed, the margin's
+    raw points too), and the share of pairs whose chosen reward is the higher; validation's
+    margin and accuracy as points."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(8, 6.5), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    top, bottom = fig.subplots(2, 1, sharex=True)
+    few = len(run.steps) < 200
+    xs, ys = _dpo_points(run.steps, "rewards/margins")
+    top.scatter(xs, ys, s=10 if few else 4, color="C0", alpha=0.35, lw=0)
+    for key, colour, label in (("rewards/margins", "C0", "margin"),
+                               ("rewards/chosen", "C2", "chosen"),
+                               ("rewards/rejected", "C3", "rejected")):  # fmt: skip
+        ex, ey = _ema(*_dpo_points(run.steps, key))
+        if ex:
+            top.plot(*_line(ex, ey), color=colour, lw=1.6, label=f"{label} (smoothed)")
+    vx, vy = _dpo_points(run.evals, "val_rewards/margins")
+    if vx:
+        top.plot(vx, vy, "o", color="C1", ms=5, label="validation margin")
+    top.axhline(0.0, color="0.5", lw=0.8, ls=":")
+    top.set_title("DPO rewards: β (log π − log π_ref), mean over the step's pairs")
+    top.set_ylabel("reward")
+    top.legend(loc="upper left", fontsize="small")
+    ax, ay = _ema(*_dpo_points(run.steps, "rewards/accuracies"))
+    if ax:
+        bottom.plot(*_line(ax, ay), color="C0", lw=1.6, label="train (smoothed)")
+    vx, vy = _dpo_points(run.evals, "val_rewards/accuracies")
+    if vx:
+        bottom.plot(vx, vy, "o", color="C1", ms=5, label="validation")
+    bottom.axhline(0.5, color="0.5", lw=0.8, ls=":")
+    bottom.set_ylim(-0.02, 1.02)
+    bottom.set_title("Reward accuracy: share of pairs with chosen > rejected")
+    bottom.set_ylabel("accuracy")
+    bottom.set_xlabel("step")
+    bottom.legend(loc="lower right", fontsize="small")
+    for a in (top, bottom):
+        a.grid(True, alpha=0.3)
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))
+    _save(fig, dst)
+
+
+def _dpo_section(run: _Run, run_dir: Path) -> list[str]:
+    """A DPO run's rewards: first and last logged step, the last evaluation, and the plot."""
+    if not _is_dpo(run):
+        return []
+    steps = [r for r in run.steps if r.get("skipped") is not True]
+    first, last = steps[0], steps[-1]
+    last_eval = next((e for e in reversed(run.evals)
+                      if _finite(e.get("val_rewards/margins")) is not None), None)  # fmt: skip
+    header = (f"step {first['step']:.0f}", f"step {last['step']:.0f}")
+    rows = []
+    for key in ("loss", *DPO_REWARDS):
+        cells = [_float(_finite(first.get(key))), _float(_finite(last.get(key)))]
+        if last_eval is not None:
+            cells.append(_float(_finite(last_eval.get(f"val_{key}"))))
+        rows.append((key, *cells))
+    columns = ("", *header) + ((f"validation (step {last_eval['step']:.0f})",) if last_eval else ())
+    _plot_rewards(run, run_dir / "rewards.png")
+    return [
+        "## DPO",
+        "",
+        *_table(columns, rows),
+        "",
+        "Rewards are β times the policy's log-probability of a completion minus the reference's "
+        "(the start weights'), summed over its tokens: 0 at the start, where the loss is log 2 "
+        "(0.6931). Accuracy is the share of pairs whose chosen completion gets the higher reward.",
+        "",
+        "![DPO rewards](rewards.png)",
+        "",
+    ]
 
 
 # --- experts (mixture-of-experts runs) ------------------------------------------------------
@@ -932,6 +1023,7 @@ def write_report(run_dir: str | Path) -> Path:
 
     try:
         lines += ["## Plots", "", *_write_plots(run, run_dir)]
+        lines += _dpo_section(run, run_dir)
         if expert_lines := _experts_section(run, run_dir):
             lines += [*expert_lines]
         lines += [*_events_section(run), ""]

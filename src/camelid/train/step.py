@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -18,6 +19,15 @@ from camelid.loss import next_token_loss, valid_targets
 from camelid.train import balance
 from camelid.train.distributed import World, all_reduce_sum
 from camelid.train.parallelize import average_expert_grads
+
+
+@dataclass
+class StepOutcome:
+    """One optimizer step's forward and backward, as the trainer logs it."""
+
+    loss: torch.Tensor  # detached, on device, the same on every rank
+    tokens: int  # the step's tokens over all ranks (a DPO step: its pairs' tokens, no padding)
+    metrics: dict[str, float] = field(default_factory=dict)  # more for the step record
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

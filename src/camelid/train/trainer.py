@@ -42,6 +42,7 @@ from camelid.train import balance
 from camelid.train import checkpoint as ckpt
 from camelid.train.distributed import World, all_reduce_sum, any_rank, barrier, init_world
 from camelid.train.distributed import close as close_world
+from camelid.train.dpo_run import DPORun
 from camelid.train.guard import Guard
 from camelid.train.metrics import (
     Clock,
@@ -56,7 +57,7 @@ from camelid.train.parallelize import build_model, check_expert_parallel, local_
 from camelid.train.recipe import Recipe, RecipeError
 from camelid.train.report import format_duration, read_invocations, run_time
 from camelid.train.schedule import lr_at
-from camelid.train.step import build_optimizer, clip_grad_norm, forward_backward
+from camelid.train.step import StepOutcome, build_optimizer, clip_grad_norm, forward_backward
 from camelid.weights.lora import save_adapter
 
 # Roll-backs to the same checkpoint before the run gives up: the data is not the problem then.
@@ -164,25 +165,31 @@ class _Run:
         # Everything a user can get wrong is checked before the run directory is touched: a
         # failed start leaves no empty run directory and changes nothing of an existing run.
         self._check_run_dir(resume, fresh)
-        manifest = self.manifest = read_manifest(r.data.dir)
-        tok_path = r.data.tokenizer or manifest["tokenizer"]["path"]
-        self.tokenizer = Tokenizer.load(tok_path)
-        if self.tokenizer.digest != manifest["tokenizer"]["digest"]:
-            raise RecipeError(
-                f"{r.data.dir} was prepared with another tokenizer than {tok_path} "
-                "(digests differ); prepare the data again or point data.tokenizer at the right one"
-            )
-        self.init_source = self._init_source(manifest) if r.init.model else None
-        if self.init_source is None:
-            self.config = r.model_config(self.tokenizer.vocab_size)
+        self.dpo: DPORun | None = None
+        if r.dpo.enabled:  # preference pairs, read with init.model's tokenizer: no data.dir
+            manifest = self.manifest = None
+            self.init_source = self._init_source(None)
+            self.tokenizer = self.init_tokenizer
+        else:
+            manifest = self.manifest = read_manifest(r.data.dir)
+            tok_path = r.data.tokenizer or manifest["tokenizer"]["path"]
+            self.tokenizer = Tokenizer.load(tok_path)
+            if self.tokenizer.digest != manifest["tokenizer"]["digest"]:
+                raise RecipeError(
+                    f"{r.data.dir} was prepared with another tokenizer than {tok_path} (digests "
+                    "differ); prepare the data again or point data.tokenizer at the right one"
+                )
+            self.init_source = self._init_source(manifest) if r.init.model else None
+            if self.init_source is None:
+                self.config = r.model_config(self.tokenizer.vocab_size)
         if self.config.vocab_size < self.tokenizer.vocab_size:
             raise RecipeError(
                 f"model.vocab_size {self.config.vocab_size} is smaller than the tokenizer's "
                 f"{self.tokenizer.vocab_size}"
             )
         # A fine-tuning dataset (`camelid prepare --format chat`): masked targets, packed rows.
-        self.sft = manifest.get("kind") == "sft"
-        if not self.sft:
+        self.sft = manifest is not None and manifest.get("kind") == "sft"
+        if manifest is not None and not self.sft:
             self._check_training_windows(manifest)
         check_expert_parallel(self.config, world, expert_parallel=r.train.expert_parallel,
                               compile=r.train.compile)  # fmt: skip
@@ -190,7 +197,11 @@ class _Run:
         if self.lora is not None:  # targets this model lacks: said before anything is written
             with torch.device("meta"):
                 apply_lora(Transformer(self.config), self.lora)
-        self.loader = self._loader("train", r.train.batch_size, r.train.seed, shuffle=True)
+        if r.dpo.enabled:
+            self.dpo = self._dpo_run()
+            self.loader = self.dpo.loader
+        else:
+            self.loader = self._loader("train", r.train.batch_size, r.train.seed, shuffle=True)
         if r.log.tensorboard and importlib.util.find_spec("tensorboard") is None:
             raise RecipeError(
                 "log.tensorboard = true needs the tensorboard package (pip install tensorboard)"
@@ -198,6 +209,8 @@ class _Run:
         start_state = self._resume_state(resume)
         if start_state is not None and (done := self._already_finished(*start_state)):
             return done  # a finished run: nothing is written
+        if self.dpo is not None and start_state is not None:
+            self.dpo.load_reference(self.run_dir)  # verified before anything is written
         self._prepare_dir(fresh)  # the first write of this run
         if world.is_main:  # the run's own copy: its checkpoints stay exportable
             keep_run_tokenizer(self.tokenizer, self.run_dir)
@@ -227,10 +240,11 @@ class _Run:
             self.config.vocab_size - self.tokenizer.vocab_size), device=world.device)  # fmt: skip
         self.peak = device_peak(world.device, r.run.peak_tflops)
         self.flops_per_token = self.config.flops_per_token(r.train.seq_len)
-        self.tokens_per_step = (
+        # A DPO step's tokens vary with its pairs: it counts them itself (StepOutcome).
+        self.tokens_per_step = None if self.dpo else (
             r.train.batch_size * r.train.seq_len * r.train.grad_accum * world.world_size
-        )
-        self.local_tokens = self.tokens_per_step // world.world_size
+        )  # fmt: skip
+        self.local_tokens = (self.tokens_per_step or 0) // world.world_size
         self.log = MetricsLog(self.run_dir, world.is_main, self.clock, r.log.tensorboard)
         self.step, self.tokens = 0, 0
         self._header(manifest, start_state)
@@ -242,9 +256,14 @@ class _Run:
             for detail in self.unusable:  # newer checkpoints that _resume_state passed over
                 self._event("checkpoint_unusable", detail)
             self._event("resume", str(start_state[0]))
+            if self.dpo is not None:
+                self._event("dpo_reference", f"{self.run_dir / 'dpo-reference*'}: verified, "
+                            "not recomputed")  # fmt: skip
         else:
             if self.init_source is not None:
                 self._load_init_weights()
+            if self.dpo is not None:
+                self._dpo_reference()  # before step 1 (and its checkpoint): the start weights
             if r.guard.enabled and r.guard.max_bad_steps > 0:
                 self._checkpoint()  # something to roll back to from the very first steps
         if world.is_main:
@@ -257,10 +276,11 @@ class _Run:
         finally:
             self.log.close()
 
-    def _init_source(self, manifest: dict[str, Any]) -> Any:
+    def _init_source(self, manifest: dict[str, Any] | None) -> Any:
         """The model ``init.model`` names, checked before anything is written: its config
-        becomes the run's (``model.max_seq_len`` may extend it) and its tokenizer must be the
-        one the data was prepared with."""
+        becomes the run's (``model.max_seq_len`` may extend it) and its tokenizer
+        (``init_tokenizer``) must be the one the data was prepared with (``manifest``; a DPO
+        run has none: it tokenises its pairs with this one)."""
         from camelid.infer.load import inspect_model, load_tokenizer, resolve_model
 
         r = self.recipe
@@ -270,7 +290,8 @@ class _Run:
             tokenizer = load_tokenizer(source)
         except CamelidError as e:
             raise RecipeError(f"init.model: {e}") from None
-        if tokenizer.digest != manifest["tokenizer"]["digest"]:
+        self.init_tokenizer = tokenizer
+        if manifest is not None and tokenizer.digest != manifest["tokenizer"]["digest"]:
             raise RecipeError(
                 f"init.model {r.init.model} has another tokenizer than the one {r.data.dir} was "
                 f"prepared with (digests {tokenizer.digest[:12]} and "
@@ -458,7 +479,7 @@ class _Run:
         metrics.jsonl (the report's accounting of processes rests on it), a few lines on the
         console (main rank), then the warnings that apply."""
         r, t, world, c = self.recipe, self.recipe.train, self.world, self.config
-        warnings = self._plan_validation(manifest)
+        warnings = self.dpo.warnings() if self.dpo else self._plan_validation(manifest)
         resumed = int(start_state[1]["step"]) if start_state is not None else None
         precision = "bf16" if self.compute_dtype == torch.bfloat16 else "fp32"
         device = device_name(world.device)
@@ -477,45 +498,21 @@ class _Run:
             peak=self.peak.to_dict(),
         )
         if world.is_main:
-            total = t.steps * self.tokens_per_step
-            train_tokens = manifest["splits"]["train"]["tokens"]
-            epochs = f"{total / train_tokens:.2f}" if train_tokens else "–"
-            val_tokens = manifest["splits"].get("validation", {}).get("tokens", 0)
             when = (
                 f"every {r.eval.interval} steps and at the end" if r.eval.interval else "at the end"
             )
-            val = f"{val_tokens:,} tokens; not evaluated"
-            if self.val_batches:
-                val = (
-                    f"{val_tokens:,} tokens; {when}, {_n(self.val_batches, 'batch')} of "
-                    f"{self.val_batch_size} x {t.seq_len}"
-                )
             where = str(self.run_dir)
             if resumed is not None:
                 left = max(t.steps - resumed, 0)
-                where += (
-                    f" (resuming from step {resumed}: {left} steps, "
-                    f"{left * self.tokens_per_step:,} tokens to go)"
-                )
+                amount = (f"{left * self.dpo.pairs_per_step:,} pairs" if self.dpo
+                          else f"{left * self.tokens_per_step:,} tokens")  # fmt: skip
+                where += f" (resuming from step {resumed}: {left} steps, {amount} to go)"
             reliable = "" if self.peak.reliable else ", unreliable"
             ranks = _n(world.world_size, "rank")
             experts = f", experts split over the {ranks}" if self.expert_parallel else ""
-            padding = ""
-            if self.sft:  # packed rows: positions, some of them padding
-                padding = f" (packing leaves {self.loader.padding_share:.1%} of them padding)"
+            data_rows = self.dpo.header_rows(when) if self.dpo else self._data_rows(manifest, when)
             rows = [
-                (
-                    "batch",
-                    f"{self.tokens_per_step:,} tokens per step = {t.batch_size} sequences x "
-                    f"{t.seq_len} tokens x {_n(t.grad_accum, 'micro-batch')} x {ranks}"
-                    f"{padding}",
-                ),
-                (
-                    "training",
-                    f"{t.steps:,} steps = {total:,} tokens = {epochs} epochs of the "
-                    f"{train_tokens:,} training tokens",
-                ),
-                ("validation", val),
+                *data_rows,
                 ("device", f"{device}, {ranks}, {precision}{experts}"),
                 ("MFU peak", f"{self.peak.detail} ({self.peak.source}{reliable})"),
                 ("run", where),
@@ -550,6 +547,38 @@ class _Run:
             )
         for kind, text in warnings:
             self._warn(kind, text)
+
+    def _data_rows(self, manifest: dict[str, Any], when: str) -> list[tuple[str, str]]:
+        """The header's lines on the batch, the training tokens and the validation split."""
+        t = self.recipe.train
+        total = t.steps * self.tokens_per_step
+        train_tokens = manifest["splits"]["train"]["tokens"]
+        epochs = f"{total / train_tokens:.2f}" if train_tokens else "–"
+        val_tokens = manifest["splits"].get("validation", {}).get("tokens", 0)
+        val = f"{val_tokens:,} tokens; not evaluated"
+        if self.val_batches:
+            val = (
+                f"{val_tokens:,} tokens; {when}, {_n(self.val_batches, 'batch')} of "
+                f"{self.val_batch_size} x {t.seq_len}"
+            )
+        ranks = _n(self.world.world_size, "rank")
+        padding = ""
+        if self.sft:  # packed rows: positions, some of them padding
+            padding = f" (packing leaves {self.loader.padding_share:.1%} of them padding)"
+        return [
+            (
+                "batch",
+                f"{self.tokens_per_step:,} tokens per step = {t.batch_size} sequences x "
+                f"{t.seq_len} tokens x {_n(t.grad_accum, 'micro-batch')} x {ranks}"
+                f"{padding}",
+            ),
+            (
+                "training",
+                f"{t.steps:,} steps = {total:,} tokens = {epochs} epochs of the "
+                f"{train_tokens:,} training tokens",
+            ),
+            ("validation", val),
+        ]
 
     def _balance_text(self) -> str:
         m = self.recipe.moe
@@ -643,6 +672,26 @@ class _Run:
         self._event("init", f"weights from {source.path}")
         self._say(f"  init        weights from {source.path}")
 
+    def _dpo_run(self) -> DPORun:
+        """The preference pairs, read and checked before anything is written, and the
+        digest of init.model's weights that binds the reference to them."""
+        from camelid.weights.digest import source_digest
+
+        digest = source_digest(self.init_source, progress=False)
+        return DPORun(self.recipe, self.world, self.tokenizer, self.config, digest,
+                      lora=self.recipe.lora.config() is not None)  # fmt: skip
+
+    def _dpo_reference(self) -> None:
+        """The reference log-probs, computed once from the start weights and saved."""
+        self.clock.lap("startup")
+        what = "the base (adapters off)" if self.lora is not None else "the start weights"
+        self._say(f"  reference   log-probs of every pair from {what} ...")
+        paths = self.dpo.compute_reference(self.model, self.run_dir, self.autocast,
+                                           self.show_bar)  # fmt: skip
+        self.clock.lap("reference")
+        for path in paths:
+            self._event("dpo_reference", f"{path}: computed from {what} of {self.init_source.path}")
+
     def _restore(self, path: Path, state: dict[str, Any]) -> None:
         ckpt.load(path, self.model, self.optimizer, self.world, self._checkpoint_keys)
         self.step, self.tokens = int(state["step"]), int(state["tokens"])
@@ -666,11 +715,8 @@ class _Run:
                 lr = lr_at(self.step, r)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
-                batches = [
-                    tuple(t.to(world.device, non_blocking=True) for t in next(self.loader))
-                    for _ in range(r.train.grad_accum)
-                ]
-                loss = forward_backward(self.model, batches, self.autocast, world)
+                outcome = self._forward_backward()
+                loss = outcome.loss
                 grad_norm = clip_grad_norm(self.model, r.optim.grad_clip)  # global, every rank
                 experts = balance.end_step(self.model, world)
                 stats = torch.stack([loss.float(), grad_norm.float().to(loss.device)])
@@ -695,7 +741,7 @@ class _Run:
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
                 self.steps_run += 1
-                self.tokens += self.tokens_per_step
+                self.tokens += outcome.tokens
                 seconds = self.clock.lap("train")
                 if verdict is None:
                     since_checkpoint += seconds
@@ -706,19 +752,20 @@ class _Run:
                                 "update skipped" + (" (drill)" if drill else ""))  # fmt: skip
                 for alarm in alarms:  # router blow-ups (bad steps) and dead experts
                     (self._event if alarm.bad else self._warn)(alarm.kind, alarm.detail)
-                tps = self.tokens_per_step / seconds
+                tps = outcome.tokens / seconds
                 # The peak is one device's: the run's is world_size of them.
                 peak = self.peak.flops * world.world_size if self.peak.flops else None
                 mfu = tps * self.flops_per_token / peak if peak else None
                 self.log.write("step", step=self.step, loss=loss_value, grad_norm=norm_value,
                                lr=lr, tokens=self.tokens, tokens_per_s=tps, mfu=mfu,
                                peak_mem_bytes=peak_memory(world.device), step_time_s=seconds,
-                               skipped=verdict is not None)  # fmt: skip
+                               skipped=verdict is not None, **outcome.metrics)  # fmt: skip
                 balance_now = None
                 if experts is not None:
                     balance_now = expert_balance(experts.tokens)
                     self.log.write("experts", step=self.step, **experts.record(), **balance_now)
-                self._show(bar, loss_value, lr, tps, mfu, balance_now)
+                detail = self.dpo.live_text(outcome.metrics) if self.dpo else ""
+                self._show(bar, loss_value, lr, tps, mfu, balance_now, detail)
 
                 if self.guard.must_roll_back:
                     target = self._roll_back(since_checkpoint)
@@ -748,6 +795,17 @@ class _Run:
             self.bar = None
         return "finished"
 
+    def _forward_backward(self) -> StepOutcome:
+        """One step's forward and backward: a DPO run's pairs, or the loader's token batches."""
+        if self.dpo is not None:
+            return self.dpo.step(self.model, self.autocast)
+        batches = [
+            tuple(t.to(self.world.device, non_blocking=True) for t in next(self.loader))
+            for _ in range(self.recipe.train.grad_accum)
+        ]
+        loss = forward_backward(self.model, batches, self.autocast, self.world)
+        return StepOutcome(loss, self.tokens_per_step)
+
     def _show(
         self,
         bar: Any,
@@ -756,6 +814,7 @@ class _Run:
         tps: float,
         mfu: float | None,
         experts: dict[str, Any] | None = None,
+        detail: str = "",
     ) -> None:
         """The live line: a bar's postfix on a terminal, else a line every log.interval steps
         with this process's elapsed time and the ETA at its pace so far (evaluations and
@@ -765,6 +824,8 @@ class _Run:
             text += " " + format_mfu(mfu, self.peak)
         if experts:
             text += " " + format_balance(experts)
+        if detail:
+            text += " " + detail
         steps = self.recipe.train.steps
         due = self.step % self.recipe.log.interval == 0 or self.step == steps
         if bar is not None:
@@ -822,15 +883,36 @@ class _Run:
     # --------------------------------------------------------------------------- evaluate
     @torch.no_grad()
     def _evaluate(self) -> dict[str, Any] | None:
-        r, world = self.recipe, self.world
+        r = self.recipe
         self.last_eval_step = self.step
-        if self.val_batches == 0:  # said at start-up (_plan_validation)
+        if self.dpo is not None:
+            scored = self.dpo.evaluate(self.model, self.autocast)
+        else:
+            scored = self._validation_loss()
+        if scored is None:
             self.clock.lap("eval")
+            return None
+        scores, text = scored
+        result = {
+            **scores,
+            "prompt": r.eval.sample_prompt,
+            "sample": self._sample() if r.eval.sample_tokens > 0 else None,
+        }
+        self.clock.lap("eval")
+        self.log.write("eval", step=self.step, **result)
+        self.last_eval = result
+        self._say(f"step {self.step}/{r.train.steps}  {text}")
+        return result
+
+    def _validation_loss(self) -> tuple[dict[str, Any], str] | None:
+        """The validation split's loss and bits per byte, and a line saying them; None when
+        there is nothing to evaluate."""
+        world = self.world
+        if self.val_batches == 0:  # said at start-up (_plan_validation)
             return None
         try:
             val = self._loader("validation", self.val_batch_size, 0, shuffle=False)
         except DataError as e:
-            self.clock.lap("eval")
             self._event("no_validation", str(e))
             return None
         sums = torch.zeros(3, dtype=torch.float64, device=world.device)  # nats, tokens, bytes
@@ -847,16 +929,9 @@ class _Run:
         result = {
             "val_loss": nats / tokens,
             "val_bpb": nats / (math.log(2) * nbytes) if nbytes else None,
-            "prompt": r.eval.sample_prompt,
-            "sample": self._sample() if r.eval.sample_tokens > 0 else None,
         }
-        self.clock.lap("eval")
-        self.log.write("eval", step=self.step, **result)
-        self.last_eval = result
         bpb = "" if result["val_bpb"] is None else f", {result['val_bpb']:.4f} bits/byte"
-        loss = f"validation loss {result['val_loss']:.4f}{bpb} over {int(tokens):,} tokens"
-        self._say(f"step {self.step}/{r.train.steps}  {loss}")
-        return result
+        return result, f"validation loss {result['val_loss']:.4f}{bpb} over {int(tokens):,} tokens"
 
     def _sample(self) -> str:
         """A completion of the sample prompt by the generation engine, with the stop tokens
@@ -969,7 +1044,8 @@ class _Run:
                              base_model_name_or_path=str(self.recipe.init.model))  # fmt: skip
                 self._event("export", f"{self.run_dir / 'adapter'} (LoRA, peft's format)")
                 model = merge_lora(model)
-            data = data_summary(self.manifest, self.recipe.data.dir)  # for its model card
+            data = (self.dpo.data_summary() if self.dpo  # for its model card
+                    else data_summary(self.manifest, self.recipe.data.dir))  # fmt: skip
             save_pretrained(model, self.tokenizer, self.run_dir / "hf", data=data)
         barrier(self.world)
         self.clock.lap("export")
