@@ -348,6 +348,8 @@ class Recipe:
                     f"init.model {self.init.model} gives the model, so [model] may only set "
                     f"max_seq_len, not {', '.join(other)}"
                 )
+        if self.dpo.enabled:  # before [lora]'s: DPO without init.model is told as such
+            self._validate_dpo()
         self.lora.config()  # its targets are checked here
         if self.lora.r and not self.init.model:
             raise RecipeError(
@@ -368,11 +370,9 @@ class Recipe:
                 f"train.expert_parallel = true splits the experts of a mixture-of-experts model, "
                 f"but model {self.model.preset!r} with these fields is dense (n_experts = 0)"
             )
-        if self.dpo.enabled:
-            self._validate_dpo()
-        elif self.dpo.val_data:
+        if self.dpo.val_data and not self.dpo.enabled:
             raise RecipeError("dpo.val_data is set but dpo.data is not: set the training pairs")
-        elif not self.data.dir:
+        if not self.data.dir and not self.dpo.enabled:
             raise RecipeError("data.dir is required: a dataset directory from `camelid prepare`")
         for drill in self.guard.drill:
             kind, _, step = drill.partition(":")
