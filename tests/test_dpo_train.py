@@ -27,6 +27,7 @@ from camelid.train.dpo_run import REFERENCE_FILE, VAL_REFERENCE_FILE, DPORun
 from camelid.train.recipe import RecipeError, load_recipe
 from camelid.train.trainer import train
 from camelid.weights.checkpoint import load as load_checkpoint
+from camelid.weights.digest import directory_digest
 
 B, SEQ = 4, 64
 LORA = {"r": 4, "alpha": 8.0}
@@ -147,8 +148,6 @@ def test_first_steps_are_dpo_loss_of_the_start_weights(tmp_path, prefs):
     ref = dpo.Reference.load(run / REFERENCE_FILE)
     by_hand = dpo.reference_logps(start, data, batch_size=B)
     torch.testing.assert_close(ref.logps, by_hand.logps, rtol=0, atol=1e-6)
-    from camelid.weights.digest import directory_digest
-
     ref.verify(directory_digest(prefs / "base"), data.digest)  # of init.model and these pairs
     loader = dpo.PairLoader(data, B, seed=0)
     tokens = 0
@@ -232,8 +231,10 @@ def test_lora_dpo_resume_is_exact_and_two_processes_equal_one(tmp_path, prefs, c
     assert f"{path}: DPO reference log-probs do not match their checksum" in line
     assert snapshot(run) == before
     path.unlink()
+    before = snapshot(run)
     line = failed_cleanly(*cli(capsys, "train", recipe, "--resume", step3)[::2])
     assert f"{path}: the run's DPO reference is missing" in line and "--fresh" in line
+    assert snapshot(run) == before
 
     # Two processes (FSDP2), half the batch each: the same losses, rewards and reference.
     path = _recipe(
@@ -304,6 +305,8 @@ def test_bad_input_through_the_cli(tmp_path, prefs, capsys):
     assert "data.dir is for token datasets; a DPO run reads dpo.data" in line
     line = failed_cleanly(*cli(capsys, "train", recipe, "--set", "train.batch_size=64")[::2])
     assert "48 preference pairs, fewer than one batch of 64" in line
+    line = failed_cleanly(*cli(capsys, "train", recipe, "--set", "dpo.max_len=1000")[::2])
+    assert "dpo.max_len is 1000, longer than the model's context (max_seq_len 256)" in line
     assert not run.exists()  # nothing half-written
     with pytest.raises(RecipeError, match=r"dpo\.beta must be > 0"):
         load_recipe(recipe, ["dpo.beta=0"])

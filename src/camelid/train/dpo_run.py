@@ -190,10 +190,10 @@ class DPORun:
             out.append((run_dir / VAL_REFERENCE_FILE, self.val_set))
         return out
 
-    def load_reference(self, run_dir: Path) -> None:
+    def load_reference(self, run_dir: Path) -> list[Path]:
         """A resumed run's reference: read, its checksum checked, and verified to be of
-        init.model's weights and of these pairs; never recomputed."""
-        refs = []
+        init.model's weights and of these pairs; never recomputed. Returns the files read."""
+        refs, paths = [], []
         for path, data in self._sets(run_dir):
             if not path.is_file():
                 raise CheckpointError(
@@ -210,7 +210,9 @@ class DPORun:
                     "the run began: start over with --fresh)"
                 ) from None
             refs.append(ref)
+            paths.append(path)
         self.ref, self.val_ref = refs[0], (refs[1] if len(refs) > 1 else None)
+        return paths
 
     def compute_reference(
         self,

@@ -7,6 +7,10 @@ Per step: the learning rate for this step, ``grad_accum`` micro-batches forward 
 update — or, for a bad step, none. Around it: periodic validation (loss, bits per byte, a sample
 completion), sharded checkpoints, roll-back after repeated bad steps, a checkpoint on SIGTERM /
 SIGINT, and at the end a Hugging Face export and a report.
+
+A recipe with ``[dpo]`` trains on preference pairs instead: each step's forward and backward,
+its validation and its reference are :class:`camelid.train.dpo_run.DPORun`'s; the rest is this
+loop unchanged.
 """
 
 from __future__ import annotations
@@ -210,7 +214,7 @@ class _Run:
         if start_state is not None and (done := self._already_finished(*start_state)):
             return done  # a finished run: nothing is written
         if self.dpo is not None and start_state is not None:
-            self.dpo.load_reference(self.run_dir)  # verified before anything is written
+            self.dpo_verified = self.dpo.load_reference(self.run_dir)  # before any write
         self._prepare_dir(fresh)  # the first write of this run
         if world.is_main:  # the run's own copy: its checkpoints stay exportable
             keep_run_tokenizer(self.tokenizer, self.run_dir)
@@ -256,9 +260,8 @@ class _Run:
             for detail in self.unusable:  # newer checkpoints that _resume_state passed over
                 self._event("checkpoint_unusable", detail)
             self._event("resume", str(start_state[0]))
-            if self.dpo is not None:
-                self._event("dpo_reference", f"{self.run_dir / 'dpo-reference*'}: verified, "
-                            "not recomputed")  # fmt: skip
+            for path in self.dpo_verified if self.dpo is not None else []:
+                self._event("dpo_reference", f"{path}: verified, not recomputed")
         else:
             if self.init_source is not None:
                 self._load_init_weights()
