@@ -188,3 +188,24 @@ def test_packed_training_step_counts_only_real_tokens():
     forward_backward(model, [(x, y, pos, doc)])
     stats = balance.end_step(model, World())
     assert stats.tokens.sum(-1).tolist() == [26] * config.n_moe_layers  # 32 positions, 6 pads
+
+
+def test_dpo_rows_count_only_their_own_tokens():
+    from functools import partial
+
+    from camelid.model.transformer import Transformer
+    from camelid.train.dpo import _logps_head, completion_targets, sequence_logps
+
+    torch.manual_seed(0)
+    config = _config("sigmoid", k=1, shared=1)
+    model = Transformer(config).train()
+    ids = torch.randint(0, config.vocab_size, (2, 12))
+    mask = torch.zeros(2, 12, dtype=torch.long)
+    mask[0, 4:12] = 1  # 12 tokens
+    mask[1, 3:7] = 1  # 7 tokens, then 5 pads
+    balance.begin_step(model, 19, 1, 19)
+    logps = sequence_logps(model, ids, mask)
+    stats = balance.end_step(model, World())
+    assert stats.tokens.sum(-1).tolist() == [19] * config.n_moe_layers
+    plain = model(ids, head=partial(_logps_head, targets=completion_targets(ids, mask)))
+    torch.testing.assert_close(logps, plain, rtol=0, atol=1e-5)  # the ids change no logp

@@ -421,9 +421,18 @@ def sequence_logps(
 ) -> torch.Tensor:
     """Each row's log-probability of its completion tokens, summed (fp32, shape (B,)), from
     one forward of the camelid model over all rows (chosen and rejected together, as trl).
-    Rows are right-padded: with causal attention a pad never changes an earlier position."""
+    Rows are right-padded: with causal attention a pad never changes an earlier position. An
+    MoE model is told which positions are padding (document id -1), so they stay out of its
+    expert statistics; the row's own tokens are one causal document, as without the ids."""
     targets = completion_targets(input_ids, completion_mask)
-    return model(input_ids, head=partial(_logps_head, targets=targets))
+    doc_ids = None
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "is_moe", False):
+        T = completion_mask.shape[1]
+        ends = ((completion_mask > 0) * torch.arange(1, T + 1, device=input_ids.device)).amax(1)
+        real = torch.arange(T, device=input_ids.device) < ends.unsqueeze(1)
+        doc_ids = torch.where(real, 0, -1)
+    return model(input_ids, head=partial(_logps_head, targets=targets), doc_ids=doc_ids)
 
 
 # ----------------------------------------------------------------------------------- loss

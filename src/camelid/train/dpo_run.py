@@ -253,13 +253,11 @@ class DPORun:
         assert self.ref is not None, "compute_reference or load_reference first"
         r, w = self.recipe, self.world
         batches = [next(self.loader).to(w.device) for _ in range(r.train.grad_accum)]
-        positions = sum(b.input_ids.numel() for b in batches)
-        mine = [float(sum(b.tokens for b in batches)), float(positions)]
-        tokens, all_positions = all_reduce_sum(
-            torch.tensor(mine, dtype=torch.float64, device=w.device), w
-        ).tolist()
-        # MoE router accounting: a pair's padding is routed like its tokens (no document ids)
-        balance.begin_step(model, int(all_positions), w.world_size, positions)
+        mine = sum(b.tokens for b in batches)  # without the padding
+        tokens = int(all_reduce_sum(torch.tensor(float(mine), dtype=torch.float64,
+                                                 device=w.device), w))  # fmt: skip
+        # MoE router accounting over the pairs' own tokens (sequence_logps marks the padding)
+        balance.begin_step(model, tokens, w.world_size, mine)
         average_expert_grads(model)
         loss, metrics = dpo_step(
             model, batches, self.ref, r.dpo.beta, r.dpo.label_smoothing, autocast, w
