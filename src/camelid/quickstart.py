@@ -295,7 +295,7 @@ def quickstart_chat(
         "run": result.run_dir,
         "task": {
             "seed": CHAT_SEED,
-            "families": list(families or ()) or None,
+            "families": sorted({e.family for e in task.heldout}),
             "train": len(task.train),
             "heldout": len(task.heldout),
             "preferences": len(task.preferences),
@@ -303,13 +303,15 @@ def quickstart_chat(
         },
         "before": before,
         "after": after,
-        "train": {k: getattr(summary, k) for k in ("status", "steps", "tokens", "wall_s",
-                                                    "final_val_loss", "export")},  # fmt: skip
+        "train": {k: getattr(summary, k) for k in _TRAIN_FIELDS},
         "conversation": conversation,
         "total_s": round(result.total_s, 1),
     }
     write_text_atomic(result.summary_path, json.dumps(record, indent=2) + "\n")
     return result
+
+
+_TRAIN_FIELDS = ("status", "steps", "tokens", "wall_s", "final_val_loss", "export")
 
 
 def _is_model_dir(path: Path) -> bool:

@@ -215,8 +215,9 @@ def _train_records(examples: list[Example]) -> Iterator[dict]:
 def write_task(task: ChatTask, out: str | Path) -> dict[str, Path]:
     """Write ``train.jsonl`` (chats and prompt/completion pairs, as ``camelid prepare --format
     chat`` reads them), ``val.jsonl`` (the held-out pairs, also a ``camelid eval --task``
-    file, each with an ``id`` that starts with its family) and ``preferences.jsonl`` (``prompt``/``chosen``/
-    ``rejected``, as ``camelid.train.dpo.read_preferences`` reads them), atomically."""
+    file, each with an ``id`` that starts with its family) and ``preferences.jsonl``
+    (``prompt``/``chosen``/``rejected``, as ``camelid.train.dpo.read_preferences`` reads
+    them), each atomically."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
 
