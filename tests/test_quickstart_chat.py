@@ -44,7 +44,9 @@ def test_the_task_is_deterministic_and_held_out_questions_are_never_trained_on(t
     two = write_task(b, tmp_path / "two")
     for name in one:
         assert one[name].read_bytes() == two[name].read_bytes(), name
-    with pytest.raises(DataError, match="unknown synthetic task family 'sum'; known: first"):
+    with pytest.raises(
+        DataError, match="unknown synthetic task family 'sum'; known: count, longer"
+    ):
         make_task(0, families=("first", "sum"))
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from camelid.data import PrepareConfig, prepare, sources
 from camelid.data.pipeline import training_texts
-from camelid.errors import TokenizerError
+from camelid.errors import CheckpointError, TokenizerError
 from camelid.io import write_text_atomic
 from camelid.tokenizer import Tokenizer, train_tokenizer
 from camelid.tokenizer.tokenizer import JSON_NAME, MODEL_NAME
@@ -176,7 +176,8 @@ CHAT_RECIPE = "sft-cpu"
 CHAT_SEED = 0
 CHAT_SIZES = {"n_train": 20_000, "n_heldout": 200, "n_preferences": 1_000}
 #: How the held-out questions are asked: greedy, in the chat template, one line, at most this
-#: many tokens (the longest answer, four words, is four tokens and the end of the turn).
+#: many tokens (an answer is one to three tokens and the end of the turn; a model that
+#: rambles is cut here).
 ANSWER_TOKENS = 16
 ANSWER_STOP = ("\n",)
 CHAT_SUMMARY_FORMAT = "camelid-quickstart-chat/1"
@@ -238,8 +239,11 @@ def quickstart_chat(
         log(f"[base] no base model at {base}: running `camelid quickstart` first")
         quickstart(out, corpus, vocab_size, None, log, overwrite)
         if not _is_model_dir(base):
-            raise TokenizerError(f"{base}: the base quickstart did not export a model")
-    steps = "5"
+            raise CheckpointError(
+                f"{base}: the base quickstart stopped before exporting its model; run "
+                "`camelid quickstart` to the end, then --chat again"
+            )
+    steps = 5
 
     task = make_task(CHAT_SEED, **{**CHAT_SIZES, **(sizes or {})}, families=families)
     paths = write_task(task, chat_dir)
