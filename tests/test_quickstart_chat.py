@@ -143,6 +143,21 @@ def test_quickstart_chat_end_to_end_on_a_tiny_base(tmp_path, capsys):
     assert "finished after 3 steps" in capsys.readouterr().out
 
 
+def test_quickstart_chat_with_the_lora_recipe(tmp_path, capsys):
+    _tiny_base(tmp_path)
+    argv = ["quickstart", "--out", str(tmp_path), "--chat", "--recipe", "lora-cpu", "--set",
+            "train.steps=2", "--set", "schedule.warmup_steps=1", "--set", "train.batch_size=2",
+            "--set", "train.seq_len=64", "--set", "eval.batches=1", "--set",
+            "run.peak_tflops=1"]  # fmt: skip
+    assert camelid_main(argv) == 0
+    assert "finished after 2 steps" in capsys.readouterr().out
+    run = tmp_path / "chat" / "run-lora-cpu"
+    assert (run / "adapter" / "adapter_config.json").is_file() and (run / "hf").is_dir()
+    summary = json.loads((tmp_path / "chat" / "summary-lora-cpu.json").read_text())
+    assert summary["recipe"].endswith("lora-cpu.toml") and summary["after"]["items"] == 200
+    assert not (tmp_path / "chat" / "run").exists()  # sft-cpu's run is another directory
+
+
 def test_quickstart_chat_refusals(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         camelid_main(["quickstart", "--recipe", "lora-cpu"])

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from camelid.cli.args import add_set_arg
-from camelid.cli.train import exit_status, print_summary
+from camelid.cli.train import _WholeNames, exit_status, print_summary
 from camelid.data import sources
 from camelid.quickstart import CHAT_RECIPE, ChatSummary, quickstart, quickstart_chat
 
@@ -14,6 +14,7 @@ from camelid.quickstart import CHAT_RECIPE, ChatSummary, quickstart, quickstart_
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "quickstart",
+        formatter_class=_WholeNames,
         help="the whole pipeline on the built-in corpus: tokenizer, data, a small Llama, report "
         "(--chat: then fine-tune it to chat, measured before and after)",
         description="Train a tokenizer on this Python's standard library, prepare deduplicated "

@@ -5,15 +5,24 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import textwrap
 
 from camelid.cli.args import add_set_arg
 from camelid.train.recipe import load_recipe, shipped_recipes
 from camelid.train.trainer import TrainSummary, train
 
 
+class _WholeNames(argparse.HelpFormatter):
+    """Help text wrapped at spaces only, so a recipe name (``lora-cpu``) is never split."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
+        formatter_class=_WholeNames,
         help="pre-train a model from a TOML recipe (one CPU to many GPUs under torchrun)",
         description="Pre-train a Llama from a TOML recipe. Run it as is on one device, or under "
         "'torchrun --nproc_per_node N -m camelid.cli train ...' to shard it with FSDP2. "
