@@ -22,7 +22,8 @@ ALLOWED = {
     "train": GROUND | {"model", "tokenizer", "data", "weights", "infer"},
     "eval": GROUND | {"model", "tokenizer", "data", "weights", "infer"},
     "serve": GROUND | {"model", "tokenizer", "weights", "infer"},
-    "quickstart": GROUND | {"model", "tokenizer", "data", "weights", "infer", "train"},
+    # The whole pipeline, measured too (--chat scores with eval/): the top of the flow.
+    "quickstart": GROUND | {"model", "tokenizer", "data", "weights", "infer", "train", "eval"},
     "__init__": GROUND | {"model", "tokenizer", "weights", "infer"},
     "__main__": {"cli"},
 }

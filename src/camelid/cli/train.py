@@ -5,20 +5,30 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import textwrap
 
 from camelid.cli.args import add_set_arg
 from camelid.train.recipe import load_recipe, shipped_recipes
 from camelid.train.trainer import TrainSummary, train
 
 
+class _WholeNames(argparse.HelpFormatter):
+    """Help text wrapped at spaces only, so a recipe name (``lora-cpu``) is never split."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
+        formatter_class=_WholeNames,
         help="pre-train or fine-tune a model from a TOML recipe (one CPU to many GPUs)",
         description="Pre-train or fine-tune a Llama from a TOML recipe: [init] model = an HF "
         "directory or a run starts from its weights (continued pre-training); data prepared "
         "with 'camelid prepare --format chat' makes it supervised fine-tuning; [lora] r = N "
-        "trains LoRA adapters only (docs/finetuning.md). Run it as is on one device, or under "
+        "trains LoRA adapters only; [dpo] data = PAIRS.jsonl is DPO (docs/finetuning.md). "
+        "Run it as is on one device, or under "
         "'torchrun --nproc_per_node N -m camelid.cli train ...' to shard it with FSDP2. "
         "Writes metrics.jsonl, checkpoints, report.md and Hugging Face weights to run.out_dir. "
         "Relative paths in a recipe file are relative to its directory (in a shipped recipe "

