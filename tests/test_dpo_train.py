@@ -317,8 +317,9 @@ def test_the_shipped_recipe_runs_with_set(tmp_path, prefs, monkeypatch, capsys):
     says: a LoRA run that exports its adapter and merged weights."""
     monkeypatch.chdir(tmp_path)
     shipped = load_recipe("dpo-cpu")
-    assert shipped.init.model == str(tmp_path / "runs/quickstart/run/hf")
+    assert shipped.init.model == str(tmp_path / "runs/quickstart/chat/run/hf")  # after SFT
     assert shipped.dpo.data == str(tmp_path / "runs/quickstart/chat/preferences.jsonl")
+    assert shipped.dpo.val_data == str(tmp_path / "runs/quickstart/chat/preferences-val.jsonl")
     code = camelid_main(
         [
             "train",
@@ -327,6 +328,8 @@ def test_the_shipped_recipe_runs_with_set(tmp_path, prefs, monkeypatch, capsys):
             f"init.model='{prefs / 'base'}'",
             "--set",
             f"dpo.data='{prefs / 'prefs.jsonl'}'",
+            "--set",
+            f"dpo.val_data='{prefs / 'prefs.jsonl'}'",
             "--set",
             "train.steps=2",
             "--set",

@@ -75,6 +75,8 @@ def test_the_files_read_as_sft_data_an_eval_task_and_preference_pairs(tmp_path):
     assert held.items[0].id.startswith(task.heldout[0].family + "-")
     prefs = read_preferences(paths["preferences"], tok, max_len=128)
     assert len(prefs.pairs) == 30 and not prefs.skipped
+    held_pairs = read_preferences(paths["preferences-val"], tok, max_len=128)
+    assert len(held_pairs.pairs) == 40  # the held-out questions, as DPO's validation pairs
 
 
 def _tiny_base(out: Path) -> Path:
@@ -133,7 +135,8 @@ def test_quickstart_chat_end_to_end_on_a_tiny_base(tmp_path, capsys):
     assert summary["before"]["weights_digest"] != summary["after"]["weights_digest"]
     roles = [m["role"] for m in summary["conversation"]]
     assert roles == ["user", "assistant"] * 3
-    for name in ("train.jsonl", "val.jsonl", "preferences.jsonl", "data/manifest.json",
+    for name in ("train.jsonl", "val.jsonl", "preferences.jsonl", "preferences-val.jsonl",
+                 "data/manifest.json",
                  "run/hf/model.safetensors", "run/report.md"):  # fmt: skip
         assert (chat / name).is_file(), name
     # Again: the same files, the data reused, the model fine-tuned afresh.

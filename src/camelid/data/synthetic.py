@@ -215,16 +215,18 @@ def _train_records(examples: list[Example]) -> Iterator[dict]:
 def write_task(task: ChatTask, out: str | Path) -> dict[str, Path]:
     """Write ``train.jsonl`` (chats and prompt/completion pairs, as ``camelid prepare --format
     chat`` reads them), ``val.jsonl`` (the held-out pairs, also a ``camelid eval --task``
-    file, each with an ``id`` that starts with its family) and ``preferences.jsonl``
+    file, each with an ``id`` that starts with its family), ``preferences.jsonl``
     (``prompt``/``chosen``/``rejected``, as ``camelid.train.dpo.read_preferences`` reads
-    them), each atomically."""
+    them) and ``preferences-val.jsonl`` (the held-out questions as pairs: DPO's validation),
+    each atomically."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
 
     def lines(rows: Iterable[dict]) -> str:
         return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
-    paths = {name: out / f"{name}.jsonl" for name in ("train", "val", "preferences")}
+    names = ("train", "val", "preferences", "preferences-val")
+    paths = {name: out / f"{name}.jsonl" for name in names}
     write_text_atomic(paths["train"], lines(_train_records(task.train)))
     write_text_atomic(
         paths["val"],
@@ -237,5 +239,10 @@ def write_task(task: ChatTask, out: str | Path) -> dict[str, Path]:
         paths["preferences"],
         lines({"prompt": e.prompt, "chosen": e.answer, "rejected": e.wrong}
               for e in task.preferences),
+    )  # fmt: skip
+    write_text_atomic(
+        paths["preferences-val"],
+        lines({"prompt": e.prompt, "chosen": e.answer, "rejected": e.wrong}
+              for e in task.heldout),
     )  # fmt: skip
     return paths
