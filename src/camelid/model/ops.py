@@ -118,11 +118,10 @@ class _Recipe:
         self.size, self.stride, self.offset = view.size(), view.stride(), view.storage_offset()
 
 
-def _other_hooks_active() -> bool:
-    """Whether saved-tensor hooks are already installed (activation checkpointing, offloading):
-    ours would replace theirs inside the block, so we then stand aside."""
+def _active_hooks() -> tuple[Callable | None, Callable | None] | None:
+    """The saved-tensor hooks in force, or None (unknowable: a pair of Nones)."""
     top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-    return top is None or top(True) is not None
+    return top(True) if top is not None else (None, None)
 
 
 @contextmanager
@@ -130,22 +129,27 @@ def recompute_saved(out: torch.Tensor, rebuild: Callable[[], torch.Tensor]) -> I
     """Inside the block, autograd saves no view of ``out`` (a contiguous tensor): each saved
     view of its storage is kept as a recipe and rebuilt with ``rebuild()`` (which must return
     ``out``'s exact values from tensors that stay saved anyway) when backward reads it. Every
-    other saved tensor is kept as usual. A no-op unless :func:`lean_autograd` applies and no
-    other saved-tensor hooks are active (activation checkpointing has its own)."""
+    other saved tensor is kept as usual. Blocks nest (the outer one's tensor is still caught
+    inside the inner one). A no-op unless :func:`lean_autograd` applies, and under anyone
+    else's saved-tensor hooks (activation checkpointing has its own)."""
+    outer = _active_hooks()
     if not (
         lean_autograd(out)
         and out.is_contiguous()
         and out.storage_offset() == 0
-        and not _other_hooks_active()
+        and (outer is None or getattr(outer[0], "recompute_saved", False))
     ):
         yield
         return
     ptr, dtype = out.untyped_storage().data_ptr(), out.dtype
+    outer_pack = outer[0] if outer is not None else None
 
     def pack(t: torch.Tensor) -> torch.Tensor | _Recipe:
         if t.dtype == dtype and t.untyped_storage().data_ptr() == ptr:
             return _Recipe(rebuild, t)
-        return t
+        return outer_pack(t) if outer_pack is not None else t
+
+    pack.recompute_saved = True  # type: ignore[attr-defined]
 
     def unpack(t: torch.Tensor | _Recipe) -> torch.Tensor:
         if isinstance(t, _Recipe):
