@@ -4,11 +4,13 @@ Plain autograd keeps every intermediate a backward formula reads: for SwiGLU ``s
 that is ``a``, ``silu(a)`` and ``b``; for RMSNorm ``w * x * rstd`` it is ``x``, ``rstd`` and the
 normalised ``x * rstd``. The functions here compute the very same values (the same aten ops, so
 bit-identical outputs) but save only the inputs and recompute the rest in backward, where it
-costs one elementwise pass. :func:`recompute_saved` goes one step further for an op's output
-that a following matmul saves (the FFN's ``silu(a) * b`` read again by ``w2``, a norm's output
-read by the next projections): that saved copy is replaced by a recipe and rebuilt, again
-bit-identical, when backward needs it. None of this is activation checkpointing: no matmul or
-attention is run twice, only elementwise ops whose inputs are saved anyway.
+costs one elementwise pass. RoPE writes q, k and v into one new tensor and saves nothing (the
+projection's output, otherwise kept alive by v, is freed). :func:`recompute_saved` goes one
+step further for an op's output that a following matmul saves (the FFN's ``silu(a) * b`` read
+again by ``w2``, a norm's output read by the next projections): that saved copy is replaced by
+a recipe and rebuilt, again bit-identical, when backward needs it. None of this is activation
+checkpointing: no matmul or attention is run twice, only elementwise ops whose inputs are
+saved anyway.
 
 The model uses them in eager training only; under ``torch.compile`` the plain ops are traced
 and the compiler's partitioner makes the same kind of choice itself.
@@ -21,6 +23,8 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
+
+from camelid.model.rope import apply_rope
 
 
 def lean_autograd(*tensors: torch.Tensor) -> bool:
@@ -111,7 +115,7 @@ class _Recipe:
     """What a saved tensor was replaced by: how to rebuild it (the op's inputs are saved by
     the op itself anyway) and which view of the rebuilt tensor was saved."""
 
-    __slots__ = ("rebuild", "size", "stride", "offset")
+    __slots__ = ("offset", "rebuild", "size", "stride")
 
     def __init__(self, rebuild: Callable[[], torch.Tensor], view: torch.Tensor) -> None:
         self.rebuild = rebuild
@@ -168,8 +172,6 @@ def rope_qkv_reference(
 ) -> torch.Tensor:
     """``qkv`` (B, T, heads, head_dim) with its first ``n_rotated`` heads (q and k) rotated by
     :func:`camelid.model.rope.apply_rope` and the rest (v) as they are, in one new tensor."""
-    from camelid.model.rope import apply_rope
-
     return torch.cat((apply_rope(qkv[:, :, :n_rotated], cos, sin), qkv[:, :, n_rotated:]), 2)
 
 
