@@ -70,3 +70,33 @@ def test_linear_cross_entropy_frozen_side_gets_no_gradient(frozen):
     linear_cross_entropy(h, w, t, 4 * 11 * 4).backward()
     torch.testing.assert_close(live.grad, expected, rtol=1e-12, atol=1e-14)
     assert (h if frozen == "h" else w).grad is None
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_linear_cross_entropy_skips_masked_rows(reduction):
+    """Masked rows get no logits at all (nan in them changes nothing) and an exactly zero
+    gradient; the kept rows' loss and gradients are those of the plain form."""
+    torch.manual_seed(0)
+    h = torch.randn(40, 8, dtype=torch.float64)
+    w = torch.randn(11, 8, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 11, (40,))
+    t[::3] = IGNORE_INDEX
+    keep = t != IGNORE_INDEX
+    expected = F.cross_entropy(F.linear(h[keep], w), t[keep], reduction=reduction)
+    expected.backward()
+    expected_w = w.grad.clone()
+    w.grad = None
+    h_nan = h.clone()
+    h_nan[~keep] = float("nan")
+    h_nan.requires_grad_(True)
+    loss = linear_cross_entropy(h_nan, w, t, chunk_bytes=4 * 11 * 5, reduction=reduction)
+    loss.backward()
+    assert abs(loss.item() - expected.item()) < 1e-12
+    torch.testing.assert_close(w.grad, expected_w, rtol=1e-12, atol=1e-13)
+    assert torch.equal(h_nan.grad[~keep], torch.zeros_like(h_nan.grad[~keep]))
+    assert torch.isfinite(h_nan.grad).all()
+    # Every target masked: the mean is nan, the sum 0, as F.cross_entropy's.
+    none = torch.full((40,), IGNORE_INDEX)
+    plain = F.cross_entropy(F.linear(h, w), none, ignore_index=IGNORE_INDEX, reduction=reduction)
+    fused = linear_cross_entropy(h, w, none, reduction=reduction)
+    assert torch.equal(fused.isnan(), plain.isnan()) and (plain.isnan() or fused == plain)
