@@ -81,15 +81,24 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     grad_h[r] = grad @ weight
                 if need_w:
                     grad_w += grad.t() @ h[r]
-        ctx.save_for_backward(grad_h, grad_w)
+        ctx.grads = (grad_h, grad_w)  # intermediates, not inputs or outputs: no cycle
         return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
-        grad_h, grad_w = ctx.saved_tensors
-        grad_h = grad_h * grad_loss if ctx.needs_input_grad[0] else None
-        grad_w = grad_w * grad_loss if ctx.needs_input_grad[1] else None
+        # The gradients are handed over and scaled in place: kept in ctx (not saved tensors,
+        # which would stay referenced until the graph is freed), so the parameter's .grad
+        # takes this very buffer and a (vocab, dim) weight gradient is never held twice
+        # during backward. Hence this backward runs once (no retain_graph through it).
+        if ctx.grads is None:
+            raise RuntimeError(
+                "the fused head's backward ran twice (retain_graph=True is not supported)"
+            )
+        grad_h, grad_w = ctx.grads
+        ctx.grads = None
+        grad_h = grad_h.mul_(grad_loss) if ctx.needs_input_grad[0] else None
+        grad_w = grad_w.mul_(grad_loss) if ctx.needs_input_grad[1] else None
         return grad_h, grad_w, None, None, None, None
 
 
