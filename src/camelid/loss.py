@@ -64,7 +64,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         targets = targets.where(valid, 0).unsqueeze(1)
         loss = torch.zeros((), dtype=dtype, device=h.device)
         grad_h = torch.empty_like(h) if need_h else None
-        grad_w = torch.zeros_like(weight) if need_w else None
+        grad_w = None  # the first chunk's product, then accumulated in place
         for start in range(0, len(h), chunk_rows):
             r = slice(start, start + chunk_rows)
             logits = (h[r] @ weight.t()).to(dtype)
@@ -79,8 +79,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad = grad.to(h.dtype)
                 if need_h:
                     grad_h[r] = grad @ weight
-                if need_w:
-                    grad_w += grad.t() @ h[r]
+                if need_w:  # accumulated in place: no (vocab, dim) temporary per chunk
+                    if grad_w is None:
+                        grad_w = (grad.t() @ h[r]).to(weight.dtype)
+                    elif grad.dtype == grad_w.dtype:
+                        grad_w.addmm_(grad.t(), h[r])
+                    else:
+                        grad_w += grad.t() @ h[r]
+        if need_w and grad_w is None:  # no rows at all
+            grad_w = torch.zeros_like(weight)
         ctx.grads = (grad_h, grad_w)  # intermediates, not inputs or outputs: no cycle
         return loss
 
