@@ -52,10 +52,15 @@ def test_linear_cross_entropy_gradcheck_and_chunks():
 
 
 def test_linear_cross_entropy_backward_runs_once():
+    """The weight's .grad is the very buffer the forward filled (handed over, not copied), so
+    a second backward through the same graph is refused."""
     h = torch.randn(5, 4, requires_grad=True)
     w = torch.randn(7, 4, requires_grad=True)
-    loss = 3 * linear_cross_entropy(h, w, torch.randint(0, 7, (5,)))
+    nats = linear_cross_entropy(h, w, torch.randint(0, 7, (5,)))
+    buffer = nats.grad_fn.grads[1].data_ptr()
+    loss = 3 * nats
     loss.backward(retain_graph=True)
+    assert w.grad.data_ptr() == buffer
     with pytest.raises(RuntimeError, match="ran twice"):
         loss.backward()
 
