@@ -122,6 +122,15 @@ class _Recipe:
         self.size, self.stride, self.offset = view.size(), view.stride(), view.storage_offset()
 
 
+def _storage_ptr(t: torch.Tensor) -> int | None:
+    """The address of ``t``'s storage, or None for a tensor without a plain one (a wrapper
+    subclass such as an in-flight collective's result)."""
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
 def _active_hooks() -> tuple[Callable | None, Callable | None] | None:
     """The saved-tensor hooks in force, or None (unknowable: a pair of Nones)."""
     top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
@@ -149,7 +158,7 @@ def recompute_saved(out: torch.Tensor, rebuild: Callable[[], torch.Tensor]) -> I
     outer_pack = outer[0] if outer is not None else None
 
     def pack(t: torch.Tensor) -> torch.Tensor | _Recipe:
-        if t.dtype == dtype and t.untyped_storage().data_ptr() == ptr:
+        if t.dtype == dtype and _storage_ptr(t) == ptr:
             return _Recipe(rebuild, t)
         return outer_pack(t) if outer_pack is not None else t
 
