@@ -64,7 +64,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         targets = targets.where(valid, 0).unsqueeze(1)
         loss = torch.zeros((), dtype=dtype, device=h.device)
         grad_h = torch.empty_like(h) if need_h else None
-        grad_w = torch.zeros_like(weight) if need_w else None
+        grad_w = None  # the first chunk's product, then accumulated in place
         for start in range(0, len(h), chunk_rows):
             r = slice(start, start + chunk_rows)
             logits = (h[r] @ weight.t()).to(dtype)
@@ -79,17 +79,33 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad = grad.to(h.dtype)
                 if need_h:
                     grad_h[r] = grad @ weight
-                if need_w:
-                    grad_w += grad.t() @ h[r]
-        ctx.save_for_backward(grad_h, grad_w)
+                if need_w:  # accumulated in place: no (vocab, dim) temporary per chunk
+                    if grad_w is None:
+                        grad_w = (grad.t() @ h[r]).to(weight.dtype)
+                    elif grad.dtype == grad_w.dtype:
+                        grad_w.addmm_(grad.t(), h[r])
+                    else:
+                        grad_w += grad.t() @ h[r]
+        if need_w and grad_w is None:  # no rows at all
+            grad_w = torch.zeros_like(weight)
+        ctx.grads = (grad_h, grad_w)  # intermediates, not inputs or outputs: no cycle
         return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
-        grad_h, grad_w = ctx.saved_tensors
-        grad_h = grad_h * grad_loss if ctx.needs_input_grad[0] else None
-        grad_w = grad_w * grad_loss if ctx.needs_input_grad[1] else None
+        # The gradients are handed over and scaled in place: kept in ctx (not saved tensors,
+        # which would stay referenced until the graph is freed), so the parameter's .grad
+        # takes this very buffer and a (vocab, dim) weight gradient is never held twice
+        # during backward. Hence this backward runs once (no retain_graph through it).
+        if ctx.grads is None:
+            raise RuntimeError(
+                "the fused head's backward ran twice (retain_graph=True is not supported)"
+            )
+        grad_h, grad_w = ctx.grads
+        ctx.grads = None
+        grad_h = grad_h.mul_(grad_loss) if ctx.needs_input_grad[0] else None
+        grad_w = grad_w.mul_(grad_loss) if ctx.needs_input_grad[1] else None
         return grad_h, grad_w, None, None, None, None
 
 
@@ -102,9 +118,10 @@ def linear_cross_entropy(
 ) -> torch.Tensor:
     """``cross_entropy(F.linear(h, weight), targets, reduction)`` for h (..., dim), targets (...).
 
-    On a CPU it runs fused, holding ``chunk_bytes`` of fp32 logits at a time (by default
-    ``CHUNK_BYTES``, but at least ``MIN_CHUNK_ROWS`` rows, as thin matmuls are slow): a chunk
-    stays in cache, and no logits-sized buffer is allocated (and page-faulted in) every step.
+    On a CPU it runs fused, for the rows whose target is not ``IGNORE_INDEX`` only, holding
+    ``chunk_bytes`` of fp32 logits at a time (by default ``CHUNK_BYTES``, but at least
+    ``MIN_CHUNK_ROWS`` rows, as thin matmuls are slow; the rows split into equal chunks): no
+    logits-sized buffer is allocated (and page-faulted in) every step.
     On GPUs the plain form is kept: their fused log-softmax kernels make fewer passes over the
     logits than this loop (measured on an H100, Llama 3.2 1B, 4 × 2048 tokens, bf16: 4% more
     tokens/s than the fused form, for 8 GiB more memory).
@@ -112,12 +129,25 @@ def linear_cross_entropy(
     h, targets = h.flatten(0, -2), targets.flatten()
     if h.device.type != "cpu":
         return cross_entropy(F.linear(h, weight), targets, reduction)
+    # Only the rows whose target counts get logits: a masked row adds nothing to the loss and
+    # its gradient is exactly zero, so skipping it changes no result (SFT masks about half
+    # of the targets, and the head is a fifth of a small model's FLOPs). The selection's
+    # backward scatters the kept rows' gradients back, the others' stay zero.
+    valid = targets != IGNORE_INDEX
+    n_valid = int(valid.sum())
+    if 0 < n_valid < len(targets):  # none valid: the mean stays nan, as F.cross_entropy's
+        keep = valid.nonzero().squeeze(1)
+        h, targets = h.index_select(0, keep), targets.index_select(0, keep)
     chunk_rows = max(1, (chunk_bytes or CHUNK_BYTES) // (4 * weight.shape[0]))
     if chunk_bytes is None:
         # At least 512 rows a chunk: thinner matmuls run far below the peak (vocab 32000,
         # 2-core CPU: the head's forward + input gradient took 1.65 s for 1024 rows in
-        # 131-row chunks, 1.27 s in 512-row ones).
+        # 131-row chunks, 1.27 s in 512-row ones; one chunk of all 1024 rows was no faster
+        # than two of 512 and holds twice the logits at the step's peak).
         chunk_rows = max(MIN_CHUNK_ROWS, chunk_rows)
+    # Equal chunks: 542 rows in chunks of 512 would leave a 30-row matmul.
+    n_chunks = max(1, -(-len(h) // chunk_rows))
+    chunk_rows = max(1, -(-len(h) // n_chunks))
     grad = torch.is_grad_enabled()
     needs_grad = (grad and h.requires_grad, grad and weight.requires_grad)
     mean = reduction == "mean"

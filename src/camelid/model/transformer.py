@@ -22,6 +22,15 @@ from torch import nn
 
 from camelid.config import ModelConfig
 from camelid.model.moe import MoE
+from camelid.model.ops import (
+    lean_autograd,
+    recompute_saved,
+    rms_norm,
+    rms_norm_reference,
+    rope_qkv,
+    swiglu,
+    swiglu_reference,
+)
 from camelid.model.rope import apply_rope, inv_frequencies, rope_cos_sin
 
 
@@ -34,8 +43,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return self.weight * normed.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)  # in training, saves x and rstd only
+
+    def recompute(self, x: torch.Tensor) -> torch.Tensor:
+        """This norm's output for ``x`` again, bit-identical (for :func:`recompute_saved`)."""
+        return rms_norm_reference(x, self.weight, self.eps)
 
 
 class KVCache:
@@ -121,11 +133,14 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         H, K = self.n_heads, self.n_kv_heads
         qkv = self.wqkv(x).view(B, T, H + 2 * K, self.head_dim)
-        if self.use_rope:  # one pass for q and k
-            q, k = apply_rope(qkv[:, :, : H + K], cos, sin).split((H, K), dim=2)
+        if self.use_rope and lean_autograd(qkv):  # training: q, k and v in one new tensor
+            q, k, v = rope_qkv(qkv, cos, sin, H + K).split((H, K, K), dim=2)
         else:
-            q, k = qkv[:, :, :H], qkv[:, :, H : H + K]
-        v = qkv[:, :, H + K :]
+            if self.use_rope:  # one pass for q and k
+                q, k = apply_rope(qkv[:, :, : H + K], cos, sin).split((H, K), dim=2)
+            else:
+                q, k = qkv[:, :, :H], qkv[:, :, H : H + K]
+            v = qkv[:, :, H + K :]
         if self.qk_norm_eps is not None:
             q = F.rms_norm(q.float(), (self.head_dim,), eps=self.qk_norm_eps).to(x.dtype)
             k = F.rms_norm(k.float(), (self.head_dim,), eps=self.qk_norm_eps).to(x.dtype)
@@ -186,7 +201,12 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled():
-            return self.w2(F.silu(self.w1(x)) * self.w3(x))
+            # Training saves w1's and w3's outputs only: silu and the product w2 reads are
+            # recomputed from them in backward (camelid.model.ops).
+            a, b = self.w1(x), self.w3(x)
+            p = swiglu(a, b)
+            with recompute_saved(p, lambda: swiglu_reference(a, b)):
+                return self.w2(p)
         # Inference: work in place in w1's output instead of allocating two more buffers
         # (measurably faster on CPU); autograd forbids it in training, where silu needs its input.
         return self.w2(F.silu(self.w1(x), inplace=True).mul_(self.w3(x)))
@@ -212,10 +232,16 @@ class Block(nn.Module):
         doc_mask: torch.Tensor | None = None,
         valid: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, cache, pos, doc_mask)
-        if valid is not None and isinstance(self.feed_forward, MoE):
-            return h + self.feed_forward(self.ffn_norm(h), valid)
-        return h + self.feed_forward(self.ffn_norm(h))
+        # In training the norms' outputs are not saved by the projections that read them:
+        # rebuilt from x (and h), which the norms save, when backward needs them.
+        n = self.attention_norm(x)
+        with recompute_saved(n, lambda: self.attention_norm.recompute(x)):
+            h = x + self.attention(n, cos, sin, cache, pos, doc_mask)
+        n = self.ffn_norm(h)
+        with recompute_saved(n, lambda: self.ffn_norm.recompute(h)):
+            if valid is not None and isinstance(self.feed_forward, MoE):
+                return h + self.feed_forward(n, valid)
+            return h + self.feed_forward(n)
 
 
 class Transformer(nn.Module):
