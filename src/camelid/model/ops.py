@@ -145,10 +145,12 @@ def recompute_saved(out: torch.Tensor, rebuild: Callable[[], torch.Tensor]) -> I
     other saved tensor is kept as usual. Blocks nest (the outer one's tensor is still caught
     inside the inner one). A no-op unless :func:`lean_autograd` applies, and under anyone
     else's saved-tensor hooks (activation checkpointing has its own)."""
+    if not lean_autograd(out):  # first: compiled code must not reach the hooks query below
+        yield
+        return
     outer = _active_hooks()
     if not (
-        lean_autograd(out)
-        and out.is_contiguous()
+        out.is_contiguous()
         and out.storage_offset() == 0
         and (outer is None or getattr(outer[0], "recompute_saved", False))
     ):
