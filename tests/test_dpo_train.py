@@ -17,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 from test_recipes_and_resume import cli, failed_cleanly, snapshot
+from test_train import write_recipe
 
 import camelid
 from camelid.model.lora import LoraConfig, apply_lora
@@ -84,15 +85,7 @@ def _recipe(root: Path, prefs: Path, **sections) -> Path:
         "log": {"interval": 100},
         "run": {"out_dir": str(root / "run"), "peak_tflops": 1.0},
     }
-    for name, values in sections.items():
-        base.setdefault(name, {}).update(values)
-    lines = []
-    for name, values in base.items():
-        lines.append(f"[{name}]")
-        lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
-    path = root / "recipe.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return write_recipe(root / "recipe.toml", base, **sections)
 
 
 def _steps(run: Path) -> dict[int, dict]:

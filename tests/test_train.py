@@ -53,13 +53,17 @@ def recipe_file(tmp_path: Path, dataset: Path, **sections) -> Path:
         "log": {"interval": 100},
         "run": {"out_dir": str(tmp_path / "run")},
     }
+    return write_recipe(tmp_path / "recipe.toml", base, **sections)
+
+
+def write_recipe(path: Path, base: dict[str, dict], **sections) -> Path:
+    """``base`` with ``sections`` merged in (key by key), written as a TOML recipe."""
     for name, values in sections.items():
         base.setdefault(name, {}).update(values)
     lines = []
     for name, values in base.items():
         lines.append(f"[{name}]")
         lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
-    path = tmp_path / "recipe.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
 

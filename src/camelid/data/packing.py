@@ -110,6 +110,17 @@ def packed_rows(data_dir: str | Path, split: str, seq_len: int) -> int:
     return len(next_fit(pairs, np.arange(len(pairs)), seq_len)) - 1 if len(pairs) else 0
 
 
+def epoch_order(
+    n: int, seed: int, epoch: int, shuffle: bool, per_rank: int, rank: int, world_size: int
+) -> np.ndarray:
+    """Rank ``rank``'s items of an epoch, in visiting order: all ``n`` in an order drawn from
+    ``(seed, epoch)`` (or as they are), cut to ``per_rank`` x ``world_size`` and dealt out
+    round-robin, so one optimizer step's items are the same for any number of ranks of the
+    same global batch. The SFT row loader and DPO's pair loader share it."""
+    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+    return order[: per_rank * world_size][rank::world_size]
+
+
 class SFTLoader:
     """Iterate ``(inputs, targets, positions, doc_ids)``, int64 tensors (batch_size, seq_len)."""
 
@@ -197,12 +208,9 @@ class SFTLoader:
     def _epoch_order(self) -> np.ndarray:
         """This rank's rows for the current epoch, in visiting order."""
         if self._order is None:
-            if self.shuffle:
-                order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_rows)
-            else:
-                order = np.arange(self.num_rows)
-            usable = self.batches_per_epoch * self.batch_size * self.world_size
-            self._order = order[:usable][self.rank :: self.world_size]
+            self._order = epoch_order(self.num_rows, self.seed, self.epoch, self.shuffle,
+                                      self.batches_per_epoch * self.batch_size, self.rank,
+                                      self.world_size)  # fmt: skip
         return self._order
 
     # ------------------------------------------------------------------------------ state

@@ -41,13 +41,13 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from camelid.data.packing import epoch_order
 from camelid.errors import CheckpointError, DataError, TokenizerError
 from camelid.io import atomic_path
 from camelid.loss import IGNORE_INDEX
@@ -217,13 +217,9 @@ class PairLoader:
     def _epoch_order(self) -> list[int]:
         """This rank's pairs for the current epoch, in visiting order."""
         if self._order is None:
-            n = len(self.data)
-            if self.shuffle:
-                order = np.random.default_rng([self.seed, self.epoch]).permutation(n).tolist()
-            else:
-                order = list(range(n))
-            usable = self.batches_per_epoch * self.batch_size * self.world_size
-            self._order = order[:usable][self.rank :: self.world_size]
+            self._order = epoch_order(len(self.data), self.seed, self.epoch, self.shuffle,
+                                      self.batches_per_epoch * self.batch_size, self.rank,
+                                      self.world_size).tolist()  # fmt: skip
         return self._order
 
     def state_dict(self) -> dict[str, Any]:
