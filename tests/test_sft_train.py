@@ -88,3 +88,28 @@ def test_sft_resume_is_exact_and_two_processes_equal_one(tmp_path, chat_data):
     b = step_losses(two / "run")
     assert b.keys() == straight.keys()
     assert max(abs(straight[k] - b[k]) for k in b) < 1e-5, (straight, b)
+
+
+def test_sample_as_a_chat_turn(tmp_path, chat_data, monkeypatch):
+    """`eval.sample_chat`: the sample prompt goes to the engine as a user turn of the chat
+    template with the generation prompt (what a chat model answers), not as plain text."""
+    from camelid.infer import Engine
+    from camelid.tokenizer import Tokenizer
+
+    seen = []
+    generate = Engine.generate
+
+    def spy(self, prompt, *args, **kwargs):
+        seen.append(prompt)
+        return generate(self, prompt, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "generate", spy)
+    recipe = _recipe(tmp_path, chat_data, train={"steps": 2},
+                     eval={"sample_chat": True, "sample_prompt": "What is 2 plus 3?",
+                           "sample_tokens": 3})  # fmt: skip
+    summary = train(load_recipe(recipe), progress=False)
+    tok = Tokenizer.load(chat_data / "tok")
+    want = tok.apply_chat_template([{"role": "user", "content": "What is 2 plus 3?"}],
+                                   add_generation_prompt=True)  # fmt: skip
+    assert seen == [want]
+    assert summary.sample is not None

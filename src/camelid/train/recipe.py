@@ -274,6 +274,7 @@ class EvalSection:
     batches: int = _ranged(20, ge=1)
     sample_prompt: str = "def fibonacci(n):\n"
     sample_tokens: int = _ranged(64, ge=0)  # 0: no sample
+    sample_chat: bool = False  # the prompt as a user turn of the chat template (chat models)
     temperature: float = _ranged(0.0, ge=0)  # 0: greedy
 
 

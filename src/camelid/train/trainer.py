@@ -946,10 +946,15 @@ class _Run:
         params = SamplingParams(max_new_tokens=r.eval.sample_tokens, top_p=1.0,
                                 temperature=r.eval.temperature, seed=r.train.seed,
                                 truncate_prompt=True)  # fmt: skip
+        prompt: str | list[int] = r.eval.sample_prompt
+        if r.eval.sample_chat:  # a chat model answers a user turn, and stops at its turn's end
+            prompt = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True
+            )
         try:
             # Compiled blocks are compiled for training shapes; decoding runs them eagerly.
             with self._autocast(), torch.compiler.set_stance("force_eager"):
-                return engine.generate(r.eval.sample_prompt, params).text
+                return engine.generate(prompt, params).text
         finally:
             self.model.train()
 
