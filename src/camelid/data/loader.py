@@ -38,6 +38,34 @@ def read_manifest(data_dir: str | Path) -> dict[str, Any]:
     return manifest
 
 
+def check_resumable(
+    state: dict[str, Any],
+    mine: dict[str, Any],
+    keys: tuple[str, ...],
+    what: str = "the loader",
+    unit: str = "sequences",
+    names: dict[str, str] | None = None,
+) -> None:
+    """Refuse to resume a loader from ``state`` (its saved ``state_dict``) when one of ``keys``
+    differs from ``mine`` (this loader's) or the global batch (batch_size x world_size) does:
+    the same position would then name other data. The number of ranks may change. ``names``
+    spells keys for the message; a ``*_digest`` value is shown by its first 12 characters."""
+    names = names or {}
+    for key in keys:
+        if state.get(key) != mine[key]:
+            was, now = state.get(key), mine[key]
+            if key.endswith("_digest") and key != "recipe_digest":
+                was, now = str(was)[:12], str(now)[:12]
+            raise DataError(f"cannot resume {what}: {names.get(key, key)} was {was!r}, now {now!r}")
+    before = state.get("batch_size", 0) * state.get("world_size", 0)
+    now = mine["batch_size"] * mine["world_size"]
+    if before != now:
+        raise DataError(
+            f"cannot resume {what}: the global batch was {before} {unit} "
+            f"(batch_size x world_size), now {now}"
+        )
+
+
 class TokenLoader:
     """Iterate ``(inputs, targets)`` int64 tensors of shape ``(batch_size, seq_len)``."""
 
@@ -142,16 +170,5 @@ class TokenLoader:
         The number of ranks may change as long as the global batch (batch_size × world_size)
         does not: the global position ``(epoch, batch)`` then names the same windows.
         """
-        mine = self.state_dict()
-        for key in ("seed", "split", "seq_len", "recipe_digest"):
-            if state.get(key) != mine[key]:
-                raise DataError(
-                    f"cannot resume the loader: {key} was {state.get(key)!r}, now {mine[key]!r}"
-                )
-        before = state.get("batch_size", 0) * state.get("world_size", 0)
-        if before != self.batch_size * self.world_size:
-            raise DataError(
-                f"cannot resume the loader: the global batch was {before} sequences "
-                f"(batch_size x world_size), now {self.batch_size * self.world_size}"
-            )
+        check_resumable(state, self.state_dict(), ("seed", "split", "seq_len", "recipe_digest"))
         self.epoch, self.batch, self._order = int(state["epoch"]), int(state["batch"]), None

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from camelid.data.loader import read_manifest
+from camelid.data.loader import check_resumable, read_manifest
 from camelid.data.pipeline import SPLITS
 from camelid.data.sft import KIND
 from camelid.errors import DataError
@@ -231,16 +231,6 @@ class SFTLoader:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from ``state``: the same data, packing and global batch (the number of
         ranks may change while batch_size x world_size stays)."""
-        mine = self.state_dict()
-        for key in ("seed", "split", "shuffle", "seq_len", "recipe_digest"):
-            if state.get(key) != mine[key]:
-                raise DataError(
-                    f"cannot resume the loader: {key} was {state.get(key)!r}, now {mine[key]!r}"
-                )
-        before = state.get("batch_size", 0) * state.get("world_size", 0)
-        if before != self.batch_size * self.world_size:
-            raise DataError(
-                f"cannot resume the loader: the global batch was {before} sequences "
-                f"(batch_size x world_size), now {self.batch_size * self.world_size}"
-            )
+        keys = ("seed", "split", "shuffle", "seq_len", "recipe_digest")
+        check_resumable(state, self.state_dict(), keys)
         self.epoch, self.batch, self._order = int(state["epoch"]), int(state["batch"]), None

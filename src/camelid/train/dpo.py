@@ -47,6 +47,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from camelid.data.loader import check_resumable
 from camelid.data.packing import epoch_order
 from camelid.errors import CheckpointError, DataError, TokenizerError
 from camelid.io import atomic_path
@@ -237,22 +238,9 @@ class PairLoader:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from ``state``: the same pairs, order and global batch (the number of
         ranks may change while batch_size × world_size stays)."""
-        mine = self.state_dict()
-        names = {"data_digest": "the preference pairs (their digest)"}
-        for key in ("data_digest", "seed", "shuffle"):
-            if state.get(key) != mine[key]:
-                was, now = state.get(key), mine[key]
-                if key == "data_digest":
-                    was, now = str(was)[:12], now[:12]
-                raise DataError(
-                    f"cannot resume the pair loader: {names.get(key, key)} was {was!r}, now {now!r}"
-                )
-        before = state.get("batch_size", 0) * state.get("world_size", 0)
-        if before != self.batch_size * self.world_size:
-            raise DataError(
-                f"cannot resume the pair loader: the global batch was {before} pairs "
-                f"(batch_size x world_size), now {self.batch_size * self.world_size}"
-            )
+        check_resumable(state, self.state_dict(), ("data_digest", "seed", "shuffle"),
+                        "the pair loader", "pairs",
+                        {"data_digest": "the preference pairs (their digest)"})  # fmt: skip
         self.epoch, self.batch, self._order = int(state["epoch"]), int(state["batch"]), None
 
 
