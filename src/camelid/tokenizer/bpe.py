@@ -210,6 +210,25 @@ def hf_from_ranks(ranks: dict[bytes, int], specials: list[str], pattern: str) ->
     """
     merges = [(bytes_to_token(a), bytes_to_token(b)) for a, b in merges_from_ranks(ranks)]
     vocab = {bytes_to_token(token): rank for token, rank in ranks.items()}
+    named = {name: len(ranks) + i for i, name in enumerate(specials)}
+    return hf_from_vocab(vocab, merges, named, pattern)
+
+
+def hf_from_vocab(
+    vocab: dict[str, int],
+    merges: list[tuple[str, str]],
+    specials: dict[str, int],
+    pattern: str,
+) -> HFTokenizer:
+    """The Llama byte-level BPE pipeline over a vocabulary (byte-level token text → id), its
+    merges in rank order and the special tokens (name → id), as :func:`hf_from_ranks` builds
+    it; a GGUF file's vocabulary is read back through here. Specials whose ids follow the
+    vocabulary are appended in id order; one inside it keeps its id there."""
+    vocab = dict(vocab)
+    run = iter(range(len(vocab), len(vocab) + len(specials)))
+    for name in sorted(specials, key=specials.__getitem__):
+        if specials[name] != next(run, None):  # not in the run that follows the vocabulary
+            vocab[name] = specials[name]  # added tokens then take the vocabulary's id
 
     tok = HFTokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=True))
     tok.pre_tokenizer = pre_tokenizers.Sequence(
@@ -219,10 +238,11 @@ def hf_from_ranks(ranks: dict[bytes, int], specials: list[str], pattern: str) ->
         ]
     )
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
+    order = sorted(specials, key=specials.__getitem__)
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in order])
     if BOS in specials:
         # What transformers adds when asked for special tokens; camelid adds BOS itself.
-        bos_id = len(ranks) + specials.index(BOS)
+        bos_id = specials[BOS]
         tok.post_processor = processors.TemplateProcessing(
             single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]
         )
