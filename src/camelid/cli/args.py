@@ -185,16 +185,6 @@ def sampling_params(args: argparse.Namespace, **extra: Any) -> SamplingParams:
 
 
 # --------------------------------------------------------------------- writing a model dir
-def add_save_args(p: argparse.ArgumentParser, keep: str = "keep") -> None:
-    """--dtype and --max-shard-size, for the commands that write a Hugging Face directory."""
-    p.add_argument("--dtype", choices=DTYPES, default=None, help=f"cast weights (default: {keep})")
-    p.add_argument(
-        "--max-shard-size",
-        default="5GB",
-        help="split weights into shards of at most this size (default: 5GB)",
-    )
-
-
 def save_dtype(args: argparse.Namespace) -> torch.dtype | None:
     """The --dtype flag as a torch dtype (None: keep the source's)."""
     return getattr(torch, args.dtype) if args.dtype else None

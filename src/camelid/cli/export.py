@@ -1,4 +1,5 @@
-"""``camelid export``: a training checkpoint → a complete Hugging Face directory."""
+"""``camelid export``: a training checkpoint → a complete Hugging Face directory; any model →
+a GGUF file for llama.cpp."""
 
 from __future__ import annotations
 
@@ -6,16 +7,21 @@ import argparse
 import sys
 from pathlib import Path
 
-from camelid.cli.args import add_save_args, save_dtype
+from camelid.cli.args import save_dtype
 from camelid.errors import CamelidError
-from camelid.infer.export import export_checkpoint, export_merged
+from camelid.infer.export import export_checkpoint, export_gguf, export_merged
+from camelid.infer.load import DTYPES
 from camelid.io import format_bytes, format_count
+from camelid.weights import gguf
+
+FORMATS = ("hf", "gguf")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export",
-        help="turn a training run or checkpoint into a Hugging Face directory with its tokenizer",
+        help="turn a training run or checkpoint into a Hugging Face directory, or any model "
+        "into a GGUF file for llama.cpp",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Export a training checkpoint as a complete Hugging Face Llama directory: "
         "safetensors,\nconfig.json (with bos/eos token ids), generation_config.json (every "
@@ -24,21 +30,48 @@ def register(sub: argparse._SubParsersAction) -> None:
         "RUN/checkpoints/step-N directory. The run is\nonly read; OUT must be new or empty "
         "unless --overwrite.\nWith --adapter DIR --merge: the LoRA adapter DIR (peft's format) "
         "folded into the weights\nof RUN_OR_CHECKPOINT, which may then also be a Hugging Face "
-        "directory.",
+        "directory.\n\nWith --format gguf (the default when OUT ends in .gguf): one GGUF file "
+        "for llama.cpp\n(and Ollama, LM Studio) from any model: a run, a checkpoint, a Hugging "
+        "Face directory\nor a GGUF file, in --dtype f32 (default), f16 or q8_0, with its "
+        "tokenizer and chat\ntemplate. llama.cpp itself first tokenises a fixed test set with "
+        "the vocabulary; any\ndifference from camelid refuses the export (this needs "
+        "llama-cpp-python: pip install\n'camelid[gguf]'). See docs/gguf.md.",
         epilog="""examples:
   camelid export runs/quickstart runs/quickstart/hf        # after Ctrl-C: the newest checkpoint
   camelid export runs/quickstart/checkpoints/step-00000200 exports/step-200
   camelid export runs/big exports/big --dtype bfloat16 --max-shard-size 2GB
   camelid export Llama-3.2-1B --adapter runs/lora/adapter --merge exports/merged   # LoRA merged
-then: camelid generate OUT --prompt "..." or transformers' from_pretrained(OUT)""",
+  camelid export runs/quickstart model.gguf                 # GGUF, f32
+  camelid export Llama-3.2-1B model-q8.gguf --dtype q8_0    # GGUF, Q8_0 (8.5 bits a weight)
+then: camelid generate OUT --prompt "..." or transformers' from_pretrained(OUT);
+      llama.cpp's llama-cli -m OUT.gguf, or camelid generate OUT.gguf""",
     )
     p.add_argument(
         "src",
         metavar="RUN_OR_CHECKPOINT",
-        help="a training run or checkpoint dir (with --adapter: also a Hugging Face dir)",
+        help="a training run or checkpoint dir (with --adapter, or --format gguf: any model, "
+        "a Hugging Face directory or a GGUF file too)",
     )
-    p.add_argument("out", metavar="OUT", help="the Hugging Face directory to write")
-    add_save_args(p, "keep, float32")
+    p.add_argument("out", metavar="OUT", help="the Hugging Face directory (or .gguf file) to write")
+    p.add_argument(
+        "--format",
+        choices=FORMATS,
+        default=None,
+        help="hf: a Hugging Face directory; gguf: one file for llama.cpp (default: gguf when "
+        "OUT ends in .gguf, else hf)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=(*DTYPES, *gguf.DTYPES),
+        default=None,
+        help="hf: cast weights to float32, bfloat16 or float16 (default: keep, float32); "
+        "gguf: f32, f16 or q8_0 (default: f32; a GGUF source keeps its own)",
+    )
+    p.add_argument(
+        "--max-shard-size",
+        default="5GB",
+        help="hf: split weights into shards of at most this size (default: 5GB)",
+    )
     p.add_argument(
         "--adapter",
         metavar="DIR",
@@ -64,6 +97,14 @@ def run(args: argparse.Namespace) -> int:
             "--merge needs --adapter DIR (the LoRA adapter to fold in)"
             if args.merge
             else "--adapter needs --merge (the adapter is exported merged into full weights)"
+        )
+    fmt = args.format or ("gguf" if args.out.endswith(gguf.SUFFIX) else "hf")
+    if fmt == "gguf":
+        return _run_gguf(args)
+    if args.dtype in gguf.DTYPES:
+        raise CamelidError(
+            f"--dtype {args.dtype} is a GGUF type: add --format gguf (or name OUT *.gguf), or "
+            f"choose one of {', '.join(DTYPES)} for a Hugging Face directory"
         )
     if args.adapter is not None:
         done = export_merged(
@@ -98,6 +139,28 @@ def run(args: argparse.Namespace) -> int:
         f"{format_count(info.config.num_params())} parameters, "
         f"{str(info.dtype).removeprefix('torch.')}, {len(info.files)} weight file(s), "
         f"{format_bytes(info.nbytes)}, with its tokenizer, in {done.seconds:.1f}s"
+    )
+    return 0
+
+
+def _run_gguf(args: argparse.Namespace) -> int:
+    dtype = {"float32": "f32", "float16": "f16"}.get(args.dtype, args.dtype)
+    if dtype == "bfloat16":
+        raise CamelidError("--dtype bfloat16: GGUF export writes f32, f16 or q8_0")
+    done = export_gguf(
+        args.src,
+        args.out,
+        dtype=dtype,
+        adapter=args.adapter,
+        overwrite=args.overwrite,
+        log=lambda text: print(text, file=sys.stderr, flush=True),
+    )
+    saved = done.saved
+    print(
+        f"exported {done.source.given} -> {saved.path}: GGUF {saved.dtype.upper()}, "
+        f"{format_count(done.config.num_params())} parameters, {saved.tensors} tensors, "
+        f"{format_bytes(saved.nbytes)}, tokenizer checked against llama.cpp on "
+        f"{saved.parity_texts} texts, in {done.seconds:.1f}s"
     )
     return 0
 

@@ -3,6 +3,7 @@
     save_pretrained(model, tokenizer, "out/")          # the trainer's export does this
     export_checkpoint("runs/quickstart", "out/")       # camelid export: any training checkpoint
     convert("Llama-3.2-1B", "out/", dtype=torch.bfloat16)   # camelid convert
+    export_gguf("runs/quickstart", "model.gguf", dtype="q8_0")   # one file for llama.cpp
 
 A complete directory holds the weights (safetensors), ``config.json`` with ``bos_token_id`` and
 ``eos_token_id``, ``generation_config.json`` listing every id camelid's engine stops on (end of
@@ -47,7 +48,7 @@ from camelid.model import Transformer
 from camelid.tokenizer import Tokenizer
 from camelid.tokenizer.tokenizer import CONFIG_NAME, JSON_NAME, MODEL_NAME, SPECIAL_TOKENS_NAME
 from camelid.weights import checkpoint as ckpt
-from camelid.weights import hf
+from camelid.weights import gguf, hf
 from camelid.weights.digest import directory_digest
 
 CARD_NAME = "README.md"  # the model card, where the Hugging Face Hub looks for one
@@ -226,7 +227,7 @@ def convert(
     _check_not_in_a_run(out)
     if log is not None and source.note is not None:
         log(source.note)
-    if source.kind == "checkpoint":
+    if source.kind in ("checkpoint", "gguf"):
         tokenizer = load_tokenizer(source)
         weights = load_model(source, dtype=dtype or info.dtype)
         data = run_data(source.run) if source.run is not None else None
@@ -235,6 +236,65 @@ def convert(
     else:
         origin = _convert_hf(source.path, out, info, dtype, max_shard_size, log)
     return Written(source, out, hf.inspect_checkpoint(out), origin, time.perf_counter() - t0)
+
+
+@dataclass(frozen=True)
+class WrittenGGUF:
+    """What :func:`export_gguf` wrote."""
+
+    source: ModelSource
+    saved: gguf.Saved
+    config: ModelConfig
+    seconds: float
+
+
+def gguf_dtype_of(source: ModelSource) -> str:
+    """The GGUF type a model is written in when none is asked for: a GGUF file's own (F16 or
+    Q8_0), else f32, the exact one."""
+    if source.kind == "gguf":
+        return {"F16": "f16", "Q8_0": "q8_0"}.get(gguf.inspect(source.path).file_type, "f32")
+    return "f32"
+
+
+def export_gguf(
+    model: str | Path,
+    out: str | Path,
+    *,
+    dtype: str | None = None,
+    adapter: str | Path | None = None,
+    overwrite: bool = False,
+    check_tokenizer: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> WrittenGGUF:
+    """MODEL (a Hugging Face directory, a run, a checkpoint or a GGUF file, with its
+    tokenizer; ``adapter``: a LoRA adapter merged in first) → one GGUF file ``out`` for
+    llama.cpp, in ``dtype`` (f32, f16 or q8_0; default :func:`gguf_dtype_of`). The model and
+    the tokenizer are checked (llama.cpp's tokenisation included) before anything is written,
+    and ``out`` appears only when complete."""
+    t0 = time.perf_counter()
+    source = resolve_model(model)
+    out = Path(out)
+    dtype = dtype or gguf_dtype_of(source)
+    if dtype not in gguf.DTYPES:
+        raise CheckpointError(f"--dtype {dtype}: GGUF is written as {', '.join(gguf.DTYPES)}")
+    if out.is_dir():
+        raise CheckpointError(f"{out}: is a directory; a GGUF export is one file (OUT.gguf)")
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"{out}: exists (--overwrite replaces it)")
+    if source.kind == "gguf" and out.resolve() == source.path.resolve():
+        raise CheckpointError(f"{out}: is the file being exported; name another one")
+    info = inspect_model(source)
+    gguf.check_exportable(info.config)
+    if log is not None and source.note is not None:
+        log(source.note)
+    tokenizer = load_tokenizer(source)
+    weights = load_model(source, dtype=torch.float32)
+    if adapter is not None:
+        from camelid.infer.load import merge_adapter
+
+        weights = merge_adapter(weights, adapter, source, log)
+    saved = gguf.save(weights, tokenizer, out, dtype, check=check_tokenizer, log=log)
+    return WrittenGGUF(source, saved, weights.config, time.perf_counter() - t0)
 
 
 def _convert_hf(

@@ -7,7 +7,9 @@ understood, checked and reported the same way everywhere. MODEL may be:
 - a Hugging Face Llama directory (config.json, safetensors, a tokenizer);
 - a training run ``RUN``: its export ``RUN/hf`` when that is at least as new as the run's
   newest checkpoint, else that checkpoint, read directly;
-- one checkpoint ``RUN/checkpoints/step-N``, read directly.
+- one checkpoint ``RUN/checkpoints/step-N``, read directly;
+- a GGUF file (llama.cpp's format: F32, F16, BF16 or Q8_0 weights, dequantised on load), with
+  the tokenizer it carries.
 
 A checkpoint read directly is loaded in memory (nothing is written) and the line saying what
 MODEL resolved to gives the exact ``camelid export`` command that makes a directory of it.
@@ -35,7 +37,7 @@ from camelid.model import Transformer
 from camelid.tokenizer import Tokenizer
 from camelid.tokenizer.tokenizer import JSON_NAME, MODEL_NAME
 from camelid.weights import checkpoint as ckpt
-from camelid.weights import hf
+from camelid.weights import gguf, hf
 from camelid.weights.digest import model_digest
 
 DTYPES = ("float32", "bfloat16", "float16")  # the weight dtypes a model can be loaded in
@@ -58,9 +60,9 @@ def _checkpoints_beside(missing: Path) -> str:
 class ModelSource:
     """What a MODEL argument names: where its weights and tokenizer are read from.
 
-    ``kind`` is "hf" (``path`` is a Hugging Face directory) or "checkpoint" (``path`` is a
-    training checkpoint, read directly). ``note`` is the one line that says what MODEL was
-    resolved to, None when it is plainly the directory given.
+    ``kind`` is "hf" (``path`` is a Hugging Face directory), "checkpoint" (``path`` is a
+    training checkpoint, read directly) or "gguf" (``path`` is a GGUF file). ``note`` is the
+    one line that says what MODEL was resolved to, None when it is plainly the one given.
     """
 
     given: Path
@@ -81,8 +83,12 @@ def resolve_model(model: str | Path, *, need_tokenizer: bool = True) -> ModelSou
     if not given.exists():
         raise CheckpointError(f"{model}: no such directory{_checkpoints_beside(given)}")
     if not given.is_dir():
+        if gguf.is_gguf(given):
+            return ModelSource(given, given, "gguf", given)
         if need_tokenizer:
-            raise CheckpointError(f"{model}: expected a model directory, found a file")
+            raise CheckpointError(
+                f"{model}: expected a model directory or a GGUF file, found another file"
+            )
         return ModelSource(given, given, "hf")
     if (given / hf.CONFIG_NAME).is_file():
         return _hf_source(given, given, need_tokenizer)
@@ -213,7 +219,7 @@ def load_model(
     progress: bool | None = None,
 ) -> Transformer:
     """The weights of a resolved MODEL, from its Hugging Face directory or its checkpoint."""
-    loader = ckpt.load if source.kind == "checkpoint" else hf.load
+    loader = {"checkpoint": ckpt.load, "gguf": gguf.load}.get(source.kind, hf.load)
     return loader(source.path, device=device, dtype=dtype, progress=progress)
 
 
@@ -221,6 +227,9 @@ def inspect_model(source: ModelSource) -> hf.CheckpointInfo:
     """Config, files, dtype and size of a resolved MODEL, from headers alone."""
     if source.kind == "checkpoint":
         return ckpt.inspect_checkpoint(source.path)
+    if source.kind == "gguf":
+        info = gguf.inspect(source.path)
+        return hf.CheckpointInfo(info.config, [info.path], info.dtype, info.nbytes)
     return hf.inspect_checkpoint(source.path)
 
 

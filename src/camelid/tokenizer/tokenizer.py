@@ -229,7 +229,8 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
-        """Load a directory holding tokenizer.json (preferred) or tokenizer.model, or the file."""
+        """Load a directory holding tokenizer.json (preferred) or tokenizer.model, or the file
+        (also a GGUF file, whose tokenizer it carries)."""
         path = Path(path)
         if path.is_dir():
             for name in (JSON_NAME, MODEL_NAME):
@@ -240,6 +241,10 @@ class Tokenizer:
                 raise TokenizerError(f"{path}: no {JSON_NAME} or {MODEL_NAME} in this directory")
         elif not path.is_file():
             raise TokenizerError(f"{path}: tokenizer file not found")
+        from camelid.tokenizer.gguf import is_gguf_file, load_gguf_tokenizer
+
+        if is_gguf_file(path):  # llama.cpp's one-file format carries its tokenizer
+            return load_gguf_tokenizer(path)
         if path.suffix == ".json":
             return cls(_HFBackend(_read_tokenizer_json(path)), str(path))
         ranks = _read_tiktoken_ranks(path)

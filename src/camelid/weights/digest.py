@@ -115,6 +115,11 @@ def source_digest(source: Source, progress: bool | None = None) -> str:
     if source.kind == "checkpoint":
         info = ckpt.inspect_checkpoint(source.path)
         return model_digest(ckpt.load(source.path, dtype=info.dtype))
+    if source.kind == "gguf":  # its weights as loaded (Q8_0: the exact fp32 q * scale)
+        from camelid.weights import gguf
+
+        info = gguf.inspect(source.path)
+        return model_digest(gguf.load(source.path, dtype=info.dtype))
     return directory_digest(source.path, progress)
 
 

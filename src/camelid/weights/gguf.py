@@ -43,28 +43,21 @@ import torch
 from camelid.config import ModelConfig, RopeScaling
 from camelid.errors import CheckpointError, ConfigError, TokenizerError
 from camelid.model import Transformer
-from camelid.tokenizer.bpe import (
-    LLAMA3_PATTERN,
-    LLAMA4_PATTERN,
-    hf_from_vocab,
+from camelid.tokenizer.gguf import (
+    Vocab,
+    fields_of,
+    is_gguf_file,
+    tokenizer_from_fields,
+    vocab_of,
 )
 from camelid.weights import hf
 
 SUFFIX = ".gguf"
-MAGIC = b"GGUF"
 DTYPES = ("f32", "f16", "q8_0")  # what camelid writes
 READ_TYPES = ("F32", "F16", "BF16", "Q8_0")  # what camelid reads
 ARCH = "llama"
 Q8_BLOCK = 32  # weights per Q8_0 block
 Q8_BYTES = 2 + Q8_BLOCK  # its fp16 scale, then 32 int8 values
-
-# llama.cpp's name for the split before BPE, by the split regex it stands for.
-PRE_TOKENIZERS = {LLAMA3_PATTERN: "llama-bpe", LLAMA4_PATTERN: "llama4"}
-_PATTERNS = {"llama-bpe": LLAMA3_PATTERN, "llama3": LLAMA3_PATTERN, "llama-v3": LLAMA3_PATTERN,
-             "llama4": LLAMA4_PATTERN}  # fmt: skip
-
-# llama.cpp's token types (llama_token_type / gguf.TokenType).
-NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
 
 # camelid's own keys: what llama.cpp's rope_freqs tensor alone does not say exactly.
 _ROPE_KEY = "camelid.rope_scaling."
@@ -138,12 +131,7 @@ class GGUFInfo:
 
 def is_gguf(path: str | Path) -> bool:
     """Whether ``path`` is a file that starts with GGUF's magic bytes."""
-    path = Path(path)
-    try:
-        with path.open("rb") as f:
-            return path.is_file() and f.read(4) == MAGIC
-    except OSError:
-        return False
+    return Path(path).is_file() and is_gguf_file(Path(path))
 
 
 # ------------------------------------------------------------------------------------ Q8_0
@@ -277,118 +265,6 @@ def _expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         for piece in pieces:
             shapes[gguf_name(piece.hf_name)] = piece.shape
     return shapes
-
-
-# ------------------------------------------------------------------------------- tokenizer
-@dataclass(frozen=True)
-class Vocab:
-    """A tokenizer as GGUF holds it (``tokenizer.ggml.*`` and ``tokenizer.chat_template``)."""
-
-    tokens: list[str]
-    types: list[int]
-    merges: list[str]
-    pre: str
-    bos_id: int
-    eos_id: int
-    eot_id: int | None
-    eom_id: int | None
-    chat_template: str | None
-
-
-def vocab_of(tokenizer: Any, vocab_size: int | None = None) -> Vocab:
-    """camelid's tokenizer → GGUF's tokenizer fields; the model's ``vocab_size`` (when larger)
-    pads the list with unused ``[PAD{id}]`` tokens, as llama.cpp's converter does."""
-    spec = json.loads(tokenizer._backend.to_hf().to_str())
-    pre, model = spec.get("pre_tokenizer") or {}, spec.get("model") or {}
-    steps = pre.get("pretokenizers") if pre.get("type") == "Sequence" else None
-    pattern = None
-    if steps and len(steps) == 2 and steps[0].get("type") == "Split":
-        pattern = (steps[0].get("pattern") or {}).get("Regex")
-    structural = (
-        spec.get("normalizer") is None
-        and steps is not None
-        and len(steps) == 2
-        and steps[0].get("behavior") == "Isolated"
-        and steps[1].get("type") == "ByteLevel"
-        and not steps[1].get("add_prefix_space")
-        and model.get("type") == "BPE"
-        and model.get("ignore_merges")
-    )
-    if not structural or pattern not in PRE_TOKENIZERS:
-        raise TokenizerError(
-            f"{tokenizer.source}: llama.cpp knows no pre-tokenizer for this tokenizer (GGUF "
-            "export takes Llama 3 or Llama 4 byte-level BPE: the Llama 3/4 split, ByteLevel, "
-            "BPE with ignore_merges)"
-        )
-    n = tokenizer.vocab_size if vocab_size is None else max(vocab_size, tokenizer.vocab_size)
-    tokens: list[str | None] = [None] * n
-    types = [NORMAL] * n
-    for text, i in model["vocab"].items():
-        tokens[i] = text
-    for added in spec.get("added_tokens", []):
-        tokens[added["id"]] = added["content"]
-        types[added["id"]] = CONTROL if added.get("special") else USER_DEFINED
-    for i in range(tokenizer.vocab_size, n):
-        tokens[i], types[i] = f"[PAD{i}]", UNUSED
-    holes = [i for i, t in enumerate(tokens) if t is None]
-    if holes:
-        raise TokenizerError(f"{tokenizer.source}: no token has id {holes[0]}")
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    special = tokenizer.special_tokens
-    chat = tokenizer._chat.jinja() if tokenizer._chat is not None else None
-    return Vocab(
-        tokens=tokens,  # type: ignore[arg-type]
-        types=types,
-        merges=merges,
-        pre=PRE_TOKENIZERS[pattern],
-        bos_id=tokenizer.bos_id,
-        eos_id=tokenizer.eos_id,
-        eot_id=tokenizer.eot_id,
-        eom_id=special.get("<|eom_id|>", special.get("<|eom|>")),
-        chat_template=chat,
-    )
-
-
-def _tokenizer_from_fields(fields: dict[str, Any], source: str) -> Any:
-    """GGUF's tokenizer fields → a camelid :class:`~camelid.tokenizer.Tokenizer`."""
-    from camelid.tokenizer.tokenizer import Tokenizer, _HFBackend
-
-    model = fields.get("tokenizer.ggml.model")
-    if model is None:
-        raise TokenizerError(f"{source}: the GGUF file holds no tokenizer")
-    if model != "gpt2":
-        what = "SentencePiece, Llama 1/2" if model == "llama" else "not byte-level BPE"
-        raise TokenizerError(
-            f"{source}: tokenizer.ggml.model is {model!r} ({what}); camelid reads byte-level "
-            "BPE tokenizers ('gpt2': Llama 3 and 4)"
-        )
-    pre = fields.get("tokenizer.ggml.pre")
-    if pre not in _PATTERNS:
-        raise TokenizerError(
-            f"{source}: pre-tokenizer {pre!r} is not one camelid reads "
-            f"({', '.join(sorted(_PATTERNS))})"
-        )
-    tokens = list(fields.get("tokenizer.ggml.tokens") or [])
-    types = list(fields.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens))
-    if len(types) != len(tokens):
-        raise TokenizerError(f"{source}: {len(tokens)} tokens but {len(types)} token types")
-    merges = []
-    for m in fields.get("tokenizer.ggml.merges") or []:
-        a, sep, b = m.partition(" ")
-        if not sep:
-            raise TokenizerError(f"{source}: merge {m!r} is not two tokens")
-        merges.append((a, b))
-    vocab, specials = {}, {}
-    for i, (text, kind) in enumerate(zip(tokens, types, strict=True)):
-        if kind in (CONTROL, USER_DEFINED):
-            specials[text] = i
-        elif kind != UNUSED:
-            vocab[text] = i
-    try:
-        backend = _HFBackend(hf_from_vocab(vocab, merges, specials, _PATTERNS[pre]))
-    except Exception as e:  # the tokenizers library raises plain exceptions on bad vocabularies
-        raise TokenizerError(f"{source}: the GGUF vocabulary does not load ({e})") from None
-    return Tokenizer(backend, source)
 
 
 # ------------------------------------------------------------------------- tokeniser parity
@@ -642,15 +518,7 @@ def _reader(path: Path) -> Any:
 
 
 def _fields(reader: Any) -> dict[str, Any]:
-    out = {}
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        try:
-            out[key] = field.contents()
-        except Exception:  # a value this reader cannot decode; only the keys camelid reads matter
-            out[key] = None
-    return out
+    return fields_of(reader)
 
 
 def _config(fields: dict[str, Any], tensors: dict[str, Any], source: str) -> ModelConfig:
@@ -694,8 +562,8 @@ def _config(fields: dict[str, Any], tensors: dict[str, Any], source: str) -> Mod
         n_kv_heads=int(get("attention.head_count_kv", n_heads)),
         head_dim=head_dim,
         ffn_hidden_dim=int(get("feed_forward_length")),
-        norm_eps=float(get("attention.layer_norm_rms_epsilon")),
-        rope_theta=float(get("rope.freq_base", 10000.0)),
+        norm_eps=_f32(get("attention.layer_norm_rms_epsilon")),
+        rope_theta=_f32(get("rope.freq_base", 10000.0)),
         max_seq_len=int(get("context_length")),
         tie_embeddings="output.weight" not in tensors,
         attention_bias="blk.0.attn_q.bias" in tensors,
@@ -715,6 +583,12 @@ def _config(fields: dict[str, Any], tensors: dict[str, Any], source: str) -> Mod
         raise CheckpointError(f"{source}: the metadata is not a valid Llama config: {e}") from None
 
 
+def _f32(value: Any) -> float:
+    """A float32 from the file as the shortest decimal that is that float32 (1e-05, not
+    9.99999974e-06): the value that was written, for every value a config holds."""
+    return float(np.format_float_positional(np.float32(value), unique=True, trim="0"))
+
+
 def _rope_scaling(fields: dict, tensor: Any, kw: dict, source: str) -> RopeScaling:
     """Llama 3.1 scaling from camelid's keys, or else fitted to llama.cpp's rope_freqs (the
     converter writes only the factors): Meta's published settings are tried in turn."""
@@ -725,9 +599,9 @@ def _rope_scaling(fields: dict, tensor: Any, kw: dict, source: str) -> RopeScali
         )
     if fields.get(_ROPE_KEY + "factor") is not None:
         candidates = [RopeScaling(
-            factor=float(fields[_ROPE_KEY + "factor"]),
-            low_freq_factor=float(fields[_ROPE_KEY + "low_freq_factor"]),
-            high_freq_factor=float(fields[_ROPE_KEY + "high_freq_factor"]),
+            factor=_f32(fields[_ROPE_KEY + "factor"]),
+            low_freq_factor=_f32(fields[_ROPE_KEY + "low_freq_factor"]),
+            high_freq_factor=_f32(fields[_ROPE_KEY + "high_freq_factor"]),
             original_max_position_embeddings=int(
                 fields[_ROPE_KEY + "original_max_position_embeddings"]
             ),
@@ -860,4 +734,4 @@ def load(
 def load_tokenizer(path: str | Path) -> Any:
     """The tokenizer a GGUF file carries, as a camelid Tokenizer."""
     path = Path(path)
-    return _tokenizer_from_fields(_fields(_reader(path)), str(path))
+    return tokenizer_from_fields(_fields(_reader(path)), str(path))
