@@ -1,5 +1,5 @@
 """Training that starts from weights (`[init] model = ...`): a Hugging Face directory, a run, a
-checkpoint; the tokenizer check; what [model] may still set."""
+checkpoint, a GGUF file; the tokenizer check; what [model] may still set."""
 
 from __future__ import annotations
 
@@ -33,9 +33,15 @@ def _start_weights(run: Path) -> dict[str, torch.Tensor]:
     return load_checkpoint(run / "checkpoints" / "step-00000000").state_dict()
 
 
-@pytest.mark.parametrize("which", ["hf", "run", "checkpoint"])
+@pytest.mark.parametrize("which", ["hf", "run", "checkpoint", "gguf"])
 def test_training_starts_from_the_given_weights(tmp_path, dataset, base, which):  # noqa: F811
-    source = {"hf": base / "hf", "run": base,
+    if which == "gguf":  # llama.cpp's file of the same weights (f32: exact)
+        from camelid.weights import gguf
+
+        hf_dir = base / "hf"
+        gguf.save(camelid.load(hf_dir), camelid.Tokenizer.load(hf_dir), tmp_path / "m.gguf",
+                  "f32", check=False)  # fmt: skip
+    source = {"hf": base / "hf", "run": base, "gguf": tmp_path / "m.gguf",
               "checkpoint": base / "checkpoints" / "step-00000008"}[which]  # fmt: skip
     recipe = load_recipe(recipe_file(tmp_path, dataset, init={"model": str(source)},
                                      train={"steps": 2}, checkpoint={"interval": 0}))  # fmt: skip

@@ -61,12 +61,15 @@ def run(args: argparse.Namespace) -> int:
         }
         print(json.dumps(out, indent=2))
         return 0
-    what = (
-        f"checkpoint of step {source.step}, read at its stored dtype {dtype}"
-        if source.kind == "checkpoint"
-        else f"Hugging Face directory, {dtype}, {len(info.files)} weight file(s), "
-        f"{format_bytes(info.nbytes)}"
-    )
+    if source.kind == "checkpoint":
+        what = f"checkpoint of step {source.step}, read at its stored dtype {dtype}"
+    elif source.kind == "gguf":
+        what = f"{info.stored} file, {format_bytes(info.nbytes)}, its weights as loaded: {dtype}"
+    else:
+        what = (
+            f"Hugging Face directory, {dtype}, {len(info.files)} weight file(s), "
+            f"{format_bytes(info.nbytes)}"
+        )
     print(f"model      {source.path} ({what})")
     print(f"weights    {weights}")
     if tokenizer is not None:

@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     if info is not None:
         figures["checkpoint"] = {
             "files": [str(f) for f in info.files],
-            "dtype": str(info.dtype).removeprefix("torch."),
+            "dtype": info.stored or str(info.dtype).removeprefix("torch."),
             "bytes": info.nbytes,
         }
     if args.forward:

@@ -229,7 +229,8 @@ def inspect_model(source: ModelSource) -> hf.CheckpointInfo:
         return ckpt.inspect_checkpoint(source.path)
     if source.kind == "gguf":
         info = gguf.inspect(source.path)
-        return hf.CheckpointInfo(info.config, [info.path], info.dtype, info.nbytes)
+        stored = f"GGUF {info.file_type}"
+        return hf.CheckpointInfo(info.config, [info.path], info.dtype, info.nbytes, stored)
     return hf.inspect_checkpoint(source.path)
 
 

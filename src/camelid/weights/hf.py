@@ -258,6 +258,7 @@ class CheckpointInfo:
     files: list[Path]
     dtype: torch.dtype
     nbytes: int
+    stored: str = ""  # how the weights are stored when not as dtype: "GGUF Q8_0", ...
 
 
 def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
