@@ -310,6 +310,28 @@ def test_unsupported_quantisation_type_is_named(tmp_path, good):
         G.load(bad)
 
 
+def test_llamacpps_own_k_quants_are_written_and_named_on_reading(tmp_path, tok, capsys):
+    """--dtype q4_k_m: camelid's f32 file through llama.cpp's quantiser; llama.cpp runs it,
+    camelid (which reads F32, F16, BF16, Q8_0) names what it cannot read."""
+    hf_dir = tmp_path / "hf"
+    camelid.save(_model(tok, dim=256, n_heads=4, ffn_hidden_dim=512), hf_dir)
+    tok.save(hf_dir)
+    out = tmp_path / "q4.gguf"
+    assert camelid_main(["export", str(hf_dir), str(out), "--dtype", "q4_k_m"]) == 0
+    assert "GGUF Q4_K_M" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "q4.gguf"]
+    kinds = {t.tensor_type.name for t in gguf.GGUFReader(out).tensors}
+    assert "Q4_K" in kinds
+    llm = _llama(out)
+    try:
+        llm.eval(_prompt(tok, 8))
+        assert np.isfinite(np.array(llm.scores[:8])).all()
+    finally:
+        llm.close()
+    with pytest.raises(CheckpointError, match=r"is Q[46]_K, a type camelid does not read"):
+        camelid.load(out)
+
+
 def test_truncated_file_is_refused(tmp_path, good):
     data = good.read_bytes()
     for keep in (len(data) - 1000, 2000, 10):
@@ -345,7 +367,7 @@ def test_models_llamacpp_cannot_hold_are_refused(tmp_path, tok):
     out = tmp_path / "moe.gguf"
     with pytest.raises(CheckpointError, match="mixture-of-experts"):
         G.save(Transformer(moe), tok, out, "f32")
-    with pytest.raises(CheckpointError, match="GGUF dtype 'q4_k'"):
+    with pytest.raises(CheckpointError, match="GGUF dtype 'q4_k'"):  # no such type
         G.save(_model(tok), tok, out, "q4_k")
     assert list(tmp_path.iterdir()) == []
 

@@ -38,10 +38,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--dtype",
-        choices=(*DTYPES, *gguf.DTYPES),
+        choices=(*DTYPES, *gguf.DTYPES, *gguf.LLAMACPP_DTYPES),
         default=None,
         help="cast weights (default: keep); for a .gguf DST: f32, f16 or q8_0 (default: f32, "
-        "or a GGUF source's own)",
+        "or a GGUF source's own), or q4_0, q4_k_s, q4_k_m, q5_k_m, q6_k by llama.cpp's quantiser",
     )
     p.add_argument(
         "--max-shard-size",
@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
             f"{format_bytes(saved.nbytes)} in {done.seconds:.1f}s"
         )
         return 0
-    if args.dtype in gguf.DTYPES:
+    if args.dtype in gguf.DTYPES or args.dtype in gguf.LLAMACPP_DTYPES:
         raise CamelidError(
             f"--dtype {args.dtype} is a GGUF type (for a DST ending in .gguf); a Hugging Face "
             f"directory takes {', '.join(DTYPES)}"

@@ -43,6 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
   camelid export Llama-3.2-1B --adapter runs/lora/adapter --merge exports/merged   # LoRA merged
   camelid export runs/quickstart model.gguf                 # GGUF, f32
   camelid export Llama-3.2-1B model-q8.gguf --dtype q8_0    # GGUF, Q8_0 (8.5 bits a weight)
+  camelid export Llama-3.2-1B model-q4.gguf --dtype q4_k_m  # llama.cpp's own Q4_K_M
 then: camelid generate OUT --prompt "..." or transformers' from_pretrained(OUT);
       llama.cpp's llama-cli -m OUT.gguf, or camelid generate OUT.gguf""",
     )
@@ -62,10 +63,11 @@ then: camelid generate OUT --prompt "..." or transformers' from_pretrained(OUT);
     )
     p.add_argument(
         "--dtype",
-        choices=(*DTYPES, *gguf.DTYPES),
+        choices=(*DTYPES, *gguf.DTYPES, *gguf.LLAMACPP_DTYPES),
         default=None,
         help="hf: cast weights to float32, bfloat16 or float16 (default: keep, float32); "
-        "gguf: f32, f16 or q8_0 (default: f32; a GGUF source keeps its own)",
+        "gguf: f32, f16 or q8_0 (default: f32; a GGUF source keeps its own), or "
+        "q4_0, q4_k_s, q4_k_m, q5_k_m, q6_k made by llama.cpp's quantiser from the f32 file",
     )
     p.add_argument(
         "--max-shard-size",
@@ -101,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     fmt = args.format or ("gguf" if args.out.endswith(gguf.SUFFIX) else "hf")
     if fmt == "gguf":
         return _run_gguf(args)
-    if args.dtype in gguf.DTYPES:
+    if args.dtype in gguf.DTYPES or args.dtype in gguf.LLAMACPP_DTYPES:
         raise CamelidError(
             f"--dtype {args.dtype} is a GGUF type: add --format gguf (or name OUT *.gguf), or "
             f"choose one of {', '.join(DTYPES)} for a Hugging Face directory"

@@ -268,15 +268,17 @@ def export_gguf(
 ) -> WrittenGGUF:
     """MODEL (a Hugging Face directory, a run, a checkpoint or a GGUF file, with its
     tokenizer; ``adapter``: a LoRA adapter merged in first) → one GGUF file ``out`` for
-    llama.cpp, in ``dtype`` (f32, f16 or q8_0; default :func:`gguf_dtype_of`). The model and
+    llama.cpp, in ``dtype`` (f32, f16 or q8_0, or one of llama.cpp's quantiser's
+    :data:`~camelid.weights.gguf.LLAMACPP_DTYPES`; default :func:`gguf_dtype_of`). The model and
     the tokenizer are checked (llama.cpp's tokenisation included) before anything is written,
     and ``out`` appears only when complete."""
     t0 = time.perf_counter()
     source = resolve_model(model)
     out = Path(out)
     dtype = dtype or gguf_dtype_of(source)
-    if dtype not in gguf.DTYPES:
-        raise CheckpointError(f"--dtype {dtype}: GGUF is written as {', '.join(gguf.DTYPES)}")
+    if dtype not in gguf.DTYPES and dtype not in gguf.LLAMACPP_DTYPES:
+        kinds = ", ".join((*gguf.DTYPES, *gguf.LLAMACPP_DTYPES))
+        raise CheckpointError(f"--dtype {dtype}: GGUF is written as one of {kinds}")
     if out.is_dir():
         raise CheckpointError(f"{out}: is a directory; a GGUF export is one file (OUT.gguf)")
     if out.exists() and not overwrite:

@@ -53,7 +53,10 @@ from camelid.tokenizer.gguf import (
 from camelid.weights import hf
 
 SUFFIX = ".gguf"
-DTYPES = ("f32", "f16", "q8_0")  # what camelid writes
+DTYPES = ("f32", "f16", "q8_0")  # what camelid writes itself
+# What llama.cpp's own quantiser makes of camelid's f32 file (llama_ftype); camelid does not
+# read these back (see READ_TYPES).
+LLAMACPP_DTYPES = {"q4_0": 2, "q4_k_s": 14, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
 READ_TYPES = ("F32", "F16", "BF16", "Q8_0")  # what camelid reads
 ARCH = "llama"
 Q8_BLOCK = 32  # weights per Q8_0 block
@@ -420,6 +423,47 @@ def _encode(t: torch.Tensor, name: str, dtype: str) -> tuple[np.ndarray, Any]:
     return t.to(torch.float16).numpy(), Q.F16  # f16, or a row Q8_0 cannot split into blocks
 
 
+def _layout(t: torch.Tensor, name: str, dtype: str) -> tuple[tuple[int, ...], Any, int, Any]:
+    """What :func:`_encode` will write for ``t``, without encoding it: the byte array's shape,
+    numpy dtype and size, and the GGML type."""
+    import gguf
+
+    Q = gguf.GGMLQuantizationType
+    if t.dim() == 1 or name == ROPE_FREQS or dtype == "f32":
+        return tuple(t.shape), np.dtype(np.float32), t.numel() * 4, Q.F32
+    if dtype == "q8_0" and t.shape[-1] % Q8_BLOCK == 0:
+        shape = (t.shape[0], t.shape[1] // Q8_BLOCK * Q8_BYTES)
+        return shape, np.dtype(np.uint8), shape[0] * shape[1], Q.Q8_0
+    return tuple(t.shape), np.dtype(np.float16), t.numel() * 2, Q.F16
+
+
+def llamacpp_quantize(src: Path, dst: Path, dtype: str) -> None:
+    """llama.cpp's own quantiser (``llama_model_quantize``, as its ``llama-quantize`` tool) from
+    the GGUF file ``src`` to ``dst``, in a child process (llama.cpp aborts on some errors)."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        raise CheckpointError(
+            f"--dtype {dtype} is made by llama.cpp's quantiser, which needs llama-cpp-python: "
+            "pip install 'camelid[gguf]'"
+        ) from None
+    child = (
+        "import ctypes, sys, llama_cpp\n"
+        "p = llama_cpp.llama_model_quantize_default_params()\n"
+        "p.ftype = int(sys.argv[3]); p.nthread = 0\n"
+        "sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), "
+        "ctypes.byref(p)))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", child, str(src), str(dst), str(LLAMACPP_DTYPES[dtype])],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        tail = " | ".join(done.stderr.strip().splitlines()[-3:])
+        raise CheckpointError(f"llama.cpp's quantiser failed on {src} ({dtype}): {tail}")
+
+
 @dataclass(frozen=True)
 class Saved:
     """What :func:`save` wrote."""
@@ -445,8 +489,11 @@ def save(
     """Write ``model`` and ``tokenizer`` as one GGUF file for llama.cpp (see the module
     docstring). ``check`` proves tokeniser parity with llama.cpp first (refusing on any
     difference); the file appears complete or not at all."""
-    if dtype not in DTYPES:
-        raise CheckpointError(f"GGUF dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    if dtype not in DTYPES and dtype not in LLAMACPP_DTYPES:
+        raise CheckpointError(
+            f"GGUF dtype {dtype!r}: expected one of {', '.join(DTYPES)} (camelid's own) or "
+            f"{', '.join(LLAMACPP_DTYPES)} (llama.cpp's quantiser)"
+        )
     import gguf
 
     config = model.config
@@ -468,13 +515,27 @@ def save(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    if dtype in LLAMACPP_DTYPES:  # camelid's exact f32 file, then llama.cpp's quantiser
+        f32 = path.with_name(f".{path.name}.f32-{os.getpid()}")
+        try:
+            written = save(model, tokenizer, f32, "f32", name=name, check=False, progress=progress)
+            if log is not None:
+                log(f"quantising to {dtype.upper()} with llama.cpp's quantiser …")
+            llamacpp_quantize(f32, tmp, dtype)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        finally:
+            f32.unlink(missing_ok=True)
+        return Saved(path, dtype, path.stat().st_size, written.tensors, checked)
     w = gguf.GGUFWriter(path=None, arch=ARCH)
     try:
         _add_metadata(w, config, vocab, name, _file_type(dtype))
         infos = []
         for tname, t in gguf_tensors(model):  # the index first: names, shapes, types
-            data, kind = _encode(t, tname, dtype)
-            w.add_tensor_info(tname, data.shape, data.dtype, data.nbytes, raw_dtype=kind)
+            shape, np_dtype, nbytes, kind = _layout(t, tname, dtype)
+            w.add_tensor_info(tname, shape, np_dtype, nbytes, raw_dtype=kind)
             infos.append(tname)
         w.write_header_to_file(path=tmp)
         w.write_kv_data_to_file()
@@ -653,8 +714,8 @@ def _plan(path: Path) -> tuple[Any, dict[str, Any], ModelConfig, dict[str, Any]]
         if kind not in READ_TYPES:
             raise CheckpointError(
                 f"{path}: tensor {name} is {kind}, a type camelid does not read (it reads "
-                f"{', '.join(READ_TYPES)}; llama.cpp's llama-quantize can re-save the file as "
-                "one of them)"
+                f"{', '.join(READ_TYPES)}; llama.cpp's llama-quantize --allow-requantize can "
+                "re-save the file as Q8_0, keeping the losses it already has)"
             )
         shape = tuple(int(s) for s in reversed(list(t.shape)))  # GGML lists the row length first
         if shape != expected[name]:
