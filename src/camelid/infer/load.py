@@ -81,13 +81,16 @@ def resolve_model(model: str | Path, *, need_tokenizer: bool = True) -> ModelSou
     loader as a Hugging Face directory, whose own checks name what is wrong with it."""
     given = Path(model)
     if not given.exists():
+        if given.suffix == gguf.SUFFIX:
+            raise CheckpointError(f"{model}: no such file")
         raise CheckpointError(f"{model}: no such directory{_checkpoints_beside(given)}")
     if not given.is_dir():
         if gguf.is_gguf(given):
             return ModelSource(given, given, "gguf", given)
         if need_tokenizer:
             raise CheckpointError(
-                f"{model}: expected a model directory or a GGUF file, found another file"
+                f"{model}: expected a model directory or a GGUF file, found a file that is "
+                "neither"
             )
         return ModelSource(given, given, "hf")
     if (given / hf.CONFIG_NAME).is_file():
