@@ -89,8 +89,7 @@ def resolve_model(model: str | Path, *, need_tokenizer: bool = True) -> ModelSou
             return ModelSource(given, given, "gguf", given)
         if need_tokenizer:
             raise CheckpointError(
-                f"{model}: expected a model directory or a GGUF file, found a file that is "
-                "neither"
+                f"{model}: expected a model directory or a GGUF file, found a file that is neither"
             )
         return ModelSource(given, given, "hf")
     if (given / hf.CONFIG_NAME).is_file():

@@ -140,17 +140,20 @@ def tokenizer_from_fields(fields: dict[str, Any], source: str) -> Tokenizer:
     return Tokenizer(backend, source)
 
 
-def read_fields(path: str | Path) -> dict[str, Any]:
-    """Every metadata key of a GGUF file and its value (None where it cannot be decoded)."""
+def open_reader(path: str | Path, error: type[Exception] = TokenizerError) -> Any:
+    """A ``gguf.GGUFReader`` of the file (memory-mapped, nothing converted), or ``error``
+    naming the file when it is not a readable GGUF file."""
     import gguf
 
     try:
-        reader = gguf.GGUFReader(path, "r")
+        return gguf.GGUFReader(path, "r")
     except Exception as e:  # the reader raises ValueError, IndexError, ... on a bad file
-        raise TokenizerError(
-            f"{path}: a truncated or corrupt GGUF file ({type(e).__name__}: {e})"
-        ) from None
-    return fields_of(reader)
+        raise error(f"{path}: a truncated or corrupt GGUF file ({type(e).__name__}: {e})") from None
+
+
+def read_fields(path: str | Path) -> dict[str, Any]:
+    """Every metadata key of a GGUF file and its value (None where it cannot be decoded)."""
+    return fields_of(open_reader(path))
 
 
 def fields_of(reader: Any) -> dict[str, Any]:

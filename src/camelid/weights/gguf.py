@@ -47,6 +47,7 @@ from camelid.tokenizer.gguf import (
     Vocab,
     fields_of,
     is_gguf_file,
+    open_reader,
     tokenizer_from_fields,
     vocab_of,
 )
@@ -412,15 +413,13 @@ def _add_metadata(w: Any, config: ModelConfig, vocab: Vocab, name: str, file_typ
 
 
 def _encode(t: torch.Tensor, name: str, dtype: str) -> tuple[np.ndarray, Any]:
-    """A tensor as written: its numpy bytes and GGML type."""
-    import gguf
-
-    Q = gguf.GGMLQuantizationType
-    if t.dim() == 1 or name == ROPE_FREQS or dtype == "f32":
-        return t.float().numpy(), Q.F32
-    if dtype == "q8_0" and t.shape[-1] % Q8_BLOCK == 0:
-        return quantize_q8_0(t).numpy(), Q.Q8_0
-    return t.to(torch.float16).numpy(), Q.F16  # f16, or a row Q8_0 cannot split into blocks
+    """A tensor as written: its numpy bytes and GGML type (as :func:`_layout` plans it)."""
+    kind = _layout(t, name, dtype)[3]
+    if kind.name == "Q8_0":
+        return quantize_q8_0(t).numpy(), kind
+    if kind.name == "F16":  # f16, or a row Q8_0 cannot split into blocks
+        return t.to(torch.float16).numpy(), kind
+    return t.float().numpy(), kind
 
 
 def _layout(t: torch.Tensor, name: str, dtype: str) -> tuple[tuple[int, ...], Any, int, Any]:
@@ -556,18 +555,12 @@ def save(
 
 # ------------------------------------------------------------------------------------ read
 def _reader(path: Path) -> Any:
-    import gguf
-
+    """The file's reader, checked: a GGUF file whose every tensor lies within it."""
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     if not is_gguf(path):
         raise CheckpointError(f"{path}: not a GGUF file (it does not start with 'GGUF')")
-    try:
-        reader = gguf.GGUFReader(path, "r")
-    except Exception as e:  # the reader raises ValueError, IndexError, ... on a bad file
-        raise CheckpointError(
-            f"{path}: a truncated or corrupt GGUF file ({type(e).__name__}: {e})"
-        ) from None
+    reader = open_reader(path, CheckpointError)
     size = path.stat().st_size
     for t in reader.tensors:
         if t.data_offset + t.n_bytes > size or t.data.nbytes != t.n_bytes:
