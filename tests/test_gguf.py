@@ -372,6 +372,16 @@ def test_models_llamacpp_cannot_hold_are_refused(tmp_path, tok):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_without_llamacpp_the_export_says_how_to_get_it(tmp_path, tok, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as if not installed
+    out = tmp_path / "m.gguf"
+    with pytest.raises(TokenizerError, match=r"pip install 'camelid\[gguf\]'"):
+        G.save(_model(tok), tok, out, "f32")
+    assert not out.exists()
+
+
 def test_a_failed_write_leaves_nothing(tmp_path, tok, monkeypatch):
     out = tmp_path / "m.gguf"
     out.write_bytes(b"old")

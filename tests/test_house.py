@@ -17,7 +17,8 @@ ALLOWED = {
     "model": {"config"},
     "tokenizer": GROUND,
     "data": GROUND | {"tokenizer"},
-    "weights": GROUND | {"model"},
+    # GGUF is one file of weights and tokenizer (weights/gguf.py); the tokenizer is upstream
+    "weights": GROUND | {"model", "tokenizer"},
     "infer": GROUND | {"model", "tokenizer", "weights"},
     "train": GROUND | {"model", "tokenizer", "data", "weights", "infer"},
     "eval": GROUND | {"model", "tokenizer", "data", "weights", "infer"},
