@@ -1,0 +1,159 @@
+"""A CPU kernel for Q8_0 weight products of a few rows: fp32 activations times int8 weights
+with one fp16 scale per block of 32 inputs (llama.cpp's Q8_0, its very values and scales).
+
+Why a kernel of its own: compiled by ``torch.compile`` on an AVX2 CPU, every form of the block
+product tried (a row-dot over (out, blocks, 32) then scale and sum; the scales folded into the
+weight as it is read; the block sum taken lane-wise) converts int8 to fp32 element by element
+and ran at ~1.3 GB/s of weights, a tenth of the fp32 row-dot (docs/benchmarks.md, "Q8_0
+decoding"). This kernel converts 32 int8 weights with four vector conversions, multiplies them
+by the fp32 activations, scales the block's partial sums with one fused multiply-add and reduces
+horizontally once per output: the weights stream at memory speed. The activations stay fp32
+(llama.cpp quantises them to Q8_0 too), so the result is ``x @ (q * scale).T`` up to fp32
+summation order.
+
+It is C compiled on first use with the C++ compiler ``torch.compile`` already needs on a CPU
+(``g++ -O3 -mavx2 -mfma -mf16c -fopenmp``, into the inductor cache directory, keyed by the
+source's digest), and runs on the process's OpenMP threads (torch's own runtime, so
+``torch.set_num_threads`` applies). It is an opaque ``torch.library`` op, so a compiled decode
+step calls it as is. Where it cannot run (no AVX2/FMA/F16C, no compiler), :func:`available` is
+False and callers fall back to dequantising (``camelid.infer.linear.Int8Linear``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+MAX_ROWS = 8  # rows one call multiplies while reading the weight once (the kernel's registers)
+
+_SOURCE = r"""
+#include <immintrin.h>
+#include <stdint.h>
+
+#define MAX_ROWS 8
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* y (m, out) = x (m, in) @ (q * scale).T; q (out, in) int8, scale (out, in / 32) fp16. */
+void q8_0_matvec(const float *x, int64_t m, const int8_t *q, const uint16_t *scale,
+                 int64_t out, int64_t in, float *y) {
+    const int64_t nb = in / 32;
+    #pragma omp parallel for schedule(static)
+    for (int64_t o = 0; o < out; o++) {
+        const int8_t *qo = q + o * in;
+        const uint16_t *so = scale + o * nb;
+        __m256 acc[MAX_ROWS];
+        for (int64_t r = 0; r < m; r++) acc[r] = _mm256_setzero_ps();
+        for (int64_t b = 0; b < nb; b++) {
+            const __m128i lo = _mm_loadu_si128((const __m128i *)(qo + 32 * b));
+            const __m128i hi = _mm_loadu_si128((const __m128i *)(qo + 32 * b + 16));
+            const __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo));
+            const __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8)));
+            const __m256 w2 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi));
+            const __m256 w3 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8)));
+            const __m256 d = _mm256_set1_ps(_cvtsh_ss(so[b]));
+            for (int64_t r = 0; r < m; r++) {
+                const float *xb = x + r * in + 32 * b;
+                __m256 p = _mm256_mul_ps(w0, _mm256_loadu_ps(xb));
+                p = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xb + 8), p);
+                p = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xb + 16), p);
+                p = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xb + 24), p);
+                acc[r] = _mm256_fmadd_ps(p, d, acc[r]);
+            }
+        }
+        for (int64_t r = 0; r < m; r++) y[r * out + o] = hsum(acc[r]);
+    }
+}
+"""
+
+_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
+
+
+def _cpu_ok() -> bool:
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return all(f" {flag}" in flags for flag in ("avx2", "fma", "f16c"))
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    """The compiled kernel, built once per source and flags; None where it cannot be built."""
+    compiler = shutil.which(os.environ.get("CXX", "g++"))
+    if compiler is None or not _cpu_ok():
+        return None
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    from camelid.io import atomic_path
+
+    digest = hashlib.sha256((_SOURCE + " ".join(_FLAGS)).encode()).hexdigest()[:16]
+    so = Path(cache_dir()) / "camelid" / f"q8_0_{digest}.so"
+    if not so.exists():
+        so.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            src = Path(tmp) / "q8_0.c"
+            src.write_text(_SOURCE)
+            built = Path(tmp) / "q8_0.so"
+            done = subprocess.run(
+                [compiler, "-x", "c", *_FLAGS, str(src), "-o", str(built)],
+                capture_output=True,
+                text=True,
+            )
+            if done.returncode != 0:
+                return None
+            with atomic_path(so) as dst:
+                shutil.copyfile(built, dst)
+    lib = ctypes.CDLL(str(so))
+    lib.q8_0_matvec.restype = None
+    lib.q8_0_matvec.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_void_p,
+    ]
+    return lib
+
+
+def available() -> bool:
+    """Whether the kernel runs here (x86 with AVX2, FMA and F16C, and a C compiler)."""
+    return _library() is not None
+
+
+@torch.library.custom_op("camelid::q8_0_matvec", mutates_args=())
+def q8_0_matvec(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x @ (q * scale).T`` for up to :data:`MAX_ROWS` fp32 rows ``x`` (..., in), int8 ``q``
+    (out, in) and fp16 block scales ``scale`` (out, in / 32); fp32 (..., out)."""
+    out, cols = q.shape
+    flat = x.reshape(-1, cols).contiguous()
+    rows = flat.shape[0]
+    if rows > MAX_ROWS:
+        raise ValueError(f"q8_0_matvec takes at most {MAX_ROWS} rows, got {rows}")
+    y = flat.new_empty((rows, out))
+    _library().q8_0_matvec(
+        flat.data_ptr(), rows, q.data_ptr(), scale.data_ptr(), out, cols, y.data_ptr()
+    )
+    return y.view(*x.shape[:-1], out)
+
+
+@q8_0_matvec.register_fake
+def _(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], q.shape[0]))
