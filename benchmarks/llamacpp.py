@@ -58,7 +58,7 @@ from decode import bench_tokenizer, read_bandwidth
 
 import camelid
 from camelid.config import ModelConfig
-from camelid.infer.linear import decode_bytes
+from camelid.infer.linear import DecodeLinear, Q8_0Linear, _row_dot, decode_bytes
 from camelid.model import KVCache
 from camelid.system import cpu_name
 from camelid.weights import gguf
@@ -223,8 +223,10 @@ def run(
     cpp_logits = torch.from_numpy(np.stack(ref_logits))[:, :vocab]
     top1 = cam_logits.argmax(-1) == cpp_logits.argmax(-1)
     max_diff = (cam_logits - cpp_logits).abs().max().item()
+    parts = breakdown(engine, statistics.median(times["camelid tg"]) / TG)
     r = {
         "file_bytes": saved.nbytes,
+        "camelid_breakdown": parts,
         "bytes_per_token": {"llama.cpp": file_bytes, "camelid": cam_bytes},
         "tokens_per_s": rate,
         "times_s": times,
@@ -257,6 +259,11 @@ def run(
             f"ratio {r[f'{kind}_ratio']:.2f}x"
         )
     print(
+        f"  camelid per token: {parts['token_ms']:.1f} ms = compiled step {parts['step_ms']:.1f} "
+        f"(weight products {parts['linear_ms']:.1f}, the rest {parts['rest_of_step_ms']:.1f}) "
+        f"+ generate loop {parts['loop_ms']:.1f}"
+    )
+    print(
         f"  greedy {args.agree} tokens: {'equal' if r['greedy_equal'] else 'DIFFER'}"
         f"{'' if first is None else f' (first divergence at token {first})'}; top-1 "
         f"agreement at llama.cpp's positions {r['top1_agreement']:.1%}, largest logit "
@@ -264,6 +271,46 @@ def run(
         flush=True,
     )
     return r
+
+
+def breakdown(engine: camelid.Engine, token_s: float, reps: int = 20) -> dict[str, float]:
+    """Where a camelid decode step's time goes, in ms per token: the compiled step itself
+    (one token at position 64 of the engine's cache), the weight products alone (every linear
+    layer of ``engine.model`` called once, in order, on one row, as the step calls them: each
+    layer's own weight streams from memory), the rest of the step (attention, norms, RoPE, the
+    graph's glue) and what the generate loop adds per token (sampling, the host transfer,
+    Python)."""
+    cache = engine._cache
+    tok, pos = torch.tensor([[5]]), torch.tensor([[64]])
+    layers = [m for m in engine.model.modules() if isinstance(m, Q8_0Linear | DecodeLinear)]
+    row_dot = torch.compile(_row_dot, dynamic=False)
+
+    def products() -> None:
+        for m in layers:
+            x = xs[m.in_features]
+            m(x) if isinstance(m, Q8_0Linear) else row_dot(m.weight, x)
+
+    def best(fn) -> float:
+        fn()
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            times.append((time.perf_counter() - t0) / reps)
+        return min(times)
+
+    with torch.inference_mode():
+        xs = {m.in_features: torch.randn(1, 1, m.in_features) for m in layers}
+        step = best(lambda: engine._step(tok, pos, cache, None))
+        linear = best(products)
+    return {
+        "token_ms": token_s * 1e3,
+        "step_ms": step * 1e3,
+        "linear_ms": linear * 1e3,
+        "rest_of_step_ms": (step - linear) * 1e3,
+        "loop_ms": (token_s - step) * 1e3,
+    }
 
 
 def main() -> None:
