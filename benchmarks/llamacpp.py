@@ -67,8 +67,8 @@ TG, PP = 128, 512
 AGREE_PROMPT = "def fibonacci(n):\n    if n < 2:\n        return n\n    return"
 
 
-def matmul_peak(n: int = 2048, reps: int = 5) -> float:
-    """FLOP/s of a big fp32 matmul (the best of ``reps``)."""
+def matmul_peak(n: int = 2048, reps: int = 10) -> float:
+    """FLOP/s of a big fp32 matmul, ``torch.mm`` of two n x n (the best of ``reps``)."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     torch.mm(a, b)
     best = float("inf")
@@ -79,11 +79,12 @@ def matmul_peak(n: int = 2048, reps: int = 5) -> float:
     return 2 * n**3 / best
 
 
-def prefill_flops(config: ModelConfig, n_linear: int, tokens: int) -> float:
-    """FLOPs of a causal prefill: 2 per weight per token in the linear layers, plus the
-    attention scores and their weighted sum (half the T x T square each)."""
+def prefill_flops(config: ModelConfig, body: int, head: int, tokens: int) -> float:
+    """FLOPs of a causal prefill that projects only the last position to the vocabulary (as
+    both sides do): 2 per weight per token in the layers' linears (``body`` weights), 2 per
+    head weight once, and the attention scores and their weighted sum (half the T x T square)."""
     attn = 2 * 2 * config.n_layers * config.n_heads * config.head_dim * tokens * tokens / 2
-    return 2 * n_linear * tokens + attn
+    return 2 * body * tokens + 2 * head + attn
 
 
 class LlamaCpp:
@@ -333,6 +334,7 @@ def main() -> None:
     torch.manual_seed(0)
     source = camelid.Transformer(config)
     n_linear = sum(m.weight.numel() for m in source.modules() if type(m) is torch.nn.Linear)
+    n_head = source.output.weight.numel()
     n_params = sum(p.numel() for p in source.parameters())
     bandwidth = read_bandwidth(torch.device("cpu"))
     peak = matmul_peak()
@@ -340,7 +342,7 @@ def main() -> None:
     tg_tokens = torch.randint(0, tok.vocab_size, (TG,), generator=g).tolist()
     pp_tokens = torch.randint(0, tok.vocab_size, (PP,), generator=g).tolist()
     agree_prompt = tok.encode(AGREE_PROMPT, bos=True)
-    flops = prefill_flops(config, n_linear, PP)
+    flops = prefill_flops(config, n_linear - n_head, n_head, PP)
     print(
         f"{args.preset} ({n_params / 1e6:.1f}M parameters, vocab {tok.vocab_size}) on "
         f"{cpu_name()}, {args.threads} threads, torch {torch.__version__}; read bandwidth "

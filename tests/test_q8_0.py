@@ -17,7 +17,7 @@ from torch import nn
 import camelid
 from camelid import RequestError
 from camelid.config import ModelConfig
-from camelid.infer import q8_0 as kernel
+from camelid.infer import kernels as kernel
 from camelid.infer.linear import (
     Int8Linear,
     Q8_0Linear,

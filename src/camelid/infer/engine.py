@@ -21,7 +21,7 @@ MKL, compiled or not (about twice as fast for a batch of rows; see :mod:`camelid
 ``int8=True`` (or "row") decodes with int8 weight-only linear layers, one scale per output row;
 ``int8="q8_0"`` with llama.cpp's Q8_0 blocks (a scale per 32 inputs; a model loaded from a Q8_0
 GGUF decodes from its file's very bytes), by a kernel of its own at batch 1 on AVX2 CPUs
-(:mod:`camelid.infer.q8_0`).
+(:mod:`camelid.infer.kernels`).
 """
 
 from __future__ import annotations

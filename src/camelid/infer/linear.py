@@ -12,10 +12,12 @@ Decoding one token multiplies a single row by every weight matrix, so it is boun
 the weights stream from memory. On CPUs the BLAS matrix-vector path streams Llama-shaped
 matrices (short rows) at a third of the machine's read bandwidth; written as
 ``(weight * x).sum(-1)`` and compiled, it becomes one vectorised pass over the weight that runs
-near the bandwidth (see docs/benchmarks.md). Int8 weights read a quarter of the bytes, in one of
-two forms (``decode_copy(int8=...)``): ``"row"``, one fp32 scale per output row (symmetric,
-weight-only), or ``"q8_0"``, llama.cpp's Q8_0: one fp16 scale per block of 32 inputs, the very
-values and scales a Q8_0 GGUF file holds (:class:`Q8_0Linear`).
+near the bandwidth (see docs/benchmarks.md); on AVX2 CPUs the streaming kernel of
+:mod:`camelid.infer.kernels` (software prefetch) runs closer still, and takes its place.
+Int8 weights read a quarter of the bytes, in one of two forms (``decode_copy(int8=...)``):
+``"row"``, one fp32 scale per output row (symmetric, weight-only), or ``"q8_0"``, llama.cpp's
+Q8_0: one fp16 scale per block of 32 inputs, the very values and scales a Q8_0 GGUF file holds
+(:class:`Q8_0Linear`).
 
 The row-dot form only pays off inside ``torch.compile`` (eager would materialise the product),
 so it is taken only while compiling. The engine swaps these layers in on a structural copy of
@@ -30,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from camelid.infer import q8_0 as q8_kernel
+from camelid.infer import kernels
 
 # Compiled, a single row takes the fused row-dot form. From two rows up the compiler's code for
 # it ran far slower than oneDNN (a llama-125m step at two rows: 180 ms against 34 ms).
@@ -92,14 +94,18 @@ def _row_dot(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 class DecodeLinear(nn.Linear):
     """``nn.Linear`` for inference: :func:`linear` (oneDNN on CPU fp32), and, with
-    ``row_dot`` and when compiled, the fused multiply-and-sum for ``SMALL_BATCH`` row(s)
-    (eager keeps the library call: it would materialise the product)."""
+    ``row_dot`` and when compiled, for ``SMALL_BATCH`` row(s) the fp32 streaming kernel of
+    :mod:`camelid.infer.kernels` where it runs, else the fused multiply-and-sum (eager keeps
+    the library call: the sum would materialise the product)."""
 
     row_dot = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.row_dot and _rows(x) <= SMALL_BATCH and torch.compiler.is_compiling():
-            y = _row_dot(self.weight, x)
+            if kernels.takes_f32(x, self.weight):  # the streaming kernel: ~1.4x the row-dot
+                y = kernels.f32_matvec(x, self.weight)
+            else:
+                y = _row_dot(self.weight, x)
             return y if self.bias is None else y + self.bias
         return linear(x, self.weight, self.bias)
 
@@ -147,9 +153,9 @@ class Q8_0Linear(nn.Module):
     weights are ``q * scale``) gets its file's bytes back. ``in_features`` must be a multiple
     of 32.
 
-    Up to :data:`camelid.infer.q8_0.MAX_ROWS` fp32 rows on a CPU with the Q8_0 kernel
+    Up to :data:`camelid.infer.kernels.MAX_ROWS` fp32 rows on a CPU with the Q8_0 kernel
     (AVX2/FMA/F16C), compiled or eager, multiply the int8 weight directly, reading it once
-    (:mod:`camelid.infer.q8_0`); without the kernel, one row inside ``torch.compile`` takes the
+    (:mod:`camelid.infer.kernels`); without the kernel, one row inside ``torch.compile`` takes the
     block row-dot form (about 10x slower on AVX2). Everything else (prefill, larger batches,
     eager without the kernel, other dtypes) dequantises the weight per call and runs one
     matmul: no dequantised copy is kept, so memory stays at 34/32 bytes per weight."""
@@ -167,7 +173,7 @@ class Q8_0Linear(nn.Module):
         self.register_buffer("scale", scale.to(device, torch.float16))  # exact: fp16 in the file
         self.bias = linear.bias
         self.in_features, self.out_features = cols, out
-        self.kernel = device.type == "cpu" and q8_kernel.available()
+        self.kernel = device.type == "cpu" and kernels.available()
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight ``q * scale`` (out, in) in ``dtype`` (exact in fp32)."""
@@ -178,11 +184,11 @@ class Q8_0Linear(nn.Module):
         rows = _rows(x)
         if (
             self.kernel
-            and rows <= q8_kernel.MAX_ROWS
+            and rows <= kernels.MAX_ROWS
             and x.dtype == torch.float32
             and not (torch.is_grad_enabled() and x.requires_grad)
         ):
-            y = q8_kernel.q8_0_matvec(x, self.q, self.scale)
+            y = kernels.q8_0_matvec(x, self.q, self.scale)
         elif rows <= SMALL_BATCH and torch.compiler.is_compiling():
             blocks = self.q.view(self.out_features, -1, 32)
             part = (blocks * x.reshape(1, -1, 32)).sum(-1)  # (out, blocks)

@@ -1,22 +1,25 @@
-"""A CPU kernel for Q8_0 weight products of a few rows: fp32 activations times int8 weights
-with one fp16 scale per block of 32 inputs (llama.cpp's Q8_0, its very values and scales).
+"""CPU kernels for the weight products of batch-1 decoding: fp32 activations times Q8_0
+weights (int8 with one fp16 scale per block of 32 inputs: llama.cpp's Q8_0, its very values
+and scales) or times fp32 weights.
 
-Why a kernel of its own: compiled by ``torch.compile`` on an AVX2 CPU, every form of the block
-product tried (a row-dot over (out, blocks, 32) then scale and sum; the scales folded into the
-weight as it is read; the block sum taken lane-wise) converts int8 to fp32 element by element
-and ran at ~1.3 GB/s of weights, a tenth of the fp32 row-dot (docs/benchmarks.md, "Q8_0
-decoding"). This kernel converts 32 int8 weights with four vector conversions, multiplies them
-by the fp32 activations, scales the block's partial sums with one fused multiply-add and reduces
-horizontally once per output: the weights stream at memory speed. The activations stay fp32
-(llama.cpp quantises them to Q8_0 too), so the result is ``x @ (q * scale).T`` up to fp32
-summation order.
+Why kernels of their own: a decode step reads every weight once, so its products must stream
+the weights at memory speed. Compiled by ``torch.compile`` on an AVX2 CPU, every form of the
+Q8_0 block product tried (a row-dot over (out, blocks, 32) then scale and sum; the scales folded
+into the weight as it is read; the block sum taken lane-wise) converts int8 to fp32 element by
+element and ran at ~1.3 GB/s of weights, a tenth of the fp32 row-dot; and the compiled fp32
+row-dot itself streams at ~15 GB/s where a plain read reaches ~22 (docs/benchmarks.md, "Decoding
+against llama.cpp"). These kernels convert 32 int8 weights with four vector conversions,
+multiply by the fp32 activations, scale each block's partial sums with one fused multiply-add,
+reduce horizontally once per output, and prefetch the weights 1 KiB (Q8_0) or 4 KiB (fp32)
+ahead so that each core keeps enough reads in flight. The activations stay fp32 (llama.cpp
+quantises them to Q8_0 too), so a result is the exact product up to fp32 summation order.
 
-It is C compiled on first use with the C++ compiler ``torch.compile`` already needs on a CPU
-(``g++ -O3 -mavx2 -mfma -mf16c -fopenmp``, into the inductor cache directory, keyed by the
-source's digest), and runs on the process's OpenMP threads (torch's own runtime, so
-``torch.set_num_threads`` applies). It is an opaque ``torch.library`` op, so a compiled decode
-step calls it as is. Where it cannot run (no AVX2/FMA/F16C, no compiler), :func:`available` is
-False and callers fall back to dequantising (``camelid.infer.linear.Int8Linear``).
+They are C compiled on first use with the C++ compiler ``torch.compile`` already needs on a
+CPU (``g++ -O3 -mavx2 -mfma -mf16c -fopenmp``, into the inductor cache directory, keyed by the
+source's digest), and run on the process's OpenMP threads (torch's own runtime, so
+``torch.set_num_threads`` applies). They are ``torch.library`` ops, so a compiled decode step
+calls them as is. Where they cannot run (no AVX2/FMA/F16C, no compiler), :func:`available` is
+False and the callers (``camelid.infer.linear``) take their torch forms.
 """
 
 from __future__ import annotations
@@ -51,11 +54,12 @@ static inline float hsum(__m256 v) {
 }
 
 /* 32 int8 weights of one block times 32 fp32 activations: the block's 8 partial sums. */
+static inline __m256 widen(const int8_t *q8) {  /* 8 int8 -> 8 fp32 */
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)q8)));
+}
+
 static inline __m256 block_dot(const int8_t *qb, const float *xb) {
-    const __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)qb)));
-    const __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(qb + 8))));
-    const __m256 w2 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(qb + 16))));
-    const __m256 w3 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(qb + 24))));
+    const __m256 w0 = widen(qb), w1 = widen(qb + 8), w2 = widen(qb + 16), w3 = widen(qb + 24);
     __m256 p = _mm256_mul_ps(w0, _mm256_loadu_ps(xb));
     p = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xb + 8), p);
     __m256 p2 = _mm256_mul_ps(w2, _mm256_loadu_ps(xb + 16));
@@ -109,6 +113,28 @@ int q8_0_matvec(const float *x, int64_t m, const int8_t *q, const uint16_t *scal
     }
     return 0;
 }
+
+/* y (1, out) = x (1, in) @ w.T for fp32 w (out, in), in a multiple of 32: the same streaming
+   pass for the fp32 weights of a batch-1 decode step. */
+int f32_matvec(const float *x, const float *w, int64_t out, int64_t in, float *y) {
+    if (in % 32) return 1;
+    #pragma omp parallel for schedule(static)
+    for (int64_t o = 0; o < out; o++) {
+        const float *wo = w + o * in;
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+        __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+        for (int64_t k = 0; k < in; k += 32) {
+            _mm_prefetch((const char *)(wo + k) + 4 * PREFETCH, _MM_HINT_T0);
+            _mm_prefetch((const char *)(wo + k) + 4 * PREFETCH + 64, _MM_HINT_T0);
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(wo + k), _mm256_loadu_ps(x + k), a0);
+            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(wo + k + 8), _mm256_loadu_ps(x + k + 8), a1);
+            a2 = _mm256_fmadd_ps(_mm256_loadu_ps(wo + k + 16), _mm256_loadu_ps(x + k + 16), a2);
+            a3 = _mm256_fmadd_ps(_mm256_loadu_ps(wo + k + 24), _mm256_loadu_ps(x + k + 24), a3);
+        }
+        y[o] = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    }
+    return 0;
+}
 """
 
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
@@ -152,7 +178,8 @@ def _library() -> ctypes.CDLL | None:
             with atomic_path(so) as dst:
                 shutil.copyfile(built, dst)
     lib = ctypes.CDLL(str(so))
-    lib.q8_0_matvec.restype = ctypes.c_int
+    lib.q8_0_matvec.restype = lib.f32_matvec.restype = ctypes.c_int
+    lib.f32_matvec.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_void_p]
     lib.q8_0_matvec.argtypes = [
         ctypes.c_void_p,
         ctypes.c_int64,
@@ -174,6 +201,7 @@ def available() -> bool:
 # per linear layer, and custom_op's wrapper cost ~30 us a call against ~13 us (measured).
 _LIB = torch.library.Library("camelid", "FRAGMENT")
 _LIB.define("q8_0_matvec(Tensor x, Tensor q, Tensor scale) -> Tensor")
+_LIB.define("f32_matvec(Tensor x, Tensor weight) -> Tensor")
 
 
 def _q8_0_matvec(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -201,3 +229,42 @@ q8_0_matvec = torch.ops.camelid.q8_0_matvec.default
 """``x @ (q * scale).T`` for up to :data:`MAX_ROWS` fp32 rows ``x`` (..., in), int8 ``q``
 (out, in) and fp16 block scales ``scale`` (out, in / 32), all contiguous; fp32 (..., out).
 Call it only where :func:`available` is True."""
+
+
+def _f32_matvec(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    out, cols = weight.shape
+    if not x.is_contiguous():
+        x = x.contiguous()
+    if x.numel() != cols:
+        raise ValueError(f"f32_matvec takes one row, got {x.numel() // cols}")
+    y = x.new_empty((*x.shape[:-1], out))
+    _library().f32_matvec(x.data_ptr(), weight.data_ptr(), out, cols, y.data_ptr())
+    return y
+
+
+_LIB.impl("f32_matvec", _f32_matvec, "CPU")
+
+
+@torch.library.register_fake("camelid::f32_matvec")
+def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+f32_matvec = torch.ops.camelid.f32_matvec.default
+"""``x @ weight.T`` for one fp32 row ``x`` (..., in) and a contiguous fp32 ``weight``
+(out, in), in a multiple of 32. Call it only where :func:`takes_f32` is True."""
+
+
+def takes_f32(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether :func:`f32_matvec` can compute ``x @ weight.T``: one fp32 CPU row, a contiguous
+    fp32 weight whose rows are a multiple of 32 long, no autograd, and the kernels built."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == weight.dtype == torch.float32
+        and weight.dim() == 2
+        and weight.shape[1] % 32 == 0
+        and weight.is_contiguous()
+        and x.shape[:-1].numel() == 1
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        and available()
+    )
