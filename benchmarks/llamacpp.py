@@ -58,6 +58,7 @@ from decode import bench_tokenizer, read_bandwidth
 
 import camelid
 from camelid.config import ModelConfig
+from camelid.infer import kernels
 from camelid.infer.linear import DecodeLinear, Q8_0Linear, _row_dot, decode_bytes
 from camelid.model import KVCache
 from camelid.system import cpu_name
@@ -276,20 +277,25 @@ def run(
 
 def breakdown(engine: camelid.Engine, token_s: float, reps: int = 20) -> dict[str, float]:
     """Where a camelid decode step's time goes, in ms per token: the compiled step itself
-    (one token at position 64 of the engine's cache), the weight products alone (every linear
-    layer of ``engine.model`` called once, in order, on one row, as the step calls them: each
-    layer's own weight streams from memory), the rest of the step (attention, norms, RoPE, the
-    graph's glue) and what the generate loop adds per token (sampling, the host transfer,
-    Python)."""
+    (one token at position 64 of the engine's cache); the weight products alone (every linear
+    layer of ``engine.model`` called once, in order, on one row, by the kernel or form the step
+    uses, each op call's overhead included, each layer's own weight streaming from memory); the
+    rest of the step (attention, norms, RoPE, the graph's glue); and what the generate loop adds
+    per token (sampling, the host transfer, Python)."""
     cache = engine._cache
     tok, pos = torch.tensor([[5]]), torch.tensor([[64]])
     layers = [m for m in engine.model.modules() if isinstance(m, Q8_0Linear | DecodeLinear)]
     row_dot = torch.compile(_row_dot, dynamic=False)
 
-    def products() -> None:
+    def products() -> None:  # each layer's batch-1 form in the compiled step
         for m in layers:
             x = xs[m.in_features]
-            m(x) if isinstance(m, Q8_0Linear) else row_dot(m.weight, x)
+            if isinstance(m, Q8_0Linear):
+                m(x)
+            elif kernels.takes_f32(x, m.weight):
+                kernels.f32_matvec(x, m.weight)
+            else:
+                row_dot(m.weight, x)
 
     def best(fn) -> float:
         fn()

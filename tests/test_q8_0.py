@@ -124,6 +124,25 @@ def test_q8_0_kernel_exact_to_fp32_rounding():
         kernel.q8_0_matvec(torch.randn(kernel.MAX_ROWS + 1, 256), q, scale)
 
 
+@pytest.mark.skipif(not kernel.available(), reason="no AVX2/FMA/F16C CPU or C compiler")
+def test_f32_kernel_in_the_compiled_row_dot_layer():
+    """The compiled batch-1 fp32 layer takes the streaming kernel: ``F.linear`` up to fp32
+    summation order; rows that are not a multiple of 32 long keep the row-dot form."""
+    torch.manual_seed(0)
+    for cols in (96, 40):
+        layer = decode_copy(nn.Sequential(nn.Linear(cols, 72)))[0]
+        assert isinstance(layer, RowDotLinear)
+        x = torch.randn(1, 1, cols)
+        with torch.inference_mode():
+            assert kernel.takes_f32(x, layer.weight) == (cols % 32 == 0)
+            got = torch.compile(layer, fullgraph=True)(x)
+            want = x.double() @ layer.weight.double().T + layer.bias.double()
+        assert torch.allclose(got.double(), want, atol=1e-5)
+    w = torch.randn(50, 64)
+    x = torch.randn(64)
+    assert torch.allclose(kernel.f32_matvec(x, w).double(), w.double() @ x.double(), atol=1e-5)
+
+
 def test_q8_0_compiled_fallback_without_kernel():
     """Without the kernel, one compiled row takes the block row-dot form: the same numbers."""
     torch.manual_seed(0)

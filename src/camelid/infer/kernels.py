@@ -45,6 +45,9 @@ _SOURCE = r"""
 #ifndef PREFETCH
 #define PREFETCH 1024 /* bytes ahead of the weights read: more in flight per core */
 #endif
+#ifndef PREFETCH_F32
+#define PREFETCH_F32 4096 /* the same for fp32 weights */
+#endif
 
 static inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -124,8 +127,8 @@ int f32_matvec(const float *x, const float *w, int64_t out, int64_t in, float *y
         __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
         __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
         for (int64_t k = 0; k < in; k += 32) {
-            _mm_prefetch((const char *)(wo + k) + 4 * PREFETCH, _MM_HINT_T0);
-            _mm_prefetch((const char *)(wo + k) + 4 * PREFETCH + 64, _MM_HINT_T0);
+            _mm_prefetch((const char *)(wo + k) + PREFETCH_F32, _MM_HINT_T0);
+            _mm_prefetch((const char *)(wo + k) + PREFETCH_F32 + 64, _MM_HINT_T0);
             a0 = _mm256_fmadd_ps(_mm256_loadu_ps(wo + k), _mm256_loadu_ps(x + k), a0);
             a1 = _mm256_fmadd_ps(_mm256_loadu_ps(wo + k + 8), _mm256_loadu_ps(x + k + 8), a1);
             a2 = _mm256_fmadd_ps(_mm256_loadu_ps(wo + k + 16), _mm256_loadu_ps(x + k + 16), a2);
@@ -192,9 +195,16 @@ def _library() -> ctypes.CDLL | None:
     return lib
 
 
+_AVAILABLE: bool | None = None  # a plain global: a compiled graph reads it without tracing
+
+
 def available() -> bool:
-    """Whether the kernel runs here (x86 with AVX2, FMA and F16C, and a C compiler)."""
-    return _library() is not None
+    """Whether the kernels run here (x86 with AVX2, FMA and F16C, and a C compiler). The first
+    call builds them; make it outside ``torch.compile`` (``decode_copy`` does)."""
+    global _AVAILABLE
+    if _AVAILABLE is None:
+        _AVAILABLE = _library() is not None
+    return _AVAILABLE
 
 
 # A plain torch.library op rather than ``torch.library.custom_op``: a decode step makes one call

@@ -232,6 +232,8 @@ def decode_copy(model: nn.Module, int8: bool | str = False, row_dot: bool = True
     whose input size is not a multiple of 32 stays in the weights' own precision (as llama.cpp
     keeps such a tensor in F16, which fp32 holds exactly). The original model is untouched."""
     form = int8_form(int8)
+    if row_dot or form == "q8_0":
+        kernels.available()  # build the CPU kernels now, not inside a compiled step's trace
     shared = {id(p): p for p in model.parameters()}
     shared.update({id(b): b for b in model.buffers()})
     clone = copy.deepcopy(model, memo=shared)
