@@ -141,6 +141,8 @@ def test_f32_kernel_in_the_compiled_row_dot_layer():
     w = torch.randn(50, 64)
     x = torch.randn(64)
     assert torch.allclose(kernel.f32_matvec(x, w).double(), w.double() @ x.double(), atol=1e-5)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        kernel.f32_matvec(torch.randn(40), torch.randn(8, 40))
 
 
 def test_q8_0_compiled_fallback_without_kernel():

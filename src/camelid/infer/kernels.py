@@ -155,7 +155,7 @@ def _cpu_ok() -> bool:
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    """The compiled kernel, built once per source and flags; None where it cannot be built."""
+    """The compiled kernels, built once per source and flags; None where they cannot be."""
     compiler = shutil.which(os.environ.get("CXX", "g++"))
     if compiler is None or not _cpu_ok():
         return None
@@ -164,22 +164,25 @@ def _library() -> ctypes.CDLL | None:
     from camelid.io import atomic_path
 
     digest = hashlib.sha256((_SOURCE + " ".join(_FLAGS)).encode()).hexdigest()[:16]
-    so = Path(cache_dir()) / "camelid" / f"q8_0_{digest}.so"
-    if not so.exists():
-        so.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory() as tmp:
-            src = Path(tmp) / "q8_0.c"
-            src.write_text(_SOURCE)
-            built = Path(tmp) / "q8_0.so"
-            done = subprocess.run(
-                [compiler, "-x", "c", *_FLAGS, str(src), "-o", str(built)],
-                capture_output=True,
-                text=True,
-            )
-            if done.returncode != 0:
-                return None
-            with atomic_path(so) as dst:
-                shutil.copyfile(built, dst)
+    so = Path(cache_dir()) / "camelid" / f"kernels_{digest}.so"
+    try:
+        if not so.exists():
+            so.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory() as tmp:
+                src = Path(tmp) / "kernels.c"
+                src.write_text(_SOURCE)
+                built = Path(tmp) / "kernels.so"
+                done = subprocess.run(
+                    [compiler, "-x", "c", *_FLAGS, str(src), "-o", str(built)],
+                    capture_output=True,
+                    text=True,
+                )
+                if done.returncode != 0:
+                    return None
+                with atomic_path(so) as dst:  # concurrent builders: one rename wins
+                    shutil.copyfile(built, dst)
+    except OSError:  # a read-only cache, a compiler that cannot run: the torch forms apply
+        return None
     lib = ctypes.CDLL(str(so))
     lib.q8_0_matvec.restype = lib.f32_matvec.restype = ctypes.c_int
     lib.f32_matvec.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_void_p]
@@ -222,8 +225,10 @@ def _q8_0_matvec(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch
     if rows > MAX_ROWS:
         raise ValueError(f"q8_0_matvec takes at most {MAX_ROWS} rows, got {rows}")
     y = x.new_empty((*x.shape[:-1], out))
-    _library().q8_0_matvec(x.data_ptr(), rows, q.data_ptr(), scale.data_ptr(), out, cols,
-                           y.data_ptr())  # fmt: skip
+    rc = _library().q8_0_matvec(x.data_ptr(), rows, q.data_ptr(), scale.data_ptr(), out, cols,
+                                y.data_ptr())  # fmt: skip
+    if rc:
+        raise ValueError(f"q8_0_matvec: rows of {cols} inputs (a multiple of 32, at most 131072)")
     return y
 
 
@@ -248,7 +253,8 @@ def _f32_matvec(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if x.numel() != cols:
         raise ValueError(f"f32_matvec takes one row, got {x.numel() // cols}")
     y = x.new_empty((*x.shape[:-1], out))
-    _library().f32_matvec(x.data_ptr(), weight.data_ptr(), out, cols, y.data_ptr())
+    if _library().f32_matvec(x.data_ptr(), weight.data_ptr(), out, cols, y.data_ptr()):
+        raise ValueError(f"f32_matvec: rows of {cols} inputs (a multiple of 32)")
     return y
 
 

@@ -186,6 +186,7 @@ class Q8_0Linear(nn.Module):
             self.kernel
             and rows <= kernels.MAX_ROWS
             and x.dtype == torch.float32
+            and x.device.type == "cpu"
             and not (torch.is_grad_enabled() and x.requires_grad)
         ):
             y = kernels.q8_0_matvec(x, self.q, self.scale)
