@@ -28,6 +28,9 @@ embedding table (one row read per token), at 34/32 bytes per Q8_0 weight, cameli
 ``decode_bytes`` of the engine's model (the same, its Q8_0 layers hold the file's blocks). The
 pp512 shares are of the fp32 matmul peak measured in the same run (a 2048^3 ``torch.mm``).
 
+camelid's decode time is then broken down (:func:`breakdown`): the compiled step timed
+alone, the weight products alone, the rest of the step, and the generate loop's share.
+
 Greedy agreement: both sides continue the same prompt greedily for ``--agree`` tokens
 (llama.cpp: argmax of its logits, fed back). Reported: whether the token lists are equal, the
 first divergence, the top-1 agreement of camelid's argmax with llama.cpp's at each of
