@@ -18,7 +18,10 @@ as a static graph per (batch, cache length), both rounded up to powers of two; o
 CUDA graph (``mode="reduce-overhead"``) over a cache whose addresses never change, on CPU with
 the row-dot form of the weight products. On CPU, fp32 weight products go to oneDNN rather than
 MKL, compiled or not (about twice as fast for a batch of rows; see :mod:`camelid.infer.linear`).
-``int8=True`` decodes with int8 weight-only linear layers.
+``int8=True`` (or "row") decodes with int8 weight-only linear layers, one scale per output row;
+``int8="q8_0"`` with llama.cpp's Q8_0 blocks (a scale per 32 inputs; a model loaded from a Q8_0
+GGUF decodes from its file's very bytes), by a kernel of its own at batch 1 on AVX2 CPUs
+(:mod:`camelid.infer.kernels`).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import torch
 
 from camelid.errors import RequestError
 from camelid.infer.detok import TextStream
-from camelid.infer.linear import copyable, decode_copy
+from camelid.infer.linear import copyable, decode_copy, int8_form
 from camelid.infer.sampling import (
     Penalties,
     SamplingParams,
@@ -223,7 +226,9 @@ class Engine:
     - ``max_seq_len``: the context (prompt + output), at most the model's.
     - ``compile``: compile the decode step (a one-off cost of seconds to a minute; worth it for
       long outputs and servers).
-    - ``int8``: decode with int8 weight-only linear layers (a copy; ``model`` is unchanged).
+    - ``int8``: decode with int8 weight-only linear layers (a copy; ``model`` is unchanged):
+      ``True``/"row" one fp32 scale per output row, "q8_0" llama.cpp's Q8_0 (one fp16 scale
+      per block of 32 inputs; layers whose input size is not a multiple of 32 stay fp32).
     - ``stop_token_ids``: tokens that end every request (default: the tokenizer's end of text,
       end of turn and end of message).
     - ``cache_dtype``: the KV cache's dtype (default: the weights'); the dtype the model
@@ -238,7 +243,7 @@ class Engine:
         max_batch_size: int = 16,
         max_seq_len: int | None = None,
         compile: bool = False,
-        int8: bool = False,
+        int8: bool | str = False,
         stop_token_ids: Sequence[int] | None = None,
         cache_dtype: torch.dtype | None = None,
     ) -> None:
@@ -252,6 +257,10 @@ class Engine:
             raise RequestError(f"invalid max_batch_size={max_batch_size}: must be >= 1")
         if max_seq_len is not None and max_seq_len < 2:
             raise RequestError(f"invalid max_seq_len={max_seq_len}: must be >= 2")
+        try:
+            form = int8_form(int8)
+        except ValueError as e:
+            raise RequestError(str(e)) from None
         model.eval()
         self.tokenizer = tokenizer
         self._vocab = tokenizer.vocab_size  # a plain int: read inside the compiled step
@@ -263,13 +272,13 @@ class Engine:
         self.stop_token_ids = (
             default_stop_ids(tokenizer) if stop_token_ids is None else tuple(stop_token_ids)
         )
-        self.compiled, self.int8 = compile, int8
+        self.compiled, self.int8 = compile, form
         self.weights_digest: str | None = None  # set by load_engine when it merged an adapter
         cpu = self.device.type == "cpu"
         # CPU: oneDNN's matmul (and, compiled, the row-dot form) on a copy sharing the weights;
         # a sharded or compiled model (the trainer's samples) keeps its own layers.
-        if int8 or (cpu and copyable(model)):
-            model = decode_copy(model, int8=int8, row_dot=compile and cpu)
+        if form or (cpu and copyable(model)):
+            model = decode_copy(model, int8=form or False, row_dot=compile and cpu)
         self.model = model
         self._cache: KVCache | None = None
         self._step = self._decode_step
@@ -277,11 +286,13 @@ class Engine:
             cuda = self.device.type == "cuda"
             # An MoE layer's expert groups have data-dependent sizes: the graph breaks there.
             moe = getattr(getattr(model, "config", None), "is_moe", False)
+            # CPU: no size/stride asserts around the step's external calls (the weight-product
+            # ops of camelid.infer.kernels): ~230 checks a llama-125m step, ~0.4 ms a token.
             self._step = torch.compile(
                 self._decode_step,
                 fullgraph=not moe,
                 dynamic=False,
-                mode="reduce-overhead" if cuda else None,
+                **({"mode": "reduce-overhead"} if cuda else {"options": {"size_asserts": False}}),
             )
             # One static graph per (batch, cache length) pair in use; let a server hold them all.
             limit = torch._dynamo.config.recompile_limit
