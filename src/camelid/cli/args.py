@@ -226,7 +226,15 @@ def add_engine_args(p: argparse.ArgumentParser, chat: bool = False, adapter: boo
         action="store_true",
         help="compile the decode step: a one-off cost, faster long outputs",
     )
-    g.add_argument("--int8", action="store_true", help="decode with int8 weight-only layers")
+    g.add_argument(
+        "--int8",
+        nargs="?",
+        const="auto",
+        default=None,
+        choices=("auto", "row", "q8_0"),
+        help="decode with int8 weight-only layers: row (one scale per output row) or q8_0 "
+        "(llama.cpp's blocks of 32); bare --int8: a Q8_0 GGUF file's own blocks, else row",
+    )
     if adapter:
         g.add_argument(
             "--adapter",

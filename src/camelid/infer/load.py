@@ -363,7 +363,7 @@ def load_engine(
     max_batch_size: int = 16,
     max_seq_len: int | None = None,
     compile: bool = False,
-    int8: bool = False,
+    int8: bool | str | None = False,
     progress: bool | None = None,
     log: Callable[[str], None] | None = None,
     adapter: str | Path | None = None,
@@ -374,6 +374,9 @@ def load_engine(
     checked against MODEL and merged into its weights at load, so decoding runs at the base
     model's speed and int8/compile apply unchanged; the merged weights' digest is then the
     engine's ``weights_digest`` (what it serves is not MODEL's stored weights).
+
+    ``int8``: False/None (no int8), "row", "q8_0", or True/"auto": a Q8_0 GGUF file's own
+    blocks ("q8_0", the very bytes llama.cpp decodes), else "row".
 
     ``device`` and ``dtype`` are names (see :func:`resolve_device`, :func:`resolve_dtype`);
     the other settings are the Engine's. Sizes, device and directory are checked before the
@@ -386,6 +389,9 @@ def load_engine(
     if max_batch_size < 1:
         raise RequestError(f"--batch-size must be positive, got {max_batch_size}")
     source = resolve_model(model)
+    if int8 is True or int8 == "auto":
+        q8 = source.kind == "gguf" and gguf.inspect(source.path).file_type == "Q8_0"
+        int8 = "q8_0" if q8 else "row"
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     if log is not None and source.note is not None:
@@ -410,9 +416,10 @@ def load_engine(
         context = transformer.config.max_seq_len
         if max_seq_len and max_seq_len > context:
             log(f"note: the model's context is {context} tokens; using that")
+        form = f", int8 decode ({int8})" if int8 else ""
         log(
             f"loaded {source.path} ({format_count(transformer.config.num_params())} parameters, "
-            f"{str(torch_dtype).removeprefix('torch.')}{', int8 decode' if int8 else ''}) on "
+            f"{str(torch_dtype).removeprefix('torch.')}{form}) on "
             f"{torch_device} in {time.perf_counter() - t0:.1f}s; context {engine.max_seq_len} "
             "tokens"
         )
