@@ -181,9 +181,9 @@ def _library() -> ctypes.CDLL | None:
                     return None
                 with atomic_path(so) as dst:  # concurrent builders: one rename wins
                     shutil.copyfile(built, dst)
-    except OSError:  # a read-only cache, a compiler that cannot run: the torch forms apply
+        lib = ctypes.CDLL(str(so))
+    except OSError:  # a read-only cache, a compiler or library that cannot run: torch's forms
         return None
-    lib = ctypes.CDLL(str(so))
     lib.q8_0_matvec.restype = lib.f32_matvec.restype = ctypes.c_int
     lib.f32_matvec.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_void_p]
     lib.q8_0_matvec.argtypes = [
