@@ -21,7 +21,9 @@ shows the first text that differs.
 Q8_0 is computed here, block for block the bytes of the ``gguf`` package's reference quantiser
 (and so of ggml's): 32 weights per block, one fp16 scale ``max|x| / 127``, values rounded half
 away from zero. Weights loaded from a Q8_0 file are exactly ``q * scale``, so quantising them
-again gives the same bytes: a file camelid wrote comes back byte for byte.
+again gives the same bytes: a file camelid wrote comes back byte for byte. The low-bit types
+(:data:`LLAMACPP_DTYPES`: Q4_0, the K-quants) are made by llama.cpp's own quantiser from
+camelid's exact f32 file; camelid does not read them back.
 """
 
 from __future__ import annotations
