@@ -419,6 +419,13 @@ def test_cli_export_generate_convert_and_inspect(tmp_path, tok, capsys):
     # every command that takes a model takes the file
     assert camelid_main(["generate", str(q8), "--prompt", "def add", "--max-new-tokens", "4",
                          "--temperature", "0"]) == 0  # fmt: skip
+    assert "int8" not in capsys.readouterr().err
+    assert camelid_main(["generate", str(q8), "--int8", "--prompt", "def", "--max-new-tokens",
+                         "2"]) == 0  # fmt: skip
+    assert "int8 decode (q8_0)" in capsys.readouterr().err  # the file's own blocks
+    assert camelid_main(["generate", str(q8), "--int8-form", "row", "--prompt", "def",
+                         "--max-new-tokens", "2"]) == 0  # fmt: skip
+    assert "int8 decode (row)" in capsys.readouterr().err
     assert camelid_main(["inspect", str(q8)]) == 0
     back = tmp_path / "back"
     assert camelid_main(["convert", str(q8), str(back)]) == 0

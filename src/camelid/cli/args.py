@@ -228,12 +228,15 @@ def add_engine_args(p: argparse.ArgumentParser, chat: bool = False, adapter: boo
     )
     g.add_argument(
         "--int8",
-        nargs="?",
-        const="auto",
-        default=None,
+        action="store_true",
+        help="decode with int8 weight-only layers (a Q8_0 GGUF file: its own blocks)",
+    )
+    g.add_argument(
+        "--int8-form",
         choices=("auto", "row", "q8_0"),
-        help="decode with int8 weight-only layers: row (one scale per output row) or q8_0 "
-        "(llama.cpp's blocks of 32); bare --int8: a Q8_0 GGUF file's own blocks, else row",
+        default=None,
+        help="implies --int8: row (one scale per output row), q8_0 (llama.cpp's blocks of 32, "
+        "fp16 scales) or auto (default: q8_0 for a Q8_0 GGUF file, else row)",
     )
     if adapter:
         g.add_argument(
@@ -251,6 +254,11 @@ def add_engine_args(p: argparse.ArgumentParser, chat: bool = False, adapter: boo
     )
 
 
+def int8_of(args: argparse.Namespace) -> str | None:
+    """--int8 / --int8-form as ``load_engine``'s ``int8``: None (off), "auto", "row", "q8_0"."""
+    return args.int8_form or ("auto" if args.int8 else None)
+
+
 def engine_from_args(args: argparse.Namespace) -> Engine:
     """Load MODEL into an Engine as the engine flags ask."""
     return load_engine(
@@ -260,7 +268,7 @@ def engine_from_args(args: argparse.Namespace) -> Engine:
         max_batch_size=args.batch_size,
         max_seq_len=args.max_seq_len,
         compile=args.compile,
-        int8=args.int8,
+        int8=int8_of(args),
         progress=False if args.quiet else None,
         log=lambda text: note(args, text),
         adapter=getattr(args, "adapter", None),

@@ -9,7 +9,7 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-from camelid.cli.args import add_engine_args
+from camelid.cli.args import add_engine_args, int8_of
 from camelid.errors import CamelidError
 from camelid.eval.runner import Options
 
@@ -180,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
         max_batch_size=args.batch_size,
         max_seq_len=args.max_seq_len,
         compile=args.compile,
-        int8=args.int8,
+        int8=int8_of(args),
         progress=None if not args.quiet else False,
         log=say,
     )
