@@ -299,6 +299,25 @@ def good(tmp_path_factory, tok) -> Path:
     return G.save(_model(tok), tok, tmp_path_factory.mktemp("g") / "good.gguf", "f32").path
 
 
+def test_bf16_files_are_read(tmp_path, tok, good):
+    """camelid writes F32/F16/Q8_0; files from elsewhere may hold BF16."""
+    r = gguf.GGUFReader(good)
+    bf16 = {}
+    for t in r.tensors:
+        if len(t.shape) > 1:
+            halves = torch.from_numpy(np.array(t.data)).to(torch.bfloat16)
+            bf16[t.name] = (halves.view(torch.int16).numpy().view(np.uint8),
+                            gguf.GGMLQuantizationType.BF16)  # fmt: skip
+    path = _rewrite(good, tmp_path / "bf16.gguf", replace=bf16)
+    assert G.inspect(path).file_type == "BF16" and G.inspect(path).dtype == torch.bfloat16
+    model, ref = G.load(path), G.load(good)
+    assert model.tok_embeddings.weight.dtype == torch.float32  # upcast on the CPU
+    for (name, a), (_, b) in zip(model.state_dict().items(), ref.state_dict().items(),
+                                 strict=True):  # fmt: skip
+        assert torch.equal(a, b.to(torch.bfloat16).float() if b.dim() > 1 else b), name
+    assert G.load(path, dtype=torch.bfloat16).norm.weight.dtype == torch.bfloat16
+
+
 def test_unsupported_architecture_is_named(tmp_path, good):
     bad = _rewrite(good, tmp_path / "qwen.gguf", arch="qwen2")
     with pytest.raises(CheckpointError, match="architecture 'qwen2' is not supported"):
