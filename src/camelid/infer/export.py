@@ -290,7 +290,9 @@ def export_gguf(
     if log is not None and source.note is not None:
         log(source.note)
     tokenizer = load_tokenizer(source)
-    weights = load_model(source, dtype=torch.float32)
+    # The stored dtype (half precision stays half in memory: each tensor is widened to fp32 only
+    # as it is written, exactly); fp32 where an adapter is merged in.
+    weights = load_model(source, dtype=torch.float32 if adapter is not None else info.dtype)
     if adapter is not None:
         from camelid.infer.load import merge_adapter
 
