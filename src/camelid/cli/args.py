@@ -11,8 +11,10 @@ from typing import Any
 import torch
 
 from camelid.data.pipeline import PrepareConfig
+from camelid.errors import CamelidError
 from camelid.infer import Engine, SamplingParams
 from camelid.infer.load import DTYPES, load_engine
+from camelid.weights import gguf
 
 # The library's sampling defaults are the command line's: one source of truth.
 _SAMPLING = {f.name: f.default for f in dataclasses.fields(SamplingParams)}
@@ -185,8 +187,27 @@ def sampling_params(args: argparse.Namespace, **extra: Any) -> SamplingParams:
 
 
 # --------------------------------------------------------------------- writing a model dir
+def add_format_dtype_arg(p: argparse.ArgumentParser, help: str) -> None:
+    """--dtype of the commands that write a Hugging Face directory or a GGUF file."""
+    p.add_argument("--dtype", choices=(*DTYPES, *gguf.WRITE_TYPES), default=None, help=help)
+
+
+def gguf_dtype(args: argparse.Namespace) -> str | None:
+    """--dtype for a GGUF file: its own names, float32/float16 as f32/f16 (None: the default)."""
+    dtype = {"float32": "f32", "float16": "f16"}.get(args.dtype, args.dtype)
+    if dtype == "bfloat16":
+        raise CamelidError("--dtype bfloat16: GGUF holds f32, f16, q8_0 or llama.cpp's types")
+    return dtype
+
+
 def save_dtype(args: argparse.Namespace) -> torch.dtype | None:
-    """The --dtype flag as a torch dtype (None: keep the source's)."""
+    """The --dtype flag as a torch dtype for a Hugging Face directory (None: keep the source's);
+    a GGUF type there is refused, saying where it belongs."""
+    if args.dtype in gguf.WRITE_TYPES:
+        raise CamelidError(
+            f"--dtype {args.dtype} is a GGUF type (for an OUT ending in .gguf); a Hugging Face "
+            f"directory takes {', '.join(DTYPES)}"
+        )
     return getattr(torch, args.dtype) if args.dtype else None
 
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from camelid.errors import CamelidError
+from camelid.cli.args import add_format_dtype_arg, gguf_dtype, save_dtype
 from camelid.infer.export import convert, export_gguf
-from camelid.infer.load import DTYPES
 from camelid.io import format_bytes, format_count
 from camelid.weights import gguf
 
@@ -36,11 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "dst", metavar="DST", help="destination directory (created if needed), or a .gguf file"
     )
-    p.add_argument(
-        "--dtype",
-        choices=(*DTYPES, *gguf.DTYPES, *gguf.LLAMACPP_DTYPES),
-        default=None,
-        help="cast weights (default: keep); for a .gguf DST: f32, f16 or q8_0 (default: f32, "
+    add_format_dtype_arg(
+        p,
+        "cast weights (default: keep); for a .gguf DST: f32, f16 or q8_0 (default: f32, "
         "or a GGUF source's own), or q4_0, q4_k_s, q4_k_m, q5_k_m, q6_k by llama.cpp's quantiser",
     )
     p.add_argument(
@@ -54,10 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
     if args.dst.endswith(gguf.SUFFIX):
-        dtype = {"float32": "f32", "float16": "f16"}.get(args.dtype, args.dtype)
-        if dtype == "bfloat16":
-            raise CamelidError("--dtype bfloat16: GGUF is written as f32, f16 or q8_0")
-        done = export_gguf(args.src, args.dst, dtype=dtype, overwrite=True, log=log)
+        done = export_gguf(args.src, args.dst, dtype=gguf_dtype(args), overwrite=True, log=log)
         saved = done.saved
         print(
             f"converted {args.src} -> {saved.path}: GGUF {saved.dtype.upper()}, "
@@ -65,17 +59,10 @@ def run(args: argparse.Namespace) -> int:
             f"{format_bytes(saved.nbytes)} in {done.seconds:.1f}s"
         )
         return 0
-    if args.dtype in gguf.DTYPES or args.dtype in gguf.LLAMACPP_DTYPES:
-        raise CamelidError(
-            f"--dtype {args.dtype} is a GGUF type (for a DST ending in .gguf); a Hugging Face "
-            f"directory takes {', '.join(DTYPES)}"
-        )
-    import torch
-
     done = convert(
         args.src,
         args.dst,
-        dtype=getattr(torch, args.dtype) if args.dtype else None,
+        dtype=save_dtype(args),
         max_shard_size=args.max_shard_size,
         log=log,
     )

@@ -7,10 +7,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from camelid.cli.args import save_dtype
+from camelid.cli.args import add_format_dtype_arg, gguf_dtype, save_dtype
 from camelid.errors import CamelidError
-from camelid.infer.export import export_checkpoint, export_gguf, export_merged
-from camelid.infer.load import DTYPES
+from camelid.infer.export import Written, export_checkpoint, export_gguf, export_merged
 from camelid.io import format_bytes, format_count
 from camelid.weights import gguf
 
@@ -61,11 +60,9 @@ then: camelid generate OUT --prompt "..." or transformers' from_pretrained(OUT);
         help="hf: a Hugging Face directory; gguf: one file for llama.cpp (default: gguf when "
         "OUT ends in .gguf, else hf)",
     )
-    p.add_argument(
-        "--dtype",
-        choices=(*DTYPES, *gguf.DTYPES, *gguf.LLAMACPP_DTYPES),
-        default=None,
-        help="hf: cast weights to float32, bfloat16 or float16 (default: keep, float32); "
+    add_format_dtype_arg(
+        p,
+        "hf: cast weights to float32, bfloat16 or float16 (default: keep, float32); "
         "gguf: f32, f16 or q8_0 (default: f32; a GGUF source keeps its own), or "
         "q4_0, q4_k_s, q4_k_m, q5_k_m, q6_k made by llama.cpp's quantiser from the f32 file",
     )
@@ -103,56 +100,34 @@ def run(args: argparse.Namespace) -> int:
     fmt = args.format or ("gguf" if args.out.endswith(gguf.SUFFIX) else "hf")
     if fmt == "gguf":
         return _run_gguf(args)
-    if args.dtype in gguf.DTYPES or args.dtype in gguf.LLAMACPP_DTYPES:
-        raise CamelidError(
-            f"--dtype {args.dtype} is a GGUF type: add --format gguf (or name OUT *.gguf), or "
-            f"choose one of {', '.join(DTYPES)} for a Hugging Face directory"
-        )
+    log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
     if args.adapter is not None:
-        done = export_merged(
-            args.src,
-            args.adapter,
-            args.out,
-            dtype=save_dtype(args),
-            max_shard_size=args.max_shard_size,
-            overwrite=args.overwrite,
-            log=lambda text: print(text, file=sys.stderr, flush=True),
-        )
-        info = done.info
-        print(
-            f"exported {done.source.path} + {args.adapter} (merged) -> {done.out}: "
-            f"{format_count(info.config.num_params())} parameters, "
-            f"{str(info.dtype).removeprefix('torch.')}, {len(info.files)} weight file(s), "
-            f"{format_bytes(info.nbytes)}, with its tokenizer, in {done.seconds:.1f}s"
-        )
+        done = export_merged(args.src, args.adapter, args.out, dtype=save_dtype(args),
+                             max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+                             log=log)  # fmt: skip
+        _summary(done, f"{done.source.path} + {args.adapter} (merged)")
         return 0
-    done = export_checkpoint(
-        args.src,
-        args.out,
-        dtype=save_dtype(args),
-        max_shard_size=args.max_shard_size,
-        overwrite=args.overwrite,
-        evaluations=_evaluations(args.src),
-        log=lambda text: print(text, file=sys.stderr, flush=True),
-    )
-    info = done.info
-    print(
-        f"exported {done.source.path} (step {done.source.step}) -> {done.out}: "
-        f"{format_count(info.config.num_params())} parameters, "
-        f"{str(info.dtype).removeprefix('torch.')}, {len(info.files)} weight file(s), "
-        f"{format_bytes(info.nbytes)}, with its tokenizer, in {done.seconds:.1f}s"
-    )
+    done = export_checkpoint(args.src, args.out, dtype=save_dtype(args),
+                             max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+                             evaluations=_evaluations(args.src), log=log)  # fmt: skip
+    _summary(done, f"{done.source.path} (step {done.source.step})")
     return 0
 
 
+def _summary(done: Written, what: str) -> None:
+    info = done.info
+    print(
+        f"exported {what} -> {done.out}: {format_count(info.config.num_params())} parameters, "
+        f"{str(info.dtype).removeprefix('torch.')}, {len(info.files)} weight file(s), "
+        f"{format_bytes(info.nbytes)}, with its tokenizer, in {done.seconds:.1f}s"
+    )
+
+
 def _run_gguf(args: argparse.Namespace) -> int:
-    dtype = {"float32": "f32", "float16": "f16"}.get(args.dtype, args.dtype)
-    if dtype == "bfloat16":
-        raise CamelidError("--dtype bfloat16: GGUF export writes f32, f16 or q8_0")
     done = export_gguf(
         args.src,
         args.out,
-        dtype=dtype,
+        dtype=gguf_dtype(args),
         adapter=args.adapter,
         overwrite=args.overwrite,
         log=lambda text: print(text, file=sys.stderr, flush=True),

@@ -276,8 +276,8 @@ def export_gguf(
     source = resolve_model(model)
     out = Path(out)
     dtype = dtype or gguf_dtype_of(source)
-    if dtype not in gguf.DTYPES and dtype not in gguf.LLAMACPP_DTYPES:
-        kinds = ", ".join((*gguf.DTYPES, *gguf.LLAMACPP_DTYPES))
+    if dtype not in gguf.WRITE_TYPES:
+        kinds = ", ".join(gguf.WRITE_TYPES)
         raise CheckpointError(f"--dtype {dtype}: GGUF is written as one of {kinds}")
     if out.is_dir():
         raise CheckpointError(f"{out}: is a directory; a GGUF export is one file (OUT.gguf)")

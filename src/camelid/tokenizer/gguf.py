@@ -156,11 +156,12 @@ def read_fields(path: str | Path) -> dict[str, Any]:
     return fields_of(open_reader(path))
 
 
-def fields_of(reader: Any) -> dict[str, Any]:
-    """A ``gguf.GGUFReader``'s metadata as key → value."""
+def fields_of(reader: Any, skip: str | None = None) -> dict[str, Any]:
+    """A ``gguf.GGUFReader``'s metadata as key → value, but for keys starting with ``skip``
+    (a vocabulary's hundreds of thousands of strings take seconds to decode)."""
     out = {}
     for key, field in reader.fields.items():
-        if key.startswith("GGUF."):
+        if key.startswith("GGUF.") or (skip and key.startswith(skip)):
             continue
         try:
             out[key] = field.contents()

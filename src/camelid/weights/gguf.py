@@ -60,6 +60,7 @@ DTYPES = ("f32", "f16", "q8_0")  # what camelid writes itself
 # What llama.cpp's own quantiser makes of camelid's f32 file (llama_ftype); camelid does not
 # read these back (see READ_TYPES).
 LLAMACPP_DTYPES = {"q4_0": 2, "q4_k_s": 14, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
+WRITE_TYPES = (*DTYPES, *LLAMACPP_DTYPES)  # every --dtype a GGUF export takes
 READ_TYPES = ("F32", "F16", "BF16", "Q8_0")  # what camelid reads
 ARCH = "llama"
 Q8_BLOCK = 32  # weights per Q8_0 block
@@ -325,17 +326,20 @@ class Parity:
 
     texts: int
     first_difference: tuple[str, list[int], list[int]] | None  # text, camelid's, llama.cpp's
+    pre: str  # the pre-tokenizer llama.cpp was told
 
 
 def tokenizer_parity(
     tokenizer: Any,
     config: ModelConfig | None = None,
     texts: tuple[str, ...] | list[str] = PARITY_TEXTS,
+    vocab: Vocab | None = None,
 ) -> Parity:
     """Tokenise ``texts`` with camelid and with llama.cpp (on a vocabulary-only GGUF written as
-    :func:`save` writes it) and compare."""
+    :func:`save` writes it) and compare. ``vocab``: the tokenizer's GGUF fields, when the
+    caller has them already."""
     config = config or ModelConfig(vocab_size=tokenizer.vocab_size, dim=64, n_layers=1, n_heads=1)
-    vocab = vocab_of(tokenizer, config.vocab_size)
+    vocab = vocab or vocab_of(tokenizer, config.vocab_size)
     with tempfile.TemporaryDirectory(prefix="camelid-vocab-") as tmp:
         path = Path(tmp) / "vocab.gguf"
         _write_vocab_only(path, config, vocab, "vocab")
@@ -343,15 +347,17 @@ def tokenizer_parity(
     for text, other in zip(texts, theirs, strict=True):
         ours = tokenizer.encode(text)
         if ours != other:
-            return Parity(len(texts), (text, ours, other))
-    return Parity(len(texts), None)
+            return Parity(len(texts), (text, ours, other), vocab.pre)
+    return Parity(len(texts), None, vocab.pre)
 
 
-def check_tokenizer(tokenizer: Any, config: ModelConfig | None = None) -> int:
+def check_tokenizer(
+    tokenizer: Any, config: ModelConfig | None = None, vocab: Vocab | None = None
+) -> int:
     """Refuse (TokenizerError, showing the first text that differs) a tokenizer that llama.cpp
     would tokenise differently from camelid under the pre-tokenizer GGUF declares for it;
     returns how many texts were compared."""
-    parity = tokenizer_parity(tokenizer, config)
+    parity = tokenizer_parity(tokenizer, config, vocab=vocab)
     if parity.first_difference is not None:
         text, ours, theirs = parity.first_difference
         at = next(
@@ -360,7 +366,7 @@ def check_tokenizer(tokenizer: Any, config: ModelConfig | None = None) -> int:
         )
         raise TokenizerError(
             f"{tokenizer.source}: llama.cpp tokenises differently from camelid with pre-tokenizer "
-            f"{vocab_of(tokenizer).pre!r}, so no GGUF is written. First differing text: "
+            f"{parity.pre!r}, so no GGUF is written. First differing text: "
             f"{text!r}: camelid {ours[at : at + 8]} … llama.cpp {theirs[at : at + 8]} … "
             f"(from token {at})"
         )
@@ -490,7 +496,7 @@ def save(
     """Write ``model`` and ``tokenizer`` as one GGUF file for llama.cpp (see the module
     docstring). ``check`` proves tokeniser parity with llama.cpp first (refusing on any
     difference); the file appears complete or not at all."""
-    if dtype not in DTYPES and dtype not in LLAMACPP_DTYPES:
+    if dtype not in WRITE_TYPES:
         raise CheckpointError(
             f"GGUF dtype {dtype!r}: expected one of {', '.join(DTYPES)} (camelid's own) or "
             f"{', '.join(LLAMACPP_DTYPES)} (llama.cpp's quantiser)"
@@ -510,7 +516,7 @@ def save(
     if check:
         if log is not None:
             log(f"checking that llama.cpp tokenises like camelid ({vocab.pre}) …")
-        checked = check_tokenizer(tokenizer, config)
+        checked = check_tokenizer(tokenizer, config, vocab)
         if log is not None:
             log(f"llama.cpp gave the same ids on all {checked} texts of the test set")
     path = Path(path)
@@ -574,7 +580,8 @@ def _reader(path: Path) -> Any:
 
 
 def _fields(reader: Any) -> dict[str, Any]:
-    return fields_of(reader)
+    """The metadata a model's config is read from (the tokenizer's large arrays left unread)."""
+    return fields_of(reader, skip="tokenizer.")
 
 
 def _config(fields: dict[str, Any], tensors: dict[str, Any], source: str) -> ModelConfig:
@@ -790,4 +797,4 @@ def load(
 def load_tokenizer(path: str | Path) -> Any:
     """The tokenizer a GGUF file carries, as a camelid Tokenizer."""
     path = Path(path)
-    return tokenizer_from_fields(_fields(_reader(path)), str(path))
+    return tokenizer_from_fields(fields_of(_reader(path)), str(path))
